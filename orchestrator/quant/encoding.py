@@ -1,0 +1,85 @@
+"""Encodings: the scale/offset of a b-bit integer grid, AIMET's convention.
+
+A ``b``-bit encoding maps the integer ``q`` in ``[0, 2^b - 1]`` to ``x = s * (q + o)``, so
+``min = s*o`` and ``max = s*(o + 2^b - 1)``. Symmetric encodings have ``o = -2^(b-1)``;
+asymmetric ones have an integer ``o`` in ``[-(2^b - 1), 0]`` so that the range contains 0.
+
+Scales and offsets are 1-D float32 tensors with one entry per channel (one entry for a
+per-tensor encoding). The ATen fake-quant ops use ``zero_point = -o``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Smallest scale any encoding may have (float32 machine epsilon, as torch.ao uses): keeps
+# ``x / s`` finite for any finite activation and makes ``min < max`` hold for every encoding.
+SCALE_FLOOR = torch.finfo(torch.float32).eps
+# Largest scale any encoding may have: s * (o + 2^16 - 1) stays finite in float32.
+SCALE_CEIL = torch.finfo(torch.float32).max / 2**16
+
+
+def qmax_of(bitwidth: int) -> int:
+    """Largest integer of a ``bitwidth``-bit unsigned grid, ``2^b - 1``."""
+    return (1 << bitwidth) - 1
+
+
+def symmetric_offset(bitwidth: int) -> int:
+    """Offset of a symmetric encoding, ``-2^(b-1)``."""
+    return -(1 << (bitwidth - 1))
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One quantizer's encoding; ``scale``/``offset`` have shape ``[C]`` (C=1 per tensor)."""
+
+    bitwidth: int
+    symmetric: bool
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def min(self) -> torch.Tensor:
+        """Smallest representable value per channel, ``s*o``; shape ``[C]``."""
+        return self.scale * self.offset
+
+    @property
+    def max(self) -> torch.Tensor:
+        """Largest representable value per channel, ``s*(o + 2^b - 1)``; shape ``[C]``."""
+        return self.scale * (self.offset + qmax_of(self.bitwidth))
+
+    @property
+    def per_channel(self) -> bool:
+        return self.scale.numel() > 1
+
+
+def asymmetric_from_range(
+    rmin: torch.Tensor, rmax: torch.Tensor, bitwidth: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset of the asymmetric grid covering ``[rmin, rmax]`` (widened to hold 0).
+
+    ``s = (max - min) / (2^b - 1)`` (at least SCALE_FLOOR) and ``o = round(min / s)``, clamped
+    to ``[-(2^b - 1), 0]`` so that 0 is exactly representable. Shapes: ``[C]`` in, ``[C]`` out.
+    """
+    qmax = qmax_of(bitwidth)
+    rmin = torch.clamp(rmin.float(), max=0.0)
+    rmax = torch.clamp(rmax.float(), min=0.0)
+    scale = torch.clamp((rmax - rmin) / qmax, min=SCALE_FLOOR)
+    offset = torch.clamp(torch.round(rmin / scale), -qmax, 0)
+    return scale, offset
+
+
+def symmetric_from_range(
+    rmin: torch.Tensor, rmax: torch.Tensor, bitwidth: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset of the symmetric grid covering ``[rmin, rmax]``.
+
+    ``o = -2^(b-1)`` and ``s = max(max / (2^(b-1) - 1), -min / 2^(b-1))`` (at least
+    SCALE_FLOOR). Shapes: ``[C]`` in, ``[C]`` out.
+    """
+    half = 1 << (bitwidth - 1)
+    scale = torch.maximum(rmax.float() / (half - 1), -rmin.float() / half)
+    scale = torch.clamp(scale, min=SCALE_FLOOR)
+    return scale, torch.full_like(scale, float(-half))

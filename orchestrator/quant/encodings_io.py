@@ -1,0 +1,188 @@
+"""Reading and writing encodings files in AIMET's JSON layouts (versions 1.0.0 and 0.6.1).
+
+1.0.0: ``activation_encodings`` / ``param_encodings`` are lists of
+``{name, enc_type, dtype, bw, is_sym, scale: [..], offset: [..]}`` (one entry per tensor,
+per-channel values as arrays). 0.6.1: they are dicts ``{tensor_name: [per-channel
+{bitwidth, dtype, is_symmetric, min, max, offset, scale}, ...]}``. Both carry
+``quantizer_args`` and ``excluded_layers``. Offsets follow ``x = s * (q + o)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import MAX_BITWIDTH, MIN_BITWIDTH
+from .encoding import Encoding
+from .errors import EncodingsFileError
+
+ENCODING_VERSIONS = ("1.0.0", "0.6.1")
+
+
+def check_version(version: str) -> str:
+    if version not in ENCODING_VERSIONS:
+        raise EncodingsFileError(
+            f"encoding version {version!r} is not supported; allowed: {', '.join(ENCODING_VERSIONS)}"
+        )
+    return version
+
+
+def _entry_1_0_0(name: str, enc: Encoding) -> dict[str, Any]:
+    return {
+        "name": name,
+        "enc_type": "PER_CHANNEL" if enc.per_channel else "PER_TENSOR",
+        "dtype": "INT",
+        "bw": enc.bitwidth,
+        "is_sym": enc.symmetric,
+        "scale": [float(s) for s in enc.scale.tolist()],
+        "offset": [int(o) for o in enc.offset.tolist()],
+    }
+
+
+def _entries_0_6_1(enc: Encoding) -> list[dict[str, Any]]:
+    return [
+        {
+            "bitwidth": enc.bitwidth,
+            "dtype": "int",
+            "is_symmetric": str(enc.symmetric),
+            "max": float(mx),
+            "min": float(mn),
+            "offset": int(o),
+            "scale": float(s),
+        }
+        for s, o, mn, mx in zip(enc.scale.tolist(), enc.offset.tolist(), enc.min.tolist(), enc.max.tolist())
+    ]
+
+
+def encodings_document(
+    activations: dict[str, Encoding],
+    params: dict[str, Encoding],
+    quantizer_args: dict[str, Any],
+    excluded_layers: list[str],
+    version: str = "1.0.0",
+) -> dict[str, Any]:
+    """The JSON document for ``activations``/``params`` (tensor name -> encoding)."""
+    check_version(version)
+    if version == "1.0.0":
+        return {
+            "version": version,
+            "activation_encodings": [_entry_1_0_0(n, e) for n, e in activations.items()],
+            "param_encodings": [_entry_1_0_0(n, e) for n, e in params.items()],
+            "excluded_layers": list(excluded_layers),
+            "quantizer_args": dict(quantizer_args),
+        }
+    args = {k: (str(v) if isinstance(v, bool) else v) for k, v in quantizer_args.items()}
+    return {
+        "version": version,
+        "activation_encodings": {n: _entries_0_6_1(e) for n, e in activations.items()},
+        "param_encodings": {n: _entries_0_6_1(e) for n, e in params.items()},
+        "excluded_layers": list(excluded_layers),
+        "quantizer_args": args,
+    }
+
+
+class _Reader:
+    """Validates one encodings document, naming the file, the entry and the bad field."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, msg: str) -> EncodingsFileError:
+        return EncodingsFileError(f"{self.path}: {msg}")
+
+    def bitwidth(self, where: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITWIDTH <= value <= MAX_BITWIDTH:
+            raise self.fail(f"{where}: bit width {value!r} is not supported; allowed {MIN_BITWIDTH}-{MAX_BITWIDTH}")
+        return value
+
+    def numbers(self, where: str, field: str, value: Any, integer: bool) -> list[float]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(f"{where}: '{field}' must be a non-empty list of numbers, got {value!r}")
+        for v in value:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok or (integer and float(v) != round(float(v))):
+                kind = "integers" if integer else "finite numbers"
+                raise self.fail(f"{where}: '{field}' must hold {kind}, got {v!r}")
+        return [float(v) for v in value]
+
+    def encoding(self, where: str, bw: Any, symmetric: Any, scale: Any, offset: Any) -> Encoding:
+        bw = self.bitwidth(where, bw)
+        scales = self.numbers(where, "scale", scale, integer=False)
+        offsets = self.numbers(where, "offset", offset, integer=True)
+        if len(scales) != len(offsets):
+            raise self.fail(f"{where}: {len(scales)} scales but {len(offsets)} offsets")
+        if min(scales) <= 0:
+            raise self.fail(f"{where}: scale must be > 0, got {min(scales)!r}")
+        qmax = (1 << bw) - 1
+        bad = [o for o in offsets if not -qmax <= o <= 0]
+        if bad:
+            raise self.fail(f"{where}: offset {bad[0]!r} is outside [-{qmax}, 0] for {bw} bits")
+        return Encoding(bw, bool(symmetric), torch.tensor(scales), torch.tensor(offsets))
+
+    def section_1_0_0(self, doc: dict, key: str) -> dict[str, Encoding]:
+        entries = doc.get(key)
+        if not isinstance(entries, list):
+            raise self.fail(f"'{key}' must be a list in version 1.0.0, got {type(entries).__name__}")
+        out = {}
+        for i, e in enumerate(entries):
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+                raise self.fail(f"{key}[{i}] must be an object with a string 'name'")
+            where = f"{key}[{i}] ({e['name']})"
+            missing = [f for f in ("bw", "is_sym", "scale", "offset") if f not in e]
+            if missing:
+                raise self.fail(f"{where}: missing field(s) {missing}")
+            if str(e.get("dtype", "INT")).upper() != "INT":
+                raise self.fail(f"{where}: dtype {e.get('dtype')!r} is not supported; allowed: INT")
+            if not isinstance(e["is_sym"], bool):
+                raise self.fail(f"{where}: 'is_sym' must be true or false, got {e['is_sym']!r}")
+            out[e["name"]] = self.encoding(where, e["bw"], e["is_sym"], e["scale"], e["offset"])
+        return out
+
+    def section_0_6_1(self, doc: dict, key: str) -> dict[str, Encoding]:
+        entries = doc.get(key)
+        if not isinstance(entries, dict):
+            raise self.fail(f"'{key}' must be an object in version 0.6.1, got {type(entries).__name__}")
+        out = {}
+        for name, channels in entries.items():
+            where = f"{key}[{name!r}]"
+            if not isinstance(channels, list) or not channels or not all(isinstance(c, dict) for c in channels):
+                raise self.fail(f"{where}: must be a non-empty list of encoding objects")
+            missing = [f for f in ("bitwidth", "is_symmetric", "scale", "offset") if f not in channels[0]]
+            if missing:
+                raise self.fail(f"{where}: missing field(s) {missing}")
+            bws = {c.get("bitwidth") for c in channels}
+            if len(bws) != 1:
+                raise self.fail(f"{where}: channels disagree on bitwidth {sorted(map(str, bws))}")
+            sym = channels[0]["is_symmetric"]
+            if sym not in ("True", "False", True, False):
+                raise self.fail(f"{where}: 'is_symmetric' must be 'True' or 'False', got {sym!r}")
+            out[name] = self.encoding(
+                where, channels[0]["bitwidth"], sym in ("True", True),
+                [c.get("scale") for c in channels], [c.get("offset") for c in channels],
+            )
+        return out
+
+
+def read_encodings(path: str | Path) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
+    """``(activation encodings, param encodings)`` by tensor name; raises ``EncodingsFileError``."""
+    path = str(path)
+    reader = _Reader(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise reader.fail("no such encodings file") from None
+    except json.JSONDecodeError as exc:
+        raise reader.fail(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(doc, dict):
+        raise reader.fail(f"top level must be a JSON object, got {type(doc).__name__}")
+    version = doc.get("version")
+    if version == "1.0.0":
+        return reader.section_1_0_0(doc, "activation_encodings"), reader.section_1_0_0(doc, "param_encodings")
+    if version == "0.6.1":
+        return reader.section_0_6_1(doc, "activation_encodings"), reader.section_0_6_1(doc, "param_encodings")
+    raise reader.fail(f"version {version!r} is not supported; allowed: {', '.join(ENCODING_VERSIONS)}")

@@ -1,0 +1,1 @@
+"""Sweeps on Ray Tune: config -> param_space, Tuner, schedulers, resume."""

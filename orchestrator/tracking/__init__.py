@@ -1,0 +1,1 @@
+"""MLflow tracking: runs per trial and sweep, metrics, artifacts, comparison queries."""

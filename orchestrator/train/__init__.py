@@ -1,0 +1,4 @@
+"""One QAT trial: the five-step workflow, run in-process or as Ray Train DDP workers.
+
+This package does not import Ray Tune; ``ray.train`` is imported only by the Ray launcher.
+"""

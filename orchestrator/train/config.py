@@ -1,0 +1,290 @@
+"""TrialConfig: one QAT trial, as plain validated dataclasses.
+
+These classes are also the Hydra schemas of ``conf/`` (registered by the CLI layer), but this
+module imports no Hydra: configs cross process boundaries as plain dicts
+(``TrialConfig.to_dict`` / ``TrialConfig.from_dict``). Every validation error names the key,
+the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..quant import QuantConfig, QuantConfigError
+from ..zoo.registry import DATASETS, MODELS, RegistryError, check_name
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+class TrialConfigError(ValueError):
+    """A trial configuration value outside what is allowed."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise TrialConfigError(f"{key}={value!r} is not allowed; allowed: {allowed}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class ModelSpec:
+    """The pretrained model. Built-in ``name`` or a user class at ``_target_`` (dotted path).
+
+    ``checkpoint``: a ``state_dict`` file for the model; when empty the FP32 baseline is
+    trained once with the ``pretrain_*`` recipe and cached under ``cache_dir``.
+    """
+
+    name: str = "digits_cnn"
+    _target_: Optional[str] = None
+    args: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+    pretrain_epochs: int = 15
+    pretrain_lr: float = 3e-3
+    pretrain_batch_size: int = 64
+    cache_dir: Optional[str] = None
+
+    def validate(self) -> None:
+        _require(isinstance(self.name, str) and bool(self.name), "model.name", self.name, "a non-empty name")
+        _require(_is_int(self.pretrain_epochs) and self.pretrain_epochs >= 1, "model.pretrain_epochs",
+                 self.pretrain_epochs, "an integer >= 1")
+        _require(_is_number(self.pretrain_lr) and self.pretrain_lr > 0, "model.pretrain_lr", self.pretrain_lr, "a number > 0")
+        _require(_is_int(self.pretrain_batch_size) and self.pretrain_batch_size >= 1, "model.pretrain_batch_size",
+                 self.pretrain_batch_size, "an integer >= 1")
+
+
+@dataclass
+class DataSpec:
+    """The dataset: built-in ``name`` (digits, synthetic) or a builder at ``_target_``.
+
+    A ``_target_`` builder is called with ``args`` and returns a ``DataSplits``.
+    """
+
+    name: str = "digits"
+    _target_: Optional[str] = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require(isinstance(self.name, str) and bool(self.name), "data.name", self.name, "a non-empty name")
+
+
+@dataclass
+class QuantSpec:
+    """Bit widths and calibration: the fields of ``QuantConfig`` that describe the target."""
+
+    param_bw: int = 8
+    output_bw: int = 8
+    quant_scheme: str = "min_max"
+    percentile: float = 99.99
+    per_channel: bool = True
+    fold_batchnorm: bool = True
+    leaf_modules: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        pass  # checked through QuantConfig in TrialConfig.validate
+
+
+@dataclass
+class QatSpec:
+    """The QAT fine-tuning: mode, optimizer, step schedule, batch sizes.
+
+    ``lr`` is divided by ``lr_gamma`` every ``lr_step_epochs`` epochs. ``batch_size`` is the
+    global batch, split evenly across workers (each gets ``batch_size // num_workers``).
+    """
+
+    range_learning: bool = False
+    learn_weight_encodings: bool = False
+    lsq_grad_scaling: bool = True
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: int = 3
+    lr_step_epochs: int = 2
+    lr_gamma: float = 10.0
+    batch_size: int = 64
+    calibration_batches: int = 8
+    eval_batch_size: int = 512
+    grad_clip_norm: Optional[float] = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.optimizer in OPTIMIZERS, "qat.optimizer", self.optimizer, ", ".join(OPTIMIZERS))
+        _require(_is_number(self.lr) and self.lr > 0, "qat.lr", self.lr, "a number > 0")
+        _require(_is_number(self.momentum) and 0 <= self.momentum < 1, "qat.momentum", self.momentum, "a number in [0, 1)")
+        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "qat.weight_decay", self.weight_decay,
+                 "a number >= 0")
+        _require(_is_int(self.epochs) and self.epochs >= 0, "qat.epochs", self.epochs, "an integer >= 0 (0: PTQ only)")
+        _require(_is_int(self.lr_step_epochs) and self.lr_step_epochs >= 1, "qat.lr_step_epochs",
+                 self.lr_step_epochs, "an integer >= 1")
+        _require(_is_number(self.lr_gamma) and self.lr_gamma >= 1, "qat.lr_gamma", self.lr_gamma, "a number >= 1")
+        _require(_is_int(self.batch_size) and self.batch_size >= 1, "qat.batch_size", self.batch_size, "an integer >= 1")
+        _require(_is_int(self.calibration_batches) and self.calibration_batches >= 1, "qat.calibration_batches",
+                 self.calibration_batches, "an integer >= 1")
+        _require(_is_int(self.eval_batch_size) and self.eval_batch_size >= 1, "qat.eval_batch_size",
+                 self.eval_batch_size, "an integer >= 1")
+        _require(self.grad_clip_norm is None or (_is_number(self.grad_clip_norm) and self.grad_clip_norm > 0),
+                 "qat.grad_clip_norm", self.grad_clip_norm, "null or a number > 0")
+        _require(_is_int(self.seed), "qat.seed", self.seed, "an integer")
+
+
+@dataclass
+class FaultInjection:
+    """Chaos testing: SIGKILL worker ``kill_rank`` halfway through epoch ``at_epoch`` (>= 1).
+
+    Fires only in a run that did not resume from a checkpoint, so the restarted worker group
+    (``trainer.max_failures >= 1``) resumes from the epoch before and finishes.
+    """
+
+    kill_rank: Optional[int] = None
+    at_epoch: int = 1
+
+
+@dataclass
+class TrainerSpec:
+    """Where the trial runs: ``num_workers`` Ray Train DDP workers, or 0 for in-process (no Ray)."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 1
+    checkpoints_to_keep: int = 2
+    storage_path: Optional[str] = None
+    ray_address: Optional[str] = None
+    fault_injection: FaultInjection = field(default_factory=FaultInjection)
+
+    def validate(self) -> None:
+        _require(_is_int(self.num_workers) and self.num_workers >= 0, "trainer.num_workers", self.num_workers,
+                 "an integer >= 0 (0: in-process, no Ray)")
+        _require(_is_number(self.cpus_per_worker) and self.cpus_per_worker > 0, "trainer.cpus_per_worker",
+                 self.cpus_per_worker, "a number > 0")
+        _require(_is_number(self.gpus_per_worker) and self.gpus_per_worker > 0, "trainer.gpus_per_worker",
+                 self.gpus_per_worker, "a number > 0")
+        _require(_is_int(self.max_failures) and self.max_failures >= -1, "trainer.max_failures", self.max_failures,
+                 "an integer >= 0, or -1 for unlimited")
+        _require(_is_int(self.checkpoints_to_keep) and self.checkpoints_to_keep >= 1, "trainer.checkpoints_to_keep",
+                 self.checkpoints_to_keep, "an integer >= 1")
+        _require(not (self.use_gpu and self.num_workers == 0), "trainer.use_gpu", self.use_gpu,
+                 "false when trainer.num_workers=0 (in-process runs use the local device)")
+        fi = self.fault_injection
+        if fi.kill_rank is not None:
+            _require(_is_int(fi.kill_rank) and 0 <= fi.kill_rank < max(self.num_workers, 1),
+                     "trainer.fault_injection.kill_rank", fi.kill_rank, f"null or a rank in [0, {self.num_workers})")
+            _require(_is_int(fi.at_epoch) and fi.at_epoch >= 1, "trainer.fault_injection.at_epoch", fi.at_epoch,
+                     "an integer >= 1")
+            _require(self.num_workers >= 1, "trainer.fault_injection.kill_rank", fi.kill_rank,
+                     "null when trainer.num_workers=0")
+
+
+@dataclass
+class TrackingSpec:
+    """MLflow: ``uri`` empty means ``sqlite:///<output root>/mlflow.db`` (absolute)."""
+
+    uri: Optional[str] = None
+    experiment: str = "qat"
+    parent_run_id: Optional[str] = None
+    run_name: Optional[str] = None
+    trial_id: Optional[str] = None
+    log_artifacts: bool = True
+
+    def validate(self) -> None:
+        _require(isinstance(self.experiment, str) and bool(self.experiment), "tracking.experiment", self.experiment,
+                 "a non-empty name")
+
+
+SECTIONS = {"model": ModelSpec, "data": DataSpec, "quant": QuantSpec, "qat": QatSpec, "trainer": TrainerSpec,
+            "tracking": TrackingSpec}
+QAT_QUANT_FIELDS = ("range_learning", "learn_weight_encodings", "lsq_grad_scaling")
+
+
+@dataclass
+class TrialSections:
+    """The configuration groups of a trial (also the body of the CLI apps' schemas)."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    qat: QatSpec = field(default_factory=QatSpec)
+    trainer: TrainerSpec = field(default_factory=TrainerSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    export_prefix: str = "model"
+
+
+@dataclass
+class TrialConfig(TrialSections):
+    """Everything one trial needs. ``output_dir``: where exports and local checkpoints go."""
+
+    output_dir: str = "outputs/trial"
+
+    def validate(self) -> TrialConfig:
+        for name in SECTIONS:
+            getattr(self, name).validate()
+        try:
+            check_name("model", self.model.name, self.model._target_, MODELS)
+            check_name("data", self.data.name, self.data._target_, DATASETS)
+        except RegistryError as exc:
+            raise TrialConfigError(str(exc)) from None
+        self.quant_config()
+        _require(isinstance(self.export_prefix, str) and self.export_prefix.isidentifier(), "export_prefix",
+                 self.export_prefix, "a plain file name such as 'model'")
+        return self
+
+    def quant_config(self) -> QuantConfig:
+        """The ``QuantConfig`` of this trial; errors name the ``quant.``/``qat.`` key."""
+        q, t = self.quant, self.qat
+        try:
+            return QuantConfig(
+                param_bw=q.param_bw, output_bw=q.output_bw, quant_scheme=q.quant_scheme, percentile=q.percentile,
+                per_channel=q.per_channel, fold_batchnorm=q.fold_batchnorm, leaf_modules=tuple(q.leaf_modules),
+                range_learning=t.range_learning, learn_weight_encodings=t.learn_weight_encodings,
+                lsq_grad_scaling=t.lsq_grad_scaling,
+            )
+        except QuantConfigError as exc:
+            msg = str(exc)
+            section = "qat" if msg.startswith(QAT_QUANT_FIELDS) else "quant"
+            raise TrialConfigError(f"{section}.{msg}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialConfig:
+        """Build and validate from a plain dict; unknown keys are errors."""
+        if not isinstance(d, dict):
+            raise TrialConfigError(f"a trial config must be a mapping, got {type(d).__name__}")
+        return _build(cls, d, "").validate()
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise TrialConfigError(
+            f"unknown key {prefix}{unknown[0]}; allowed under {prefix.rstrip('.') or 'the top level'}: "
+            f"{', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        sub = _dataclass_type(fields[name])
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise TrialConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
+            value = _build(sub, value, f"{prefix}{name}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _dataclass_type(f: dataclasses.Field) -> type | None:
+    factory = f.default_factory
+    if factory is not dataclasses.MISSING and dataclasses.is_dataclass(factory):
+        return factory
+    return None

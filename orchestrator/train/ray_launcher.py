@@ -1,0 +1,95 @@
+"""Running a trial's workers as a Ray Train ``TorchTrainer`` (Train V2)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import TrialConfig
+
+# Ray Train's own INFO lines ("Reporting training result ...") drown the trial's progress.
+RAY_TRAIN_LOG_LEVEL = "WARNING"
+# Train V2 routes print() through the root logger *and* the original stream: every line twice.
+# Set in the environment a local Ray inherits (a per-trainer runtime_env would cost each trial
+# fresh worker processes, ~4 s); on a cluster set it on the nodes (launch/ recipes do).
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address``, else to ``$RAY_ADDRESS`` (set by ``ray job submit``), else start a
+    new local Ray; nothing when this process is already connected.
+
+    Returns True when this call started a local Ray (its resources are all there will be).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # The dashboard (localhost only) serves the State API that Ray Train's placement-group
+    # cleaner polls; without it that cleaner warns every few seconds.
+    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["address"] = "local"  # never attach by accident to another process's local Ray
+        if num_cpus is not None:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+    return kwargs["address"] == "local"
+
+
+def check_fits(trainer, local: bool, extra_cpus: float = 0.0) -> None:
+    """On a local Ray (no autoscaler to add nodes), fail now if one trial's workers can never be
+    placed, instead of letting Ray Train wait for resources forever."""
+    import ray
+
+    from .config import TrialConfigError
+
+    if not local or trainer.num_workers == 0:
+        return
+    have = ray.cluster_resources()
+    if trainer.use_gpu:
+        need, kind, key = trainer.num_workers * trainer.gpus_per_worker, "GPU", "gpus_per_worker"
+    else:
+        need, kind, key = trainer.num_workers * trainer.cpus_per_worker + extra_cpus, "CPU", "cpus_per_worker"
+    if need > have.get(kind, 0) + 1e-9:
+        raise TrialConfigError(
+            f"trainer.num_workers={trainer.num_workers} x trainer.{key} needs {need:g} {kind}(s) per trial but this "
+            f"machine's Ray has {have.get(kind, 0):g}; lower trainer.num_workers or trainer.{key}"
+        )
+
+
+def fit(cfg: TrialConfig, payload: dict[str, Any], run_name: str, callbacks: list | None = None) -> dict[str, Any]:
+    """Run ``qat_worker`` on ``cfg.trainer.num_workers`` Ray Train workers; rank 0's last report."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .workflow import qat_worker
+
+    t = cfg.trainer
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    storage = t.storage_path or str(Path(cfg.output_dir) / "ray")
+    trainer = TorchTrainer(
+        qat_worker,
+        train_loop_config={**payload, "checkpoint_root": f"{storage.rstrip('/')}/{run_name}"},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoints_to_keep),
+            callbacks=callbacks or [],
+            logging_config=LoggingConfig(log_level=RAY_TRAIN_LOG_LEVEL),
+        ),
+    )
+    result = trainer.fit()
+    # Train V2's Result.metrics are those reported with the latest checkpoint: the workflow's
+    # final report carries one for this reason.
+    return dict(result.metrics or {})

@@ -1,0 +1,145 @@
+"""Where a trial's worker runs: in-process (``LocalSession``) or on Ray Train (``RaySession``).
+
+A session tells the workflow its rank, world size and device, hands it the last checkpoint
+state (or None) and takes per-epoch reports. Checkpoint *state* is a dict of tensors and
+plain values (model + quantizer state, optimizer, scheduler, epoch, history); only rank 0's
+state is persisted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ..fileio import atomic_write
+
+STATE_FILE = "trial_state.pt"
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    node_id: str  # where this worker runs (a Ray node id, or "local:<hostname>")
+
+    def load_state(self) -> dict[str, Any] | None: ...
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None: ...
+
+
+class LocalSession:
+    """One in-process worker; checkpoints in ``<checkpoint_dir>/epoch_NNNN.pt``, newest ``keep`` kept."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, checkpoint_dir: str | Path, keep: int = 2, device: str | None = None,
+                 on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.dir = Path(checkpoint_dir)
+        self.keep = keep
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.on_report = on_report
+        self.node_id = f"local:{socket.gethostname()}"
+
+    def _files(self) -> list[Path]:
+        return sorted(self.dir.glob("epoch_*.pt"))
+
+    def load_state(self) -> dict[str, Any] | None:
+        files = self._files()
+        return torch.load(files[-1], map_location="cpu", weights_only=False) if files else None
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        """Persist ``state`` (if any), then pass ``metrics`` to ``on_report`` (e.g. Ray Tune)."""
+        if state is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.dir / f"epoch_{state['epoch']:04d}.pt", lambda tmp: torch.save(state, tmp))
+            for old in self._files()[:-self.keep]:
+                old.unlink(missing_ok=True)
+        if self.on_report is not None:
+            self.on_report(metrics)
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train 2.60 logs an INFO line per report per worker on a logger named after the file
+    path of its (private) context module, which its LoggingConfig does not reach."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def newest_state_in(root: str) -> dict[str, Any] | None:
+    """The newest readable ``trial_state.pt`` under ``root/checkpoint_*`` (local path or URI).
+
+    Ray Train 2.60 hands a restarted worker group no checkpoint when the worker failure is
+    noticed before the controller consumed the last report; the checkpoint is on storage
+    all the same. Torn uploads (unreadable files) are skipped.
+    """
+    import io
+
+    import pyarrow.fs as pafs
+
+    try:
+        fs, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except (OSError, ValueError):
+        return None
+    dirs = sorted((i.path for i in infos if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_")), reverse=True)
+    for d in dirs:
+        try:
+            with fs.open_input_stream(f"{d}/{STATE_FILE}") as f:
+                return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
+        except Exception:  # missing or torn: try the next older checkpoint
+            continue
+    return None
+
+
+class RaySession:
+    """A Ray Train worker: ``ray.train`` context, checkpoints through ``ray.train.report``.
+
+    ``checkpoint_root``: where this run's checkpoints are persisted (storage path / run name).
+    """
+
+    def __init__(self, checkpoint_root: str) -> None:
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        _quiet_report_lines()
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.checkpoint_root = checkpoint_root
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The newest checkpoint state: on storage, else the one Ray hands over."""
+        state = newest_state_in(self.checkpoint_root)
+        if state is not None:
+            return state
+        checkpoint = self._train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        """Every rank must call this (it is a barrier); only rank 0 passes ``state``."""
+        if state is None or self.rank != 0:
+            self._train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, os.path.join(d, STATE_FILE))
+            self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(d))

@@ -1,0 +1,1 @@
+"""Built-in models and datasets (torch + numpy/scikit-learn only)."""
