@@ -18,17 +18,23 @@ def accuracy(model: torch.nn.Module, dataset) -> float:
     return acc
 
 
-def train_epochs(model, dataset, epochs: int, lr: float, params=None, seed: int = 0) -> None:
-    """Plain Adam training with cross-entropy, batch 64."""
+def train_epochs(model, dataset, epochs: int, lr: float, params=None, seed: int = 0, cosine: bool = False) -> None:
+    """Plain Adam training with cross-entropy, batch 64; ``seed`` orders the data.
+
+    ``cosine``: anneal the learning rate from ``lr`` to 0 over the run (the usual fine-tuning
+    recipe; a constant rate leaves the last step's weights wherever the noise put them)."""
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=64, shuffle=True, generator=gen)
     opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * len(loader)) if cosine else None
     model.train()
     for _ in range(epochs):
         for x, y in loader:
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
+            if schedule is not None:
+                schedule.step()
 
 
 def run_batches(model, batches):

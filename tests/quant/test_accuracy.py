@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from helpers import accuracy, run_batches, train_epochs
 
@@ -19,12 +21,19 @@ def test_w8a8_ptq_within_1pt_of_fp32(pretrained, calibration_batches, digits_dat
 
 @pytest.mark.parametrize("range_learning", [False, True])
 def test_w4a4_qat_within_1_5pt_of_fp32(pretrained, calibration_batches, digits_data, range_learning):
+    """Every one of four data orders recovers, not a lucky one: 3 epochs, Adam, cosine-annealed lr.
+
+    (With a constant lr of 1e-3 range learning ends anywhere in 94.4-99.7% over data orders:
+    the last step's weights are noise-bound, which an annealed rate removes.)"""
     fp32 = accuracy(pretrained, digits_data.test)
-    sim = QuantizationSimModel(pretrained, calibration_batches[0],
-                               QuantConfig(param_bw=4, output_bw=4, range_learning=range_learning))
-    sim.compute_encodings(run_batches, calibration_batches)
-    train_epochs(sim.model, digits_data.train, epochs=3, lr=1e-3)
-    assert accuracy(sim.model, digits_data.test) >= fp32 - 1.5
+    results = []
+    for seed in range(4):
+        sim = QuantizationSimModel(copy.deepcopy(pretrained), calibration_batches[0],
+                                   QuantConfig(param_bw=4, output_bw=4, range_learning=range_learning))
+        sim.compute_encodings(run_batches, calibration_batches)
+        train_epochs(sim.model, digits_data.train, epochs=3, lr=1e-3, seed=seed, cosine=True)
+        results.append(accuracy(sim.model, digits_data.test))
+    assert min(results) >= fp32 - 1.5, (fp32, results)
 
 
 @pytest.mark.parametrize("range_learning", [False, True])
