@@ -69,6 +69,7 @@ def run(layout: list[str], trials: int, root: Path) -> tuple[float, float, list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--layout", choices=["ray", "local"], help="run only this layout (default: both)")
     args = p.parse_args()
     cores = os.cpu_count() or 1
     layouts = {
@@ -77,6 +78,8 @@ def main() -> None:
     }
     rows = []
     for name, layout in layouts.items():
+        if args.layout and not name.startswith({"ray": "Ray", "local": "in-process"}[args.layout]):
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             wall, busy, startups = run(layout, args.trials, Path(tmp))
         rows.append((name, args.trials, f"{wall:.0f}", f"{statistics.median(startups):.1f}", f"{max(startups):.1f}",

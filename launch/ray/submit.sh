@@ -20,7 +20,8 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 
 env_json=$(python3 - <<PY
 import json, os
-env = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "PYTHONUNBUFFERED": "1"}
+env = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "PYTHONUNBUFFERED": "1",
+       "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # job-wide: Train workers print each line once
 for key in ("QAT_CACHE_DIR",):
     if os.environ.get(key):
         env[key] = os.environ[key]

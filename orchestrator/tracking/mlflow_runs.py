@@ -131,10 +131,10 @@ class RunLogger:
 
         retrying(lambda: self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         retrying(lambda: self._client.log_batch(self.run_id, metrics=batch))
 

@@ -10,10 +10,16 @@ from .config import TrialConfig
 
 # Ray Train's own INFO lines ("Reporting training result ...") drown the trial's progress.
 RAY_TRAIN_LOG_LEVEL = "WARNING"
-# Train V2 routes print() through the root logger *and* the original stream: every line twice.
-# Set in the environment a local Ray inherits (a per-trainer runtime_env would cost each trial
-# fresh worker processes, ~4 s); on a cluster set it on the nodes (launch/ recipes do).
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Set in the environment of a local Ray this process starts (its raylet, and so every worker,
+# inherits it; a per-trainer runtime_env would cost each trial fresh worker processes, ~4 s).
+# On a cluster the launch/ recipes set the first on the nodes or in the job's runtime env.
+LOCAL_RAY_ENV = {
+    # Train V2 routes print() through the root logger *and* the original stream: every line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # The Train controller polls its workers every 2 s by default: a finished trial holds its
+    # CPUs for 1 s on average before the next trial may start. Locally the poll is cheap.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -26,11 +32,9 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
-    # The dashboard (localhost only) serves the State API that Ray Train's placement-group
-    # cleaner polls; without it that cleaner warns every few seconds.
+    # A local Ray starts its dashboard (localhost only, ray[default]): it serves the State API
+    # that Ray Train's placement-group cleaner polls; without it that cleaner warns every few seconds.
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         kwargs["address"] = address
@@ -38,6 +42,8 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
         kwargs["address"] = "local"  # never attach by accident to another process's local Ray
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
     ray.init(**kwargs)
     return kwargs["address"] == "local"
 

@@ -10,6 +10,9 @@
 4. measure ``test_acc``;
 5. rank 0 exports ``{prefix}.pth/.onnx/.encodings`` to ``<output_dir>/export`` and logs them.
 
+Rank 0's MLflow writes run in call order on a background thread (``BackgroundRunLogger``), off
+the path to the first training step; all of them land before the final report.
+
 Random numbers are a pure function of ``(qat.seed, epoch, rank)``: every epoch reseeds, so a
 run resumed from a checkpoint draws what the uninterrupted run would have drawn.
 Divergence is detected on the all-reduced gradient norm, which every rank sees identically,
@@ -25,7 +28,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,6 +49,9 @@ from .distributed import (
     quantizer_state,
 )
 from .session import LocalSession, RaySession, Session
+
+if TYPE_CHECKING:
+    from ..tracking.background import BackgroundRunLogger
 
 METRIC_KEYS = ("fp32_acc", "ptq_acc", "train_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s", "test_acc",
                "startup_s", "worker_start_s")
@@ -134,12 +140,12 @@ def _log(session: Session, msg: str, name: str = "") -> None:
         print(f"[{name}] {msg}" if name else msg, flush=True)
 
 
-def _tracker(cfg: TrialConfig, run_id: str | None, session: Session):
+def _tracker(cfg: TrialConfig, run_id: str | None, session: Session) -> BackgroundRunLogger | None:
     if session.rank != 0 or not run_id:
         return None
-    from ..tracking.mlflow_runs import RunLogger
+    from ..tracking.background import BackgroundRunLogger
 
-    return RunLogger(cfg.tracking.uri, run_id)
+    return BackgroundRunLogger(cfg.tracking.uri, run_id)
 
 
 def qat_worker(payload: dict[str, Any], on_report=None) -> dict[str, Any]:
@@ -165,6 +171,20 @@ def run_workflow(cfg: TrialConfig, session: Session, run_id: str | None,
     """The trial on this rank. With ``started_at`` (``time.time()`` when the driver started the
     trial) the first epoch reports ``startup_s`` (to the first optimizer step) and
     ``worker_start_s`` (to ``entered_at``, when this worker function began)."""
+    tracker = _tracker(cfg, run_id, session)  # rank 0 only; its MLflow writes run on a thread
+    if tracker is None:
+        return _run_workflow(cfg, session, None, started_at, entered_at)
+    try:
+        final = _run_workflow(cfg, session, tracker, started_at, entered_at)
+    except BaseException:
+        tracker.close(raise_errors=False)
+        raise
+    tracker.close()
+    return final
+
+
+def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogger | None, started_at: float | None,
+                  entered_at: float | None) -> dict[str, Any]:
     rank, world, device = session.rank, session.world_size, session.device
     name = cfg.tracking.run_name or ""
 
@@ -172,7 +192,6 @@ def run_workflow(cfg: TrialConfig, session: Session, run_id: str | None,
         _log(session, msg, name)
 
     qat = cfg.qat
-    tracker = _tracker(cfg, run_id, session)
     reseed(qat.seed, -1, 0)
     data = build_data(cfg.data)
     model = load_pretrained(cfg.model, data, cfg.model.checkpoint).to(device)
@@ -294,6 +313,7 @@ def run_workflow(cfg: TrialConfig, session: Session, run_id: str | None,
                                 step=max(qat.epochs - 1, 0))
             if cfg.tracking.log_artifacts:
                 tracker.log_artifacts(export_dir, "export")
+            tracker.flush()  # everything is in MLflow before the report that ends the trial
         log(f"test {test_acc:.2f}%  exported to {export_dir}")
     session.report(final, checkpoint(qat.epochs - 1, final))
     return final
