@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table  # noqa: E402
+from common import host_memory, machine, table  # noqa: E402
 
 from orchestrator.quant import QuantConfig, QuantizationSimModel  # noqa: E402
 from orchestrator.zoo.models import ResNetCifar  # noqa: E402
@@ -29,7 +29,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc thresholds alone (default: keep_freed_host_memory, as trials do)")
     args = p.parse_args()
+    memory_setting = host_memory(not args.malloc_defaults)
     torch.manual_seed(0)
     model = ResNetCifar().eval()
     batches = [torch.randn(64, 3, 32, 32) for _ in range(args.batches)]
@@ -67,7 +70,7 @@ def main() -> None:
     for scheme in schemes:
         ratio = statistics.median(a / b for a, b in zip(times[scheme], base))
         rows.append((f"compute_encodings, {scheme}", f"{statistics.median(times[scheme]) * 1000:.0f}", f"{ratio:.2f}"))
-    print(f"calibration: resnet_cifar, {args.batches} batches of 64, {args.repeats} turns; {machine()}")
+    print(f"calibration: resnet_cifar, {args.batches} batches of 64, {args.repeats} turns; {machine()}; {memory_setting}")
     print(table(("what", "ms", "x inference"), rows))
 
 

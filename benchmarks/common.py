@@ -22,8 +22,18 @@ def machine() -> str:
     except OSError:
         pass
     dev = f", CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return (f"{cpu} ({isa}), {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
             f"{dev}, {time.strftime('%Y-%m-%d')}")
+
+
+def host_memory(keep_freed: bool) -> str:
+    """Apply (or not) ``keep_freed_host_memory`` for every variant alike; a header fragment."""
+    if not keep_freed:
+        return "glibc malloc defaults"
+    from orchestrator.quant import keep_freed_host_memory
+
+    return "freed host memory kept (keep_freed_host_memory)" if keep_freed_host_memory() else "malloc defaults"
 
 
 def sync(device: torch.device) -> None:

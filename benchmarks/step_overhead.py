@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_ms, machine, table  # noqa: E402
+from common import host_memory, interleaved_ms, machine, table  # noqa: E402
 
 from orchestrator.quant import QuantConfig, QuantizationSimModel  # noqa: E402
 from orchestrator.zoo.models import DigitsCNN, ResNetCifar  # noqa: E402
@@ -127,10 +127,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc thresholds alone (default: keep_freed_host_memory, as trials do)")
     args = p.parse_args()
+    memory_setting = host_memory(not args.malloc_defaults)
     device = torch.device(args.device)
     print(f"step_overhead: batch {BATCH}; variants interleaved, {args.rounds} rounds x {args.per_round} steps; "
-          f"{machine()}")
+          f"{machine()}; {memory_setting}")
     mem = "peak MiB" if device.type == "cuda" else "saved MiB"
     rows = [r for m in args.models for r in bench_model(m, device, args.rounds, args.per_round, args.warmup)]
     print(table(("model", "variant", "ms/step", "x FP32", "x FP32 folded", mem, "mem x FP32", "mem x folded"), rows))

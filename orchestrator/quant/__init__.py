@@ -13,6 +13,7 @@ from .errors import (
     UntraceableModelError,
 )
 from .export import ExportError
+from .host_memory import keep_freed_host_memory
 from .qdq import QdqRunner, build_qdq_model
 from .quantizer import ActivationQuantizer, WeightQuantizer
 from .sim import QuantizationSimModel
@@ -31,4 +32,5 @@ __all__ = [
     "UntraceableModelError",
     "WeightQuantizer",
     "build_qdq_model",
+    "keep_freed_host_memory",
 ]

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..quant import QuantizationSimModel
+from ..quant import QuantizationSimModel, keep_freed_host_memory
 from .builders import build_data, load_pretrained
 from .config import TrialConfig
 from .distributed import (
@@ -157,6 +157,7 @@ def qat_worker(payload: dict[str, Any], on_report=None) -> dict[str, Any]:
     ``on_report``: in-process only, called with every report's metrics (the sweep's Tune hook).
     """
     entered_at = time.time()
+    keep_freed_host_memory()  # no page faults on every step's fresh CPU tensors (quant/host_memory.py)
     cfg = TrialConfig.from_dict(payload["trial"])
     if payload.get("local"):
         session: Session = LocalSession(Path(cfg.output_dir) / "checkpoints", cfg.trainer.checkpoints_to_keep,
