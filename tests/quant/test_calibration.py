@@ -8,7 +8,7 @@ from helpers import run_batches
 from torch import nn
 
 from orchestrator.quant import ActivationQuantizer, QuantConfig, QuantizationSimModel
-from orchestrator.quant.calibration import HistogramObserver, PercentileObserver, SqnrObserver
+from orchestrator.quant.calibration import HistogramObserver, PercentileObserver, SqnrObserver, bin_counts
 
 
 def test_min_max_uses_observed_extremes(pretrained, calibration_batches):
@@ -32,6 +32,19 @@ def test_percentile_of_a_known_distribution():
     full = PercentileObserver(100.0)  # p = 100 is min-max
     full.observe(torch.tensor([-1.0, 3.0]))
     assert full.range(8) == (-1.0, 3.0)
+
+
+@pytest.mark.parametrize("lo, hi", [(0.0, 5.0), (-3.0, 7.5), (-1e-3, 2e-3)])
+def test_bin_counts_match_histc(lo, hi):
+    torch.manual_seed(0)
+    values = torch.rand(200_000) * (hi - lo) + lo
+    values[:3] = torch.tensor([lo, hi, (lo + hi) / 2])  # both ends and a bin edge
+    counts = bin_counts(values, 2048, lo, hi)
+    reference = torch.histc(values, 2048, lo, hi)
+    assert counts.sum() == values.numel() and counts[0] >= 1 and counts[-1] >= 1
+    # a value within a float32 rounding of a bin edge may land in the neighbouring bin: at most
+    # 1 in 10^4 values moves (each move changes two counts by one)
+    assert (counts.float() - reference).abs().sum() <= 2e-4 * values.numel()
 
 
 def test_histogram_rebinning_keeps_counts():
