@@ -6,21 +6,24 @@
 from .config import QuantConfig
 from .encoding import Encoding
 from .errors import (
+    CalibrationError,
     EncodingsFileError,
     NotCalibratedError,
     QuantConfigError,
     QuantError,
-    UntraceableModelError,
+    QuantFileError,
 )
 from .export import ExportError
 from .host_memory import keep_freed_host_memory
+from .layers import QuantizedModule, register
 from .qdq import QdqRunner, build_qdq_model
-from .quantizer import ActivationQuantizer, WeightQuantizer
-from .sim import QuantizationSimModel
+from .quantizer import QuantizeDequantize
+from .sim import EncodingCollapseWarning, QuantizationSimModel
 
 __all__ = [
-    "ActivationQuantizer",
+    "CalibrationError",
     "Encoding",
+    "EncodingCollapseWarning",
     "EncodingsFileError",
     "ExportError",
     "NotCalibratedError",
@@ -28,9 +31,11 @@ __all__ = [
     "QuantConfig",
     "QuantConfigError",
     "QuantError",
+    "QuantFileError",
     "QuantizationSimModel",
-    "UntraceableModelError",
-    "WeightQuantizer",
+    "QuantizeDequantize",
+    "QuantizedModule",
     "build_qdq_model",
     "keep_freed_host_memory",
+    "register",
 ]

@@ -2,8 +2,8 @@
 
 For ``y = BN(W x + b)`` with running statistics ``mu``, ``var``, affine ``gamma``, ``beta``:
 ``W' = W * gamma / sqrt(var + eps)`` (per output channel) and
-``b' = (b - mu) * gamma / sqrt(var + eps) + beta``. After folding the BN node is gone from the
-graph and its statistics stop updating, as on an integer target.
+``b' = (b - mu) * gamma / sqrt(var + eps) + beta``. After folding the BN module is an identity
+and its statistics stop updating, as on an integer target.
 """
 
 from __future__ import annotations
@@ -11,10 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import fx, nn
-
-FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Linear)
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -26,49 +23,17 @@ class FoldedPair:
     layer_had_bias: bool
 
 
-def _calls(graph: fx.Graph) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            counts[node.target] = counts.get(node.target, 0) + 1
-    return counts
-
-
 @torch.no_grad()
-def fold_batchnorms(gm: fx.GraphModule) -> list[FoldedPair]:
-    """Fold every BN whose only input is a conv/linear used nowhere else; edits ``gm`` in place.
-
-    A pair is left unfolded when a module is called more than once, or when neither the layer
-    nor the BN has a bias to hold the folded bias in the original architecture.
-    """
-    calls = _calls(gm.graph)
-    folded: list[FoldedPair] = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1:
-            continue
-        bn = gm.get_submodule(node.target)
-        producer = node.args[0]
-        if not isinstance(bn, BATCHNORMS) or not isinstance(producer, fx.Node):
-            continue
-        if producer.op != "call_module" or len(producer.users) != 1:
-            continue
-        layer = gm.get_submodule(producer.target)
-        if type(layer) not in FOLDABLE_LAYERS or bn.running_mean is None:
-            continue
-        if calls[producer.target] != 1 or calls[node.target] != 1:
-            continue
-        if isinstance(layer, nn.Linear) and not isinstance(bn, nn.BatchNorm1d):
-            continue
-        if layer.bias is None and not bn.affine:
-            continue  # the original architecture would have nowhere to hold the folded bias
+def fold_batchnorms(model: nn.Module, pairs: list[tuple[str, str]]) -> list[FoldedPair]:
+    """Fold each ``(layer, batchnorm)`` pair in place; the BatchNorm becomes an ``nn.Identity``."""
+    folded = []
+    for layer_name, bn_name in pairs:
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
         had_bias = layer.bias is not None
         _fold_into(layer, bn)
-        folded.append(FoldedPair(producer.target, node.target, layer_had_bias=had_bias))
-        node.replace_all_uses_with(producer)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()  # the folded BNs: their parameters must not linger (DDP, optimizers)
-    gm.recompile()
+        parent_name, _, attr = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
+        folded.append(FoldedPair(layer_name, bn_name, had_bias))
     return folded
 
 

@@ -6,10 +6,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import QuantConfigError
+from .observers import OBSERVERS
 
 MIN_BITWIDTH = 2
 MAX_BITWIDTH = 16
-QUANT_SCHEMES = ("min_max", "sqnr", "percentile")
+QUANT_SCHEMES = tuple(OBSERVERS)
+OVERRIDE_KEYS = {"bitwidth": int, "enabled": bool}
 
 
 def check_bitwidth(name: str, value: Any) -> int:
@@ -32,30 +34,38 @@ class QuantConfig:
     """How a model is quantized.
 
     Attributes:
-        param_bw: bit width of conv/linear weight quantizers (2-16).
+        param_bw: bit width of weight quantizers (2-16).
         output_bw: bit width of activation quantizers: model inputs and op outputs (2-16).
-        quant_scheme: calibration scheme for activations: ``min_max`` (observed range),
-            ``sqnr`` (histogram search minimising quantization noise) or ``percentile``.
-        percentile: for ``percentile``: the activation range is the [100-p, p] percentile
-            interval of the calibration data, p in [50, 100].
+        quant_scheme: calibration of activations: ``min_max`` (observed range), ``sqnr``
+            (histogram search minimising quantization noise) or ``percentile``.
+        param_quant_scheme: calibration of weights, the same names: ``sqnr`` searches each
+            channel's clipping ratio for the least squared error, ``percentile`` clips each
+            channel at its percentile. Weight encodings keep following the weights during
+            training with that clipping ratio.
+        percentile: for ``percentile``: the range is the [100-p, p] percentile interval, p in [50, 100].
         per_channel: weights get one encoding per output channel (else one per tensor).
         range_learning: activation scale/offset are trainable ``nn.Parameter``s (LSQ/LSQ+);
             otherwise they stay exactly as calibrated.
         learn_weight_encodings: with ``range_learning``, weight scales are trained too
-            (initialised from the weights); otherwise they are recomputed from the weights
-            on every forward pass.
+            (initialised from calibration); otherwise they follow the weights.
         lsq_grad_scaling: scale the LSQ gradients of learned encodings by ``1/sqrt(N*Qp)``
-            (N: elements per sample of the quantized tensor, Qp: ``2^b - 1``).
+            (N: elements per encoding, per sample for activations; Qp: ``2^b - 1``).
         fold_batchnorm: fold BatchNorm that follows a conv/linear into its weights and bias
             before quantizing (the BN statistics then stop updating, as on the target).
-        leaf_modules: qualified names of submodules that torch.fx must not trace into. Such a
-            submodule runs as written; its output is quantized, its internals and weights are
-            not (``sim.summary()`` lists them). The way out for code fx cannot trace.
+        leaf_modules: qualified names of submodules run exactly as written: no quantizer inside
+            (weights and intermediate results stay float), their outputs quantized.
+            ``sim.summary()`` lists them.
+        overrides: per-quantizer settings by wildcard pattern on quantizer names (``fnmatch``),
+            applied in order: ``{"*.attention.output.LayerNorm": {"bitwidth": 16},
+            "classifier.*": {"enabled": False}}``. Names are those ``sim.summary()`` lists
+            (parameter names for weights). The tool for outliers: keep the few tensors whose
+            ranges per-tensor 8 bits cannot hold at 16 bits, or float.
     """
 
     param_bw: int = 8
     output_bw: int = 8
     quant_scheme: str = "min_max"
+    param_quant_scheme: str = "min_max"
     percentile: float = 99.99
     per_channel: bool = True
     range_learning: bool = False
@@ -63,14 +73,16 @@ class QuantConfig:
     lsq_grad_scaling: bool = True
     fold_batchnorm: bool = True
     leaf_modules: tuple[str, ...] = field(default_factory=tuple)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         check_bitwidth("param_bw", self.param_bw)
         check_bitwidth("output_bw", self.output_bw)
-        if self.quant_scheme not in QUANT_SCHEMES:
-            raise QuantConfigError(
-                f"quant_scheme={self.quant_scheme!r} is not known; allowed: {', '.join(QUANT_SCHEMES)}"
-            )
+        for key in ("quant_scheme", "param_quant_scheme"):
+            if getattr(self, key) not in QUANT_SCHEMES:
+                raise QuantConfigError(
+                    f"{key}={getattr(self, key)!r} is not known; allowed: {', '.join(QUANT_SCHEMES)}"
+                )
         pct = self.percentile
         if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50.0 <= pct <= 100.0:
             raise QuantConfigError(f"percentile={pct!r} is outside the allowed range [50, 100]")
@@ -88,9 +100,42 @@ class QuantConfig:
                 f"leaf_modules={leaves!r} must be a list of submodule names such as ['layer1.0']"
             )
         object.__setattr__(self, "leaf_modules", tuple(leaves))
+        object.__setattr__(self, "overrides", _check_overrides(self.overrides))
+
+    def settings_for(self, name: str, bitwidth: int) -> tuple[int, bool]:
+        """``(bitwidth, enabled)`` of the quantizer called ``name`` after ``overrides``."""
+        import fnmatch
+
+        enabled = True
+        for pattern, values in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                bitwidth = values.get("bitwidth", bitwidth)
+                enabled = values.get("enabled", enabled)
+        return bitwidth, enabled
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (lists instead of tuples), for logging and crossing process boundaries."""
         out = asdict(self)
         out["leaf_modules"] = list(self.leaf_modules)
         return out
+
+
+def _check_overrides(overrides: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(overrides, dict):
+        raise QuantConfigError(f"overrides={overrides!r} must map name patterns to settings, e.g. "
+                               "{'*.LayerNorm': {'bitwidth': 16}}")
+    out = {}
+    for pattern, values in overrides.items():
+        if not isinstance(pattern, str) or not pattern or not isinstance(values, dict):
+            raise QuantConfigError(f"overrides[{pattern!r}]={values!r} must map a name pattern to settings "
+                                   f"with keys {', '.join(OVERRIDE_KEYS)}")
+        for key, value in values.items():
+            if key not in OVERRIDE_KEYS:
+                raise QuantConfigError(f"overrides[{pattern!r}].{key} is not a setting; allowed: "
+                                       f"{', '.join(OVERRIDE_KEYS)}")
+            if key == "bitwidth":
+                check_bitwidth(f"overrides[{pattern!r}].bitwidth", value)
+            else:
+                _check_bool(f"overrides[{pattern!r}].enabled", value)
+        out[pattern] = dict(values)
+    return out

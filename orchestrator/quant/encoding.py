@@ -17,6 +17,8 @@ import torch
 # Smallest scale any encoding may have (float32 machine epsilon, as torch.ao uses): keeps
 # ``x / s`` finite for any finite activation and makes ``min < max`` hold for every encoding.
 SCALE_FLOOR = torch.finfo(torch.float32).eps
+# ``Encoding.axis`` of a per-channel encoding read from a file that does not record its axis.
+AXIS_UNKNOWN = -1
 # Largest scale any encoding may have: s * (o + 2^16 - 1) stays finite in float32.
 SCALE_CEIL = torch.finfo(torch.float32).max / 2**16
 
@@ -33,12 +35,16 @@ def symmetric_offset(bitwidth: int) -> int:
 
 @dataclass(frozen=True)
 class Encoding:
-    """One quantizer's encoding; ``scale``/``offset`` have shape ``[C]`` (C=1 per tensor)."""
+    """One quantizer's encoding; ``scale``/``offset`` have shape ``[C]`` (C=1 per tensor).
+
+    ``axis``: the channel axis of the tensor it quantizes (None: per tensor).
+    """
 
     bitwidth: int
     symmetric: bool
     scale: torch.Tensor
     offset: torch.Tensor
+    axis: int | None = None
 
     @property
     def min(self) -> torch.Tensor:
@@ -52,7 +58,7 @@ class Encoding:
 
     @property
     def per_channel(self) -> bool:
-        return self.scale.numel() > 1
+        return self.axis is not None
 
 
 def asymmetric_from_range(

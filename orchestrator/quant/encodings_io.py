@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .config import MAX_BITWIDTH, MIN_BITWIDTH
-from .encoding import Encoding
+from .encoding import AXIS_UNKNOWN, Encoding
 from .errors import EncodingsFileError
 
 ENCODING_VERSIONS = ("1.0.0", "0.6.1")
@@ -31,8 +31,8 @@ def check_version(version: str) -> str:
     return version
 
 
-def _entry_1_0_0(name: str, enc: Encoding) -> dict[str, Any]:
-    return {
+def _entry_1_0_0(name: str, enc: Encoding, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    entry = {
         "name": name,
         "enc_type": "PER_CHANNEL" if enc.per_channel else "PER_TENSOR",
         "dtype": "INT",
@@ -41,6 +41,11 @@ def _entry_1_0_0(name: str, enc: Encoding) -> dict[str, Any]:
         "scale": [float(s) for s in enc.scale.tolist()],
         "offset": [int(o) for o in enc.offset.tolist()],
     }
+    if enc.per_channel:
+        entry["axis"] = enc.axis
+    if source:
+        entry.update(source)
+    return entry
 
 
 def _entries_0_6_1(enc: Encoding) -> list[dict[str, Any]]:
@@ -64,14 +69,21 @@ def encodings_document(
     quantizer_args: dict[str, Any],
     excluded_layers: list[str],
     version: str = "1.0.0",
+    sources: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The JSON document for ``activations``/``params`` (tensor name -> encoding)."""
+    """The JSON document for ``activations``/``params`` (tensor name -> encoding).
+
+    1.0.0 entries of per-channel encodings carry ``axis`` (the channel axis of that tensor);
+    ``sources`` adds, per param tensor, ``source`` (the parameter it holds) and, when the
+    exporter reordered its channels, ``channel_order``. Readers of AIMET's layout ignore them.
+    """
     check_version(version)
+    sources = sources or {}
     if version == "1.0.0":
         return {
             "version": version,
             "activation_encodings": [_entry_1_0_0(n, e) for n, e in activations.items()],
-            "param_encodings": [_entry_1_0_0(n, e) for n, e in params.items()],
+            "param_encodings": [_entry_1_0_0(n, e, sources.get(n)) for n, e in params.items()],
             "excluded_layers": list(excluded_layers),
             "quantizer_args": dict(quantizer_args),
         }
@@ -109,8 +121,14 @@ class _Reader:
                 raise self.fail(f"{where}: '{field}' must hold {kind}, got {v!r}")
         return [float(v) for v in value]
 
-    def encoding(self, where: str, bw: Any, symmetric: Any, scale: Any, offset: Any) -> Encoding:
+    def encoding(self, where: str, bw: Any, symmetric: Any, scale: Any, offset: Any, axis: Any = None,
+                 per_channel: bool = False) -> Encoding:
+        """An encoding; ``per_channel`` without an ``axis`` gets ``AXIS_UNKNOWN``."""
         bw = self.bitwidth(where, bw)
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis < 0):
+            raise self.fail(f"{where}: 'axis' must be a non-negative integer, got {axis!r}")
+        if axis is None and per_channel:
+            axis = AXIS_UNKNOWN
         scales = self.numbers(where, "scale", scale, integer=False)
         offsets = self.numbers(where, "offset", offset, integer=True)
         if len(scales) != len(offsets):
@@ -121,7 +139,7 @@ class _Reader:
         bad = [o for o in offsets if not -qmax <= o <= 0]
         if bad:
             raise self.fail(f"{where}: offset {bad[0]!r} is outside [-{qmax}, 0] for {bw} bits")
-        return Encoding(bw, bool(symmetric), torch.tensor(scales), torch.tensor(offsets))
+        return Encoding(bw, bool(symmetric), torch.tensor(scales), torch.tensor(offsets), axis)
 
     def section_1_0_0(self, doc: dict, key: str) -> dict[str, Encoding]:
         entries = doc.get(key)
@@ -139,7 +157,9 @@ class _Reader:
                 raise self.fail(f"{where}: dtype {e.get('dtype')!r} is not supported; allowed: INT")
             if not isinstance(e["is_sym"], bool):
                 raise self.fail(f"{where}: 'is_sym' must be true or false, got {e['is_sym']!r}")
-            out[e["name"]] = self.encoding(where, e["bw"], e["is_sym"], e["scale"], e["offset"])
+            per_channel = str(e.get("enc_type", "PER_TENSOR")).upper() == "PER_CHANNEL"
+            out[e["name"]] = self.encoding(where, e["bw"], e["is_sym"], e["scale"], e["offset"], e.get("axis"),
+                                           per_channel)
         return out
 
     def section_0_6_1(self, doc: dict, key: str) -> dict[str, Encoding]:
@@ -163,21 +183,45 @@ class _Reader:
             out[name] = self.encoding(
                 where, channels[0]["bitwidth"], sym in ("True", True),
                 [c.get("scale") for c in channels], [c.get("offset") for c in channels],
+                per_channel=len(channels) > 1,  # 0.6.1 records no axis
             )
         return out
 
 
-def read_encodings(path: str | Path) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
-    """``(activation encodings, param encodings)`` by tensor name; raises ``EncodingsFileError``."""
-    path = str(path)
-    reader = _Reader(path)
+def _load(path: str, reader: "_Reader") -> Any:
     try:
         with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         raise reader.fail("no such encodings file") from None
+    except IsADirectoryError:
+        raise reader.fail("is a directory, not an encodings file") from None
+    except UnicodeDecodeError:
+        raise reader.fail("not a text file (an encodings file is JSON)") from None
+    except OSError as exc:
+        raise reader.fail(f"cannot be read: {exc.strerror or exc}") from None
     except json.JSONDecodeError as exc:
         raise reader.fail(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+
+
+def param_sources(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Per param tensor name, the ``source`` parameter and ``channel_order`` an export recorded (1.0.0)."""
+    doc = _load(str(path), _Reader(str(path)))
+    entries = doc.get("param_encodings") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        return {}
+    return {e["name"]: {k: e[k] for k in ("source", "channel_order") if k in e}
+            for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str) and "source" in e}
+
+
+def read_encodings(path: str | Path) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
+    """``(activation encodings, param encodings)`` by tensor name; raises ``EncodingsFileError``.
+
+    A per-channel encoding whose channel axis the file does not record has ``axis == AXIS_UNKNOWN``
+    (the op consuming the tensor tells, see ``qdq.py``)."""
+    path = str(path)
+    reader = _Reader(path)
+    doc = _load(path, reader)
     if not isinstance(doc, dict):
         raise reader.fail(f"top level must be a JSON object, got {type(doc).__name__}")
     version = doc.get("version")

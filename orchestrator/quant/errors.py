@@ -21,5 +21,9 @@ class EncodingsFileError(QuantError, ValueError):
     """An encodings file is malformed or does not match the model."""
 
 
-class UntraceableModelError(QuantError, TypeError):
-    """torch.fx could not trace the model; the message names the op and the way out."""
+class CalibrationError(QuantError, ValueError):
+    """Calibration data a quantizer cannot turn into an encoding (NaN/inf values, no data)."""
+
+
+class QuantFileError(QuantError, OSError):
+    """A file the core reads or writes (ONNX model, export directory) is missing, corrupt or unwritable."""

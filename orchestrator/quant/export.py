@@ -1,16 +1,23 @@
 """Export: float weights (.pth), the float ONNX graph (.onnx) and the encodings (.encodings).
 
-Every name in the encodings file is a tensor of the ONNX graph: the float graph is exported
-with each quantized activation also returned as an extra graph output named after its
-quantizer, which pins that name on the tensor whatever the exporter calls things; the extra
-outputs are then removed. Param names are the layers' weight initializers (``conv1.weight``).
+Every name in the encodings file is a tensor of the ONNX graph:
+
+- activations: the float graph is exported (quantizers off, attention as explicit ops) with
+  every quantized activation also returned as an extra graph output; afterwards each such
+  tensor is renamed to its quantizer's name (an exporter value that already has that name is
+  renamed first, so names never collide), model inputs and outputs keep their graph names
+  (``input_ids``, ``logits``), and the extra outputs are removed;
+- parameters: each quantized parameter is found among the initializers by value
+  (``onnx_params.py``: through transposes, constant folding, gate reordering and merges); a
+  copy holding it as is is named after it, a transposed or reordered copy ``<name>.T`` /
+  ``<name>.reordered``, and its encoding names the channel axis (and order) of that tensor.
+
 All three files are written to a temporary directory first and renamed into place.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -18,165 +25,303 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import onnx
 import torch
-from torch import fx
+from torch.utils import _pytree as pytree
 
 from ..fileio import atomic_write_json
+from .capture import flat_input_leaves, named_arguments
+from .encoding import Encoding
 from .encodings_io import check_version, encodings_document
-from .errors import QuantError
-from .modules import to_float
+from .errors import QuantError, QuantFileError
+from .onnx_params import ParamLocator
+from .runtime import root_forward
 
 if TYPE_CHECKING:
     from .sim import QuantizationSimModel
 
 ONNX_OPSET = 21  # QuantizeLinear/DequantizeLinear with 16-bit types need opset 21
+EXTRA = "qsim_activation_"
 
 
 class ExportError(QuantError, RuntimeError):
     """The export could not produce a graph that honours the naming contract."""
 
 
-def _graph_outputs(gm: fx.GraphModule) -> list[fx.Node]:
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    result = out_node.args[0]
-    outputs = list(result) if isinstance(result, (tuple, list)) else [result]
-    if not all(isinstance(o, fx.Node) for o in outputs):
-        raise ExportError("export supports models that return a tensor or a tuple/list of tensors")
-    return outputs
+# ---------------------------------------------------------------------------- inputs
+def _flat_inputs(sim: QuantizationSimModel, dummy_input: Any):
+    """Flattened input tensors, their names, and a function rebuilding ``(args, kwargs)`` from them."""
+    from .sim import as_call
+
+    args, kwargs = as_call(dummy_input)
+    named = named_arguments(sim._built.graph_positional, args, kwargs)
+    leaves = flat_input_leaves(named)
+    names = [name for name, _ in leaves]
+    structure = pytree.tree_flatten((args, kwargs))
+
+    def rebuild(flat: tuple) -> tuple[tuple, dict]:
+        values, spec = structure
+        it = iter(flat)
+        values = [next(it) if isinstance(v, torch.Tensor) else v for v in values]
+        return pytree.tree_unflatten(values, spec)
+
+    tensors = []
+    for t in pytree.tree_leaves((args, kwargs)):
+        if isinstance(t, torch.Tensor):
+            t = t.detach().cpu()
+            if t.dim() > 0 and t.shape[0] == 1:  # batch 1 would specialise the batch dimension
+                t = torch.cat([t, t])
+            tensors.append(t)
+    return tuple(tensors), names, rebuild
 
 
-def _output_names(gm: fx.GraphModule, count: int) -> list[str]:
-    """ONNX names of the model outputs: ``output`` or ``output_0..``, avoiding node names."""
-    taken = {n.name for n in gm.graph.nodes if n.op != "output"}
-    base = "output"
-    while base in taken or any(f"{base}_{i}" in taken for i in range(count)):
-        base = "graph_" + base
-    return [base] if count == 1 else [f"{base}_{i}" for i in range(count)]
+# ---------------------------------------------------------------------------- the float graph
+@contextlib.contextmanager
+def _export_mode(sim: QuantizationSimModel, rebuild, collected: list):
+    """``sim.model`` temporarily as the float graph that returns (outputs..., quantized activations...)."""
+    model = sim.model
+    inputs = set(sim._built.plan.inputs)
+    quantizers = sim._all_quantizers()
+    enabled = [q.enabled for q in quantizers]
+    hooks = [q.register_forward_hook(lambda mod, a, out: collected.append((mod.name, out)))
+             for name, q in sim.activation_quantizers().items() if q.enabled and name not in inputs]
+    cls, was_training = type(model), model.training
+
+    def export_forward(self, *flat):
+        collected.clear()
+        args, kwargs = rebuild(flat)
+        out = root_forward(self, *args, **kwargs)
+        outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return (*outputs, *[t for _, t in collected])
+
+    model.__class__ = type(cls.__name__, (cls,), {"forward": export_forward})
+    for q in quantizers:
+        q.enabled = False
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.__class__ = cls
+        model.train(was_training)
+        for q, on in zip(quantizers, enabled):
+            q.enabled = on
+        for h in hooks:
+            h.remove()
 
 
-def onnx_tensor_names(gm: fx.GraphModule) -> dict[str, str]:
-    """Quantizer name -> name of the tensor it quantizes in the exported ONNX graph.
-
-    Model inputs keep their argument names; model outputs are ``output`` (``output_i``);
-    every other quantized tensor is named after its quantizer.
-    """
-    from .sim import ACTIVATION_QUANTIZERS
-
-    prefix = ACTIVATION_QUANTIZERS + "."
-    names = {n.target[len(prefix):]: n.target[len(prefix):] for n in gm.graph.nodes
-             if n.op == "call_module" and n.target.startswith(prefix)}
-    outputs = _graph_outputs(gm)
-    for node, out_name in zip(outputs, _output_names(gm, len(outputs))):
-        qname = node.target[len(prefix):] if node.op == "call_module" and node.target.startswith(prefix) else None
-        if qname is not None and names[qname] == qname:  # a tensor returned twice keeps its first name
-            names[qname] = out_name
-    return names
-
-
-def _float_graph(sim: QuantizationSimModel) -> tuple[fx.GraphModule, list[str], list[str], list[str]]:
-    """The float graph module returning its outputs plus every quantized activation.
-
-    Returns ``(module, input names, real output names, extra output names)``; the extra
-    outputs carry the names ``onnx_tensor_names`` promises.
-    """
-    from .sim import ACTIVATION_QUANTIZERS, _set_submodule
-
-    tensor_names = onnx_tensor_names(sim.model)
-    output_names = _output_names(sim.model, len(_graph_outputs(sim.model)))
-    gm = copy.deepcopy(sim.model).cpu().eval()
-    for name in sim.weight_layers():
-        _set_submodule(gm, name, to_float(gm.get_submodule(name)))
-    graph = gm.graph
-    extra_nodes, extra_names = [], []
-    for node in list(graph.nodes):
-        if node.op == "call_module" and node.target.startswith(ACTIVATION_QUANTIZERS + "."):
-            source, qname = node.args[0], node.target.split(".", 1)[1]
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
-            if source.op != "placeholder" and tensor_names[qname] == qname:
-                extra_nodes.append(source)
-                extra_names.append(qname)
-    delattr(gm, ACTIVATION_QUANTIZERS)
-    input_names = [n.name for n in graph.nodes if n.op == "placeholder"]
-    out_node = next(n for n in graph.nodes if n.op == "output")
-    out_node.args = (tuple(_graph_outputs(gm) + extra_nodes),)
-    graph.lint()
-    gm.recompile()
-    return gm, input_names, output_names, extra_names
-
-
-def _export_onnx(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], input_names: list[str],
-                 output_names: list[str], n_real_outputs: int, path: str) -> onnx.ModelProto:
-    # Export with a batch of 2 so the batch dimension can stay symbolic (size 1 specialises).
-    inputs = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
-    inputs = tuple(t.detach().cpu() for t in inputs)
-    batch = torch.export.Dim("batch")
-    dynamic = tuple({0: batch} if t.dim() > 0 else {} for t in inputs)
-    # The exporter warns about every torchvision op it cannot find; its optimizer logs each pass.
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+def _torch_onnx_export(model, inputs, input_names, output_names, path: str) -> None:
+    auto = torch.export.Dim.AUTO
+    dynamic = tuple({d: auto for d in range(t.dim())} for t in inputs)  # forward(*flat): one entry, a tuple
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                gm, inputs, path, input_names=input_names, output_names=output_names, dynamo=True,
-                dynamic_shapes=dynamic, opset_version=ONNX_OPSET, external_data=False, verbose=False,
-            )
+            torch.onnx.export(model, inputs, path, input_names=input_names, output_names=output_names, dynamo=True,
+                              dynamic_shapes=(dynamic,), opset_version=ONNX_OPSET, external_data=False, verbose=False)
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-    model = onnx.load(path)
+
+
+# ---------------------------------------------------------------------------- renaming
+def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename the value (or initializer) ``old`` to ``new`` everywhere in ``graph``."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+    for group in (graph.input, graph.output, graph.value_info):
+        for v in group:
+            if v.name == old:
+                v.name = new
+    for init in graph.initializer:
+        if init.name == old:
+            init.name = new
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {o.name for o in graph.output}
+    return names | {o for n in graph.node for o in n.output}
+
+
+def _claim(graph: onnx.GraphProto, name: str, taken: set[str]) -> None:
+    """Make ``name`` free: an exporter value already called so is renamed to a fresh name."""
+    if name not in taken:
+        return
+    fresh, k = f"{name}__onnx", 1
+    while fresh in taken:
+        fresh, k = f"{name}__onnx{k}", k + 1
+    _rename(graph, name, fresh)
+    taken.add(fresh)
+    taken.discard(name)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Remove nodes none of whose outputs is used (the Identity copies of removed outputs)."""
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
+
+
+def _name_activations(model: onnx.ModelProto, n_real: int, collected: list[str]) -> dict[str, list[str]]:
+    """Rename each collected activation to its quantizer's name; return quantizer -> ONNX tensor names."""
     graph = model.graph
-    for extra in list(graph.output)[n_real_outputs:]:
+    outputs = [o.name for o in graph.output]
+    inputs = {i.name for i in graph.input} | set(outputs[:n_real])
+    producers = {o: n for n in graph.node for o in n.output}
+    taken = _all_names(graph)
+    result: dict[str, list[str]] = {}
+    for i, qname in enumerate(collected):
+        src = outputs[n_real + i]
+        while src in producers and producers[src].op_type == "Identity" and src not in inputs:
+            src = producers[src].input[0]
+        calls = result.setdefault(qname, [])
+        if src in inputs:  # a graph input or a model output: keep the graph's name
+            calls.append(src)
+            continue
+        target = qname if not calls else f"{qname}.call_{len(calls)}"
+        if src != target:
+            _claim(graph, target, taken)
+            _rename(graph, src, target)
+            producers = {o: n for n in graph.node for o in n.output}
+            taken.add(target)
+            outputs = [o.name for o in graph.output]
+        calls.append(target)
+    for extra in list(graph.output)[n_real:]:
         graph.output.remove(extra)
-    onnx.checker.check_model(model)
-    return model
+    _prune(graph)
+    return result
+
+
+# ---------------------------------------------------------------------------- params
+def _param_encodings(sim: QuantizationSimModel, model: onnx.ModelProto) -> tuple[dict[str, Encoding], dict[str, dict]]:
+    """``({initializer name: encoding}, {initializer name: {"source", "channel_order"}})`` for every
+    quantized parameter; derived copies are named ``<param>.T`` / ``<param>.reordered``."""
+    graph = model.graph
+    locator = ParamLocator(model)
+    taken = _all_names(graph)
+    encodings: dict[str, Encoding] = {}
+    sources: dict[str, dict] = {}
+    for name, entry in sim.quantized_params().items():
+        q = entry.quantizer
+        if not q.enabled:
+            continue
+        enc = q.encoding(entry.param)
+        found = locator.locate(entry.param.detach().cpu().float().numpy(), q.axis)
+        if not found:
+            raise ExportError(
+                f"parameter {name!r}: no initializer of the exported ONNX graph holds its values (the exporter "
+                "transformed it beyond transposes and reordering), so its encoding could not name a tensor"
+            )
+        for loc in found:
+            current = loc.initializer
+            if loc.kind == "identity":
+                wanted = current if current in entry.names else name
+            else:
+                wanted = f"{name}.T" if loc.kind == "transposed" else f"{name}.reordered"
+            if wanted != current and wanted not in taken:
+                _rename(graph, current, wanted)
+                taken.add(wanted)
+                current = wanted
+            scale, offset = enc.scale, enc.offset
+            if loc.order is not None and enc.axis is not None:
+                scale, offset = scale[list(loc.order)], offset[list(loc.order)]
+            mapped = Encoding(enc.bitwidth, enc.symmetric, scale, offset, loc.axis)
+            previous = encodings.get(current)
+            same = previous is None or (torch.equal(previous.scale, mapped.scale) and previous.axis == mapped.axis)
+            if not same:
+                other = sources.get(current, {}).get("source", current)
+                raise ExportError(
+                    f"parameters {other!r} and {name!r} hold equal values, which the exporter merged into one "
+                    f"tensor {current!r}, but their encodings differ"
+                )
+            encodings[current] = mapped
+            if current not in entry.names:
+                sources[current] = {"source": name}
+            if loc.order is not None:
+                sources[current]["channel_order"] = list(loc.order)
+    return encodings, sources
 
 
 def _check_names(model: onnx.ModelProto, acts: dict, params: dict) -> None:
     graph = model.graph
     tensors = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
     initializers = {i.name for i in graph.initializer}
-    missing = [n for n in acts if n not in tensors] + [n for n in params if n not in initializers]
+    missing = [n for n in acts if n not in tensors | initializers] + [n for n in params if n not in initializers]
     if missing:
         raise ExportError(
             f"the exported ONNX graph has no tensors named {missing[:5]}; the encodings would not apply"
         )
 
 
-def export_sim(sim: QuantizationSimModel, path: str, prefix: str, inputs: tuple[torch.Tensor, ...],
+# ---------------------------------------------------------------------------- entry point
+def export_sim(sim: QuantizationSimModel, path: str, prefix: str, dummy_input: Any,
                encoding_version: str = "1.0.0") -> dict[str, str]:
     """Write ``{prefix}.pth``, ``{prefix}.onnx`` and ``{prefix}.encodings`` under ``path``."""
     check_version(encoding_version)
-    if not prefix or os.sep in prefix or prefix.startswith("."):
+    if not isinstance(prefix, str) or not prefix or os.sep in prefix or prefix.startswith("."):
         raise ExportError(f"filename_prefix={prefix!r} must be a plain file name such as 'model'")
     if not sim.calibrated:
         raise ExportError("export needs encodings: call sim.compute_encodings(...) first")
     out_dir = Path(path)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{prefix}.export-")
+    except OSError as exc:
+        raise QuantFileError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
     final = {kind: str(out_dir / f"{prefix}.{kind}") for kind in ("pth", "onnx", "encodings")}
-    tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{prefix}.export-")
     try:
         staged = {kind: os.path.join(tmp, os.path.basename(p)) for kind, p in final.items()}
         torch.save(sim.float_state_dict(), staged["pth"])
-
-        gm, input_names, output_names, extra_names = _float_graph(sim)
-        model = _export_onnx(gm, inputs, input_names, output_names + extra_names, len(output_names),
-                             staged["onnx"])
-        onnx.save(model, staged["onnx"])
-
-        acts, params = sim.encodings()
+        model, act_names = _export_graph(sim, dummy_input, staged["onnx"])
+        params, sources = _param_encodings(sim, model)
+        current, _ = sim.encodings()
+        acts = {}
+        for qname, names in act_names.items():
+            for onnx_name in names:
+                acts[onnx_name] = current[qname]
         _check_names(model, acts, params)
+        onnx.checker.check_model(model)
+        onnx.save(model, staged["onnx"])
         doc = encodings_document(acts, params, sim.quantizer_args(), list(sim.config.leaf_modules),
-                                 encoding_version)
+                                 encoding_version, sources)
         atomic_write_json(staged["encodings"], doc)
         for kind, p in final.items():
             os.replace(staged[kind], p)
+    except OSError as exc:
+        raise QuantFileError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _export_graph(sim: QuantizationSimModel, dummy_input: Any,
+                  path: str) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
+    inputs, input_names, rebuild = _flat_inputs(sim, dummy_input)
+    output_names = [name for name, _ in sim._built.graph.outputs]
+    collected: list = []
+    with _export_mode(sim, rebuild, collected) as model:
+        with torch.no_grad():
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            model(*[t.to(device) for t in inputs])
+        names = [n for n, _ in collected]
+        model.cpu()
+        try:
+            _torch_onnx_export(model, inputs, input_names, output_names + [f"{EXTRA}{i}" for i in range(len(names))],
+                               path)
+        finally:
+            model.to(device)
+    onnx_model = onnx.load(path)
+    return onnx_model, _name_activations(onnx_model, len(output_names), names)

@@ -1,149 +1,212 @@
-"""Where quantizers go in a traced graph.
+"""Where quantizers go, decided on the captured graph (``capture.py``).
 
 Rules (DESIGN.md, "Default placement"):
-- every floating-point model input gets an activation quantizer;
-- every compute op's floating-point output gets one: modules, functions (``x + y``,
-  ``torch.cat``, ``F.relu``) and tensor methods alike;
-- data-movement ops whose outputs are a subset of their inputs' values (reshapes, slicing,
-  dropout, max pooling) get none: their input is already on a grid;
-- no quantizer inside a supergroup: a conv/linear, BatchNorm or add whose only user is a
-  ReLU/ReLU6/Hardtanh (clip), or a conv/linear whose only user is an unfolded BatchNorm,
-  leaves its output to the last op of the group;
-- conv/linear weights are quantized (see ``modules.py``); biases are not.
+- every floating-point model input that is used gets a quantizer;
+- every compute op's floating-point *activation* output that is used gets one: quantized
+  layers (conv, linear, norms, activations, ...) and functional ops (``x + y``, ``torch.cat``,
+  matmul, softmax, GELU, ...) alike, inside any module;
+- none after data movement (views, reshapes, indexing, dropout, max pooling, ``nn.Embedding``
+  rows): their output is on their input's grid;
+- none on mask and constant paths: float tensors computed from integer inputs, buffers and
+  constants only (attention masks, rotary tables) are not activations;
+- none inside a supergroup: a conv/linear, BatchNorm or add whose only consumer is a
+  ReLU/ReLU6/Hardtanh, a conv/linear whose only consumer is an unfolded BatchNorm, and a mask
+  add/where whose only consumer is a softmax leave their output to the last op of the group;
+- ``F.scaled_dot_product_attention`` is quantized as the ops it stands for: the scaled
+  scores, the softmax probabilities and the attention output;
+- weights: every parameter a quantized layer declares, and every parameter of 2+ dims that
+  other code passes straight to an op (per channel where the op says which axis holds output
+  channels, per tensor otherwise); biases and other 1-D parameters stay float.
+- A BatchNorm whose only input is a conv/linear used nowhere else is folded into it.
 """
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
-from torch import fx, nn
-from torch.fx.passes.shape_prop import TensorMetadata
+from torch import nn
 
-from .batchnorm_fold import BATCHNORMS
-from .modules import weight_quantizable
+from .capture import MODEL_OUTPUT, CapturedGraph, Node
+from .layers import QuantizedModule
+from .layers.elementwise import BATCHNORMS, RELU_LIKE_MODULES
+from .ops import MASK_OPS, RELU_LIKE, SOFTMAX
 
-PASS_THROUGH_MODULES = (
-    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-)
-PASS_THROUGH_FUNCTIONS = {
-    torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute,
-    torch.t, torch.chunk, torch.split, torch.unbind, torch.narrow, torch.select, getattr,
-    F.dropout, F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-}
-PASS_THROUGH_METHODS = {
-    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze",
-    "permute", "transpose", "t", "contiguous", "chunk", "split", "unbind", "narrow", "select",
-    "expand", "expand_as", "repeat", "size", "dim", "detach", "clone",
-}
-FUSED_ACTIVATION_MODULES = (nn.ReLU, nn.Hardtanh)  # nn.ReLU6 is a Hardtanh
-FUSED_ACTIVATION_FUNCTIONS = {F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.hardtanh}
-FUSED_ACTIVATION_METHODS = {"relu", "relu_"}
-ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
-ADD_METHODS = {"add", "add_"}
+FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                 nn.Linear)
+LAYER_FUNCTIONS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                             "conv_transpose3d", "addmm", "batch_norm"})
+# (op, index among its tensor arguments) -> channel axis of a parameter passed there.
+PARAM_AXIS = {("linear", 1): 0, ("conv1d", 1): 0, ("conv2d", 1): 0, ("conv3d", 1): 0, ("embedding", 1): 0,
+              ("conv_transpose1d", 1): 1, ("conv_transpose2d", 1): 1, ("conv_transpose3d", 1): 1,
+              ("matmul", 1): -1, ("mm", 1): -1, ("bmm", 1): -1, ("addmm", 2): -1}
 
 
-@dataclass(frozen=True)
-class QuantizerSite:
-    """An activation tensor that gets a quantizer; ``name`` is also its ONNX tensor name."""
+@dataclass
+class FunctionSite:
+    """Quantizers of one functional op: output leaf indices, or the three parts of an SDPA."""
 
-    name: str
-    node: fx.Node
-    op: str  # what produces the tensor, for summaries: "model input", "Conv2d conv1", "add", ...
-
-
-def describe(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op == "placeholder":
-        return "model input"
-    if node.op == "call_module":
-        return f"{type(gm.get_submodule(node.target)).__name__} {node.target}"
-    if node.op == "call_method":
-        return f".{node.target}()"
-    return getattr(node.target, "__name__", str(node.target))
+    key: str
+    op: str
+    outputs: list[int]
+    sdpa: bool = False
 
 
-def _is_float_tensor(node: fx.Node) -> bool:
-    meta = node.meta.get("tensor_meta")
-    return isinstance(meta, TensorMetadata) and meta.dtype.is_floating_point
+@dataclass
+class Plan:
+    inputs: list[str] = field(default_factory=list)  # flattened model input names to quantize
+    module_outputs: dict[str, list[int]] = field(default_factory=dict)  # layer -> output leaves
+    functions: dict[str, dict[str, FunctionSite]] = field(default_factory=dict)  # owner -> key -> site
+    free_params: dict[str, int | None] = field(default_factory=dict)  # param used by ops -> channel axis
+    folds: list[tuple[str, str]] = field(default_factory=list)  # (layer, batchnorm)
+    float_outputs: list[tuple[str, str]] = field(default_factory=list)  # (what, why) left float, for summaries
+    pass_through_count: int = 0
+    constant_path: list[str] = field(default_factory=list)
 
 
-def _is_pass_through(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), PASS_THROUGH_MODULES)
-    if node.op == "call_method":
-        return node.target in PASS_THROUGH_METHODS
-    if node.op == "call_function":
-        if node.target is operator.getitem:
-            source = node.args[0]
-            # Indexing a tensor moves data; picking an output of a tuple-returning op does not,
-            # unless that op itself only moved data (torch.split, .chunk).
-            return not isinstance(source, fx.Node) or _is_float_tensor(source) or _is_pass_through(source, gm)
-        return node.target in PASS_THROUGH_FUNCTIONS
-    return False
+def node_name(node: Node) -> str:
+    if node.kind == "function":
+        return f"{node.owner}.{node.key or node.op}" if node.owner else (node.key or node.op)
+    return node.owner or node.op
 
 
-def _is_fused_activation(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), FUSED_ACTIVATION_MODULES)
-    if node.op == "call_function":
-        return node.target in FUSED_ACTIVATION_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in FUSED_ACTIVATION_METHODS
-    return False
+def _is_layer(node: Node) -> bool:
+    if node.kind == "module":
+        m = node.module
+        return isinstance(m, LAYER_MODULES) or (isinstance(m, QuantizedModule) and "weight" in m.QUANTIZED_PARAMS
+                                                and not m.PASS_THROUGH)
+    return node.op in LAYER_FUNCTIONS
 
 
-def _in_supergroup(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """True when ``node`` is a non-final member of a supergroup (its output stays float)."""
-    if len(node.users) != 1:
-        return False
-    user = next(iter(node.users))
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        is_layer = weight_quantizable(module)
-        if is_layer and user.op == "call_module" and isinstance(gm.get_submodule(user.target), BATCHNORMS):
-            return True
-        return (is_layer or isinstance(module, BATCHNORMS)) and _is_fused_activation(user, gm)
-    is_add = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in ADD_METHODS
-    )
-    return is_add and _is_fused_activation(user, gm)
+def _is_batchnorm(node: Node) -> bool:
+    return node.kind == "module" and isinstance(node.module, BATCHNORMS)
 
 
-def activation_sites(gm: fx.GraphModule) -> list[QuantizerSite]:
-    """The activation tensors to quantize, in graph order (needs ShapeProp metadata)."""
-    sites = []
-    for node in gm.graph.nodes:
-        if node.op in ("output", "get_attr") or not _is_float_tensor(node):
-            continue
-        if node.op == "placeholder":
-            if node.users:
-                sites.append(QuantizerSite(node.name, node, describe(node, gm)))
-            continue
-        if _is_pass_through(node, gm) or _in_supergroup(node, gm):
-            continue
-        sites.append(QuantizerSite(node.name, node, describe(node, gm)))
-    return sites
+def _is_relu_like(node: Node) -> bool:
+    if node.kind == "module":
+        return isinstance(node.module, RELU_LIKE_MODULES)
+    return node.op in RELU_LIKE
 
 
-def unquantized_parameters(gm: fx.GraphModule, leaf_modules: tuple[str, ...]) -> list[str]:
-    """Descriptions of weights (tensors of 2+ dims) that stay float, for ``sim.summary()``."""
-    notes = [f"{name} (leaf module: its internals and weights stay float)" for name in leaf_modules]
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target not in leaf_modules:
-            module = gm.get_submodule(node.target)
-            if weight_quantizable(module):
+class _Rules:
+    def __init__(self, graph: CapturedGraph) -> None:
+        self.g = graph
+        self.nodes = graph.nodes
+        calls: dict[str, int] = {}
+        for n in self.nodes:
+            if n.kind == "module":
+                calls[n.owner] = calls.get(n.owner, 0) + 1
+        self.calls = calls
+        self.folded: set[str] = set()
+
+    def transparent(self, node: Node) -> bool:
+        """Passes values through without computing: data movement or a folded BatchNorm."""
+        return node.pass_through or (node.kind == "module" and node.owner in self.folded)
+
+    def sole_consumer(self, node: Node, leaf: int) -> Node | None:
+        """The op that alone consumes ``node``'s output ``leaf``, looking through data movement."""
+        users = node.consumers[leaf]
+        while len(users) == 1 and users[0] != MODEL_OUTPUT:
+            user = self.nodes[users[0]]
+            if not self.transparent(user):
+                return user
+            if len(user.outputs) != 1:
+                return None
+            users = user.consumers[0]
+        return None
+
+    def fused_with(self, node: Node, leaf: int) -> str | None:
+        """Why ``node``'s output stays float inside a supergroup, or None."""
+        consumer = self.sole_consumer(node, leaf)
+        if consumer is None:
+            return None
+        is_add = node.kind == "function" and node.op == "add"
+        if _is_relu_like(consumer) and (_is_layer(node) or _is_batchnorm(node) or is_add):
+            return f"supergroup with the ReLU-like {node_name(consumer)}"
+        if _is_batchnorm(consumer) and consumer.owner not in self.folded and _is_layer(node):
+            return f"supergroup with the BatchNorm {consumer.owner}"
+        if node.kind == "function" and node.op in MASK_OPS and consumer.op in SOFTMAX and self._masks(node):
+            return f"mask applied inside the softmax {node_name(consumer)}"
+        return None
+
+    @staticmethod
+    def _masks(node: Node) -> bool:
+        """An op combining an activation with a mask (a non-activation tensor)."""
+        acts = [i.activation for i in node.inputs]
+        return any(acts) and not all(acts)
+
+    def find_folds(self) -> list[tuple[str, str]]:
+        folds = []
+        for bn in self.nodes:
+            if not _is_batchnorm(bn) or self.calls.get(bn.owner) != 1 or len(bn.inputs) != 1:
                 continue
-            for pname, p in module.named_parameters(recurse=False):
-                if p.dim() >= 2:
-                    notes.append(f"{node.target}.{pname} ({type(module).__name__} weights are not quantized)")
-        elif node.op == "get_attr":
-            value = getattr(gm, node.target, None) if "." not in node.target else None
-            if value is None:
-                owner, _, attr = node.target.rpartition(".")
-                value = getattr(gm.get_submodule(owner), attr, None)
-            if isinstance(value, torch.Tensor) and value.dim() >= 2:
-                notes.append(f"{node.target} (used by a functional op; not quantized)")
-    return notes
+            module = bn.module
+            if module.running_mean is None or not module.track_running_stats:
+                continue
+            src = bn.inputs[0]
+            if src.node < 0:
+                continue
+            layer = self.nodes[src.node]
+            if (layer.kind != "module" or not isinstance(layer.module, FOLDABLE_LAYERS)
+                    or self.calls.get(layer.owner) != 1 or len(layer.outputs) != 1 or layer.consumers[0] != [bn.index]):
+                continue
+            if isinstance(layer.module, nn.Linear) and not isinstance(module, nn.BatchNorm1d):
+                continue
+            if layer.module.bias is None and not module.affine:
+                continue  # the original architecture would have nowhere to hold the folded bias
+            folds.append((layer.owner, bn.owner))
+        self.folded = {bn for _, bn in folds}
+        return folds
+
+
+def make_plan(graph: CapturedGraph, fold_batchnorm: bool) -> Plan:
+    """The quantizer placement for ``graph`` (see the module docstring)."""
+    rules = _Rules(graph)
+    plan = Plan(folds=rules.find_folds() if fold_batchnorm else [])
+    for node in graph.nodes:
+        if node.kind == "input":
+            if node.outputs[0].is_float and node.consumers[0]:
+                plan.inputs.append(node.op)
+            continue
+        _collect_free_params(node, plan)
+        if node.kind == "function" and node.key == "" and not node.pass_through:
+            continue
+        leaves = []
+        for i, out in enumerate(node.outputs):
+            if not out.is_float or not node.consumers[i]:
+                continue
+            if not out.activation:
+                plan.constant_path.append(node_name(node))
+                continue
+            if rules.transparent(node):
+                plan.pass_through_count += 1
+                continue
+            why = rules.fused_with(node, i)
+            if why is not None:
+                plan.float_outputs.append((node_name(node), why))
+                continue
+            leaves.append(i)
+        if not leaves:
+            continue
+        if node.kind == "module":
+            if isinstance(node.module, QuantizedModule) and node.module.PASS_THROUGH:
+                plan.float_outputs.append((node.owner, f"rows of its quantized table ({type(node.module).__name__})"))
+                continue
+            plan.module_outputs[node.owner] = leaves
+        else:
+            site = FunctionSite(node.key, node.op, leaves, sdpa=node.op == "sdpa")
+            plan.functions.setdefault(node.owner, {})[node.key] = site
+    return plan
+
+
+def _collect_free_params(node: Node, plan: Plan) -> None:
+    """Parameters of 2+ dims that a functional op takes directly."""
+    if node.kind != "function":
+        return
+    for position, inp in enumerate(node.inputs):
+        if inp.param is None or not inp.is_float:
+            continue
+        axis = PARAM_AXIS.get((node.op, position))
+        previous = plan.free_params.get(inp.param, "unset")
+        if previous == "unset" or (previous is not None and previous != axis):
+            plan.free_params[inp.param] = axis if previous == "unset" else None

@@ -1,13 +1,24 @@
-"""Quantizer modules: the fake-quant nodes that sit in ``sim.model``.
+"""``QuantizeDequantize``: the one fake-quant node of a simulation, for weights and activations.
 
-``ActivationQuantizer`` quantizes one activation tensor per tensor, asymmetric. Its
-``scale``/``offset`` (shape ``[1]``) are buffers when static and ``nn.Parameter``s with range
-learning; either way they are in ``state_dict`` under the same keys, so a checkpoint restores
-the exact encoding.
+A quantizer holds encodings of shape ``[C]`` along ``axis`` (``C = 1``, ``axis = None`` per
+tensor), a bit width and a symmetry, and gets its range during calibration from an injected
+observer (``observers.OBSERVERS``). It behaves in one of three ways:
 
-``WeightQuantizer`` quantizes a conv/linear weight, symmetric, per output channel (axis 0) or
-per tensor. Static: the encoding is recomputed from the weight on every forward pass. Learned:
-``scale`` (shape ``[C]``) is an ``nn.Parameter`` initialised from the weight.
+- **fixed** (activations without range learning): ``scale``/``offset`` buffers, set by
+  calibration or ``set_encoding`` and unchanged by training.
+- **follow** (weights without learned encodings): the encoding is recomputed from the tensor
+  on every call: its min-max range per channel times the per-channel clipping ``ratio`` that
+  calibration chose (1 for ``min_max``; below 1 where ``sqnr``/``percentile`` clip), so the
+  encoding keeps following the weights as they train. No gradient flows into the encoding.
+- **learned** (range learning): ``log_scale`` and (asymmetric) ``offset`` are ``nn.Parameter``s
+  trained by LSQ/LSQ+ gradients. The scale is ``exp(log_scale)``, so no optimizer step can make
+  it non-positive, and an optimizer's step moves it by a *relative* amount (Adam at lr 1e-3:
+  about 0.1% per step). It is floored at ``FLOOR_RATIO`` times its calibrated value (a floor
+  relative to the tensor, with a straight-through gradient); ``floor_hit()`` tells when a
+  channel reached it, and ``QuantizationSimModel.watch_encodings`` warns naming the quantizer.
+
+States: *uncalibrated* (forward raises ``NotCalibratedError``), *observing* (records statistics,
+returns the input unchanged), *quantizing*. ``enabled = False`` makes it an identity.
 """
 
 from __future__ import annotations
@@ -17,170 +28,259 @@ import math
 import torch
 from torch import nn
 
-from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, qmax_of, symmetric_offset
-from .errors import NotCalibratedError
-from .fake_quant import learned_quantize_dequantize, quantize_dequantize, weight_scale
+from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, qmax_of, symmetric_from_range
+from .errors import CalibrationError, NotCalibratedError
+from .fake_quant import (
+    channel_view,
+    clamp_straight_through,
+    learned_quantize_dequantize,
+    quantize_dequantize,
+    round_clamp_straight_through,
+)
+
+# A learned scale may shrink to this fraction of its calibrated value (per channel), no further.
+FLOOR_RATIO = 2.0**-10
 
 
-class ActivationQuantizer(nn.Module):
-    """Per-tensor asymmetric fake quantization of an activation.
+def encoding_from_range(rmin: torch.Tensor, rmax: torch.Tensor, bitwidth: int,
+                        symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset ``[C]`` of the grid covering ``[rmin, rmax]`` (``[C]`` each)."""
+    return (symmetric_from_range if symmetric else asymmetric_from_range)(rmin, rmax, bitwidth)
 
-    States: *uncalibrated* (forward raises ``NotCalibratedError``), *observing* (during
-    ``compute_encodings``: records statistics, returns the input unchanged), *quantizing*.
-    ``enabled = False`` makes it an identity.
+
+class QuantizeDequantize(nn.Module):
+    """Fake quantization of one tensor; see the module docstring.
+
+    Args:
+        name: the quantizer's name in messages (the sim sets it to its qualified name).
+        bitwidth: 2-16.
+        symmetric: ``o = -2^(b-1)`` (weights) or an asymmetric grid holding 0 (activations).
+        channels, axis: ``channels`` encodings along ``axis`` (``axis=None``: one per tensor).
+        learnable: range learning (``log_scale``/``offset`` parameters).
+        follow: recompute the encoding from the input on every call (weights, not learned).
+        grad_scaling: scale LSQ gradients by ``1/sqrt(N * (2^b - 1))``, N the elements per
+            encoding (per sample for activations).
+        is_param: the quantizer quantizes a parameter (N counts every element per channel).
     """
 
-    def __init__(self, name: str, bitwidth: int, learnable: bool, grad_scaling: bool = True) -> None:
+    def __init__(self, name: str, bitwidth: int, symmetric: bool, channels: int = 1, axis: int | None = None,
+                 learnable: bool = False, follow: bool = False, grad_scaling: bool = True,
+                 is_param: bool = False) -> None:
         super().__init__()
+        if learnable and follow:
+            raise ValueError("a quantizer is either learned or follows its input, not both")
         self.name = name
         self.bitwidth = bitwidth
         self.qmax = qmax_of(bitwidth)
+        self.symmetric = symmetric
+        self.axis = axis
+        self.channels = channels if axis is not None else 1
         self.learnable = learnable
+        self.follow = follow
         self.grad_scaling = grad_scaling
+        self.is_param = is_param
         self.enabled = True
         self.observer = None
-        self.calibrated = False
+        n = self.channels
+        sym_offset = torch.full((n,), -float(1 << (bitwidth - 1))) if symmetric else torch.zeros(n)
         if learnable:
-            self.scale = nn.Parameter(torch.zeros(1))
-            self.offset = nn.Parameter(torch.zeros(1))
+            self.log_scale = nn.Parameter(torch.zeros(n))
+            self.register_buffer("log_floor", torch.full((n,), -math.inf))
+            if symmetric:
+                self.register_buffer("offset", sym_offset)
+            else:
+                self.offset = nn.Parameter(torch.zeros(n))
+        elif follow:
+            self.register_buffer("ratio", torch.ones(n))
+            self.register_buffer("offset", sym_offset, persistent=False)
         else:
-            self.register_buffer("scale", torch.zeros(1))
-            self.register_buffer("offset", torch.zeros(1))
+            self.register_buffer("scale", torch.zeros(n))
+            self.register_buffer("offset", sym_offset)
+        self.calibrated = follow
+        self._fixed: tuple | None = None
 
+    # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Off for the quantizer's own arithmetic: the simulation's op counting never sees it.
+        with torch._C.DisableTorchFunction():
+            return self._quantize(x)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer.observe(x)
             return x
         if not self.enabled:
             return x
+        if self.follow:
+            scale, offset = self._follow_encoding(x)
+            scale = channel_view(scale, self.axis, x.dim())
+            lo = -float(1 << (self.bitwidth - 1)) if self.symmetric else channel_view(offset, self.axis, x.dim())
+            return quantize_dequantize(x, scale, lo, lo + self.qmax)
         if not self.calibrated:
             raise NotCalibratedError(
                 f"quantizer {self.name!r} has no encoding yet: call sim.compute_encodings(...) "
                 "or sim.load_encodings(...) before running sim.model"
             )
         if self.learnable:
-            grad_factor = 1.0
-            if self.grad_scaling:
-                per_sample = x.numel() // x.shape[0] if x.dim() > 0 and x.shape[0] > 0 else x.numel()
-                grad_factor = 1.0 / math.sqrt(max(per_sample, 1) * self.qmax)
-            return learned_quantize_dequantize(x, self.scale, self.offset, self.qmax, grad_factor)
-        return quantize_dequantize(x, *self._fixed)
+            scale, offset = self._learned_encoding()
+            return learned_quantize_dequantize(x, scale, offset, self.qmax, self._grad_factor(x), self.axis)
+        if self._fixed is None or self._fixed[3] != x.device:
+            self._refresh(x.device)
+        scale, lo, hi, _ = self._fixed
+        if not isinstance(scale, float) and self.axis is not None:
+            scale, lo, hi = (channel_view(t, self.axis, x.dim()) for t in (scale, lo, hi))
+        return quantize_dequantize(x, scale, lo, hi)
+
+    def _grad_factor(self, x: torch.Tensor) -> float:
+        if not self.grad_scaling:
+            return 1.0
+        per_encoding = x.numel() // self.channels
+        if not self.is_param and x.dim() > 0 and x.shape[0] > 0:
+            per_encoding //= x.shape[0]
+        return 1.0 / math.sqrt(max(per_encoding, 1) * self.qmax)
+
+    def _learned_encoding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale (``exp(log_scale)`` floored, straight-through) and offset (rounded, clamped)."""
+        scale = clamp_straight_through(self.log_scale, self.log_floor, math.log(SCALE_CEIL)).exp()
+        if self.symmetric:
+            return scale, self.offset
+        return scale, round_clamp_straight_through(self.offset, -float(self.qmax), 0.0)
 
     @torch.no_grad()
-    def set_encoding(self, scale: torch.Tensor, offset: torch.Tensor) -> None:
-        """Set scale ``[1]`` and integer offset ``[1]`` (in ``[-(2^b-1), 0]``); marks calibrated."""
-        self.scale.copy_(scale.reshape(1).to(self.scale))
-        self.offset.copy_(offset.reshape(1).to(self.offset))
+    def _follow_encoding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min-max encoding of ``x`` per channel, the scale times the calibrated clip ``ratio``."""
+        x = x.detach()
+        if self.axis is None:
+            lo, hi = (v.reshape(1) for v in torch.aminmax(x))
+        elif self.axis % x.dim() == 0:
+            lo, hi = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
+        else:
+            dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
+            lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+        scale, offset = encoding_from_range(lo.float(), hi.float(), self.bitwidth, self.symmetric)
+        return scale * self.ratio, offset
+
+    def _refresh(self, device: torch.device | None = None) -> None:
+        """Cache the fixed encoding in the form the forward pass wants (floats per tensor on CPU)."""
+        if self.learnable:
+            self.calibrated = bool(torch.isfinite(self.log_floor).all())
+            return
+        if self.follow:
+            return
+        self.calibrated = bool(self.scale.gt(0).all())
+        if not self.calibrated:
+            self._fixed = None
+            return
+        device = device or self.scale.device
+        scale = self.scale.clamp(SCALE_FLOOR, SCALE_CEIL)
+        offset = self.offset.round().clamp(-self.qmax, 0)
+        if self.axis is None and device.type == "cpu":
+            lo = float(offset)
+            self._fixed = (float(scale), lo, lo + self.qmax, device)
+        elif self.axis is None:  # CUDA divides by a device tensor, never by a CPU scalar
+            lo = float(offset)
+            self._fixed = (scale.to(device), lo, lo + self.qmax, device)
+        else:
+            scale, offset = scale.to(device), offset.to(device)
+            self._fixed = (scale, offset, offset + self.qmax, device)
+
+    # ------------------------------------------------------------------ encodings
+    @torch.no_grad()
+    def set_encoding(self, scale: torch.Tensor, offset: torch.Tensor | None = None) -> None:
+        """Set scale ``[C]`` (> 0) and integer offset ``[C]``; marks the quantizer calibrated.
+
+        Learned: the floor becomes ``FLOOR_RATIO`` times this scale. Follow: sets nothing
+        (the encoding follows the tensor); use ``set_ratio``.
+        """
+        if self.follow:
+            raise ValueError(f"quantizer {self.name!r} follows its tensor; its encoding cannot be set")
+        scale = scale.reshape(self.channels).float().clamp(SCALE_FLOOR, SCALE_CEIL)
+        if self.learnable:
+            self.log_scale.copy_(scale.log())
+            self.log_floor.copy_((scale * FLOOR_RATIO).clamp(min=SCALE_FLOOR).log())
+        else:
+            self.scale.copy_(scale)
+        if offset is not None and not self.symmetric:
+            self.offset.copy_(offset.reshape(self.channels).to(self.offset))
         self._refresh()
 
     @torch.no_grad()
-    def set_range(self, rmin: float, rmax: float) -> None:
-        """Set the encoding of the asymmetric grid covering ``[rmin, rmax]`` (widened to hold 0)."""
-        scale, offset = asymmetric_from_range(torch.tensor([rmin]), torch.tensor([rmax]), self.bitwidth)
+    def set_range(self, rmin: torch.Tensor, rmax: torch.Tensor) -> None:
+        """Set the encoding of the grid covering ``[rmin, rmax]`` (``[C]`` each)."""
+        scale, offset = encoding_from_range(rmin.reshape(-1).float(), rmax.reshape(-1).float(), self.bitwidth,
+                                            self.symmetric)
         self.set_encoding(scale, offset)
 
-    def _refresh(self) -> None:
-        """Re-read the encoding after it was set (``set_encoding``, ``load_state_dict``)."""
-        self.calibrated = bool(self.scale.detach().gt(0).all())
-        if not self.learnable and self.calibrated:
-            offset = float(self.offset.detach().round().clamp(-self.qmax, 0))
-            self._fixed = (float(self.scale.detach().clamp(SCALE_FLOOR, SCALE_CEIL)), offset, offset + self.qmax)
+    @torch.no_grad()
+    def encoding(self, x: torch.Tensor | None = None) -> Encoding:
+        """The encoding the forward pass uses now (``x``: the tensor, for a follow quantizer)."""
+        if self.follow:
+            if x is None:
+                raise ValueError(f"quantizer {self.name!r} follows its tensor: pass it to encoding(x)")
+            scale, offset = self._follow_encoding(x)
+        elif self.learnable:
+            scale, offset = self._learned_encoding()
+        else:
+            scale, offset = self.scale.clamp(SCALE_FLOOR, SCALE_CEIL), self.offset.round().clamp(-self.qmax, 0)
+        return Encoding(self.bitwidth, self.symmetric, scale.detach().float().cpu().clone(),
+                        offset.detach().float().cpu().clone(), self.axis)
 
-    def encoding(self) -> Encoding:
-        """The encoding the forward pass uses now (scale floored, offset rounded and clamped)."""
-        scale = self.scale.detach().clamp(SCALE_FLOOR, SCALE_CEIL).float().cpu().clone()
-        offset = self.offset.detach().round().clamp(-self.qmax, 0).float().cpu().clone()
-        return Encoding(self.bitwidth, False, scale, offset)
+    @torch.no_grad()
+    def floor_hit(self) -> torch.Tensor:
+        """Learned: a bool tensor, True where a channel's scale sits at its floor (no host sync)."""
+        return (self.log_scale <= self.log_floor).any()
 
+    # ------------------------------------------------------------------ calibration
     def start_observing(self, observer) -> None:
         self.observer = observer
 
     def stop_observing(self) -> None:
-        """Turn the observed statistics into this quantizer's encoding."""
+        """Turn the statistics observed since ``start_observing`` into this quantizer's encoding."""
         observer, self.observer = self.observer, None
         if observer is None or not observer.observed:
-            raise NotCalibratedError(
+            raise CalibrationError(
                 f"quantizer {self.name!r} saw no data during compute_encodings: the calibration "
                 "callback must run sim.model forward on representative inputs"
             )
-        self.set_range(*observer.range(self.bitwidth))
+        self.set_range(*observer.range(self.bitwidth, self.symmetric))
+
+    @torch.no_grad()
+    def calibrate_on(self, tensor: torch.Tensor, observer) -> None:
+        """Calibrate from one tensor (a weight) with ``observer``.
+
+        Fixed/learned: the observer's range becomes the encoding. Follow: the observer's scale
+        as a fraction of the tensor's min-max scale becomes the clip ``ratio`` per channel.
+        """
+        observer.observe(tensor)
+        rmin, rmax = observer.range(self.bitwidth, self.symmetric)
+        if not self.follow:
+            self.set_range(rmin, rmax)
+            return
+        full, _ = encoding_from_range(*self._minmax(tensor), self.bitwidth, self.symmetric)
+        chosen, _ = encoding_from_range(rmin.float(), rmax.float(), self.bitwidth, self.symmetric)
+        self.ratio.copy_((chosen / full).clamp(0.0, 1.0).reshape(self.channels).to(self.ratio))
+
+    def _minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max of ``x`` per channel (``[C]``, float32, CPU)."""
+        x = x.detach().float()
+        if self.axis is None:
+            lo, hi = torch.aminmax(x)
+            return lo.reshape(1).cpu(), hi.reshape(1).cpu()
+        lo, hi = torch.aminmax(x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1), dim=1)
+        return lo.cpu(), hi.cpu()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._fixed = None
         self._refresh()
 
-    def extra_repr(self) -> str:
-        mode = "learned" if self.learnable else "static"
-        return f"bw={self.bitwidth}, asymmetric, per-tensor, {mode}, enabled={self.enabled}"
-
-
-class WeightQuantizer(nn.Module):
-    """Symmetric fake quantization of a weight whose output channels are on axis 0."""
-
-    def __init__(self, bitwidth: int, channels: int, per_channel: bool, learnable: bool,
-                 grad_scaling: bool = True) -> None:
-        super().__init__()
-        self.bitwidth = bitwidth
-        self.qmax = qmax_of(bitwidth)
-        self.per_channel = per_channel
-        self.learnable = learnable
-        self.grad_scaling = grad_scaling
-        self.enabled = True
-        n = channels if per_channel else 1
-        self.register_buffer("_offset", torch.full((n,), float(symmetric_offset(bitwidth))), persistent=False)
-        if learnable:
-            self.scale = nn.Parameter(torch.zeros(n))
-        self.calibrated = not learnable
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return w
-        if self.learnable:
-            if not self.calibrated:
-                raise NotCalibratedError(
-                    "a learned weight quantizer has no encoding yet: call sim.compute_encodings(...)"
-                )
-            grad_factor = 1.0
-            if self.grad_scaling:
-                per_channel_elems = w.numel() // self.scale.numel()
-                grad_factor = 1.0 / math.sqrt(per_channel_elems * self.qmax)
-            return learned_quantize_dequantize(w, self.scale, self._offset, self.qmax, grad_factor, self.per_channel)
-        scale = weight_scale(w, self.bitwidth, self.per_channel)
-        if self.per_channel:
-            scale = scale.reshape((-1,) + (1,) * (w.dim() - 1))
-        lo = float(symmetric_offset(self.bitwidth))
-        return quantize_dequantize(w, scale, lo, lo + self.qmax)
-
-    @torch.no_grad()
-    def init_from_weight(self, w: torch.Tensor) -> None:
-        """Learned mode: initialise ``scale`` from the weight's symmetric min-max range."""
-        if self.learnable:
-            self.scale.copy_(weight_scale(w, self.bitwidth, self.per_channel))
-            self.calibrated = True
-
-    @torch.no_grad()
-    def set_scale(self, scale: torch.Tensor) -> None:
-        """Learned mode: set ``scale`` (shape ``[C]`` or ``[1]``)."""
-        self.scale.copy_(scale.reshape(self.scale.shape).to(self.scale))
-        self.calibrated = bool(self.scale.gt(0).all())
-
-    def encoding(self, w: torch.Tensor) -> Encoding:
-        """The encoding the forward pass uses for weight ``w`` now."""
-        if self.learnable:
-            scale = self.scale.detach().clamp(SCALE_FLOOR, SCALE_CEIL)
-        else:
-            scale = weight_scale(w.detach(), self.bitwidth, self.per_channel)
-        scale = scale.float().cpu().clone()
-        offset = torch.full_like(scale, float(symmetric_offset(self.bitwidth)))
-        return Encoding(self.bitwidth, True, scale, offset)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.learnable:
-            self.calibrated = bool(self.scale.detach().gt(0).all())
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._fixed = None
+        return out
 
     def extra_repr(self) -> str:
-        granularity = "per-channel" if self.per_channel else "per-tensor"
-        mode = "learned" if self.learnable else "follows weights"
-        return f"bw={self.bitwidth}, symmetric, {granularity}, {mode}, enabled={self.enabled}"
-
+        kind = "learned" if self.learnable else ("follows its tensor" if self.follow else "fixed")
+        where = "per tensor" if self.axis is None else f"{self.channels} channels on axis {self.axis}"
+        return (f"{self.name!r}, bw={self.bitwidth}, {'symmetric' if self.symmetric else 'asymmetric'}, {where}, "
+                f"{kind}, enabled={self.enabled}")

@@ -5,35 +5,31 @@
     ...train and evaluate sim.model like the original...
     sim.export(path, filename_prefix, dummy_input)   # -> .pth, .onnx, .encodings
 
-``sim.model`` is a ``torch.fx.GraphModule`` built from a copy of the model (the caller's model
-is not modified): BatchNorms folded (optional), conv/linear layers swapped for their
-weight-quantized subclasses, and an ``ActivationQuantizer`` after every model input and
-compute op, kept in ``sim.model.activation_quantizers`` under the name of the tensor it
-quantizes (also that tensor's name in the exported ONNX graph).
+``sim.model`` is a copy of the model (the caller's model is not modified) with the same
+classes, call convention and return structure (``sim.model(**batch).logits`` works for a
+Hugging Face model): layers of registered types swapped for their quantized classes,
+BatchNorms folded, and functional ops quantized where its code calls them (``build.py``,
+``runtime.py``). Every quantizer has a name (``sim.summary()``): parameters by their
+qualified name, activations by the module and op that compute them (``encoder.layer.0.
+attention.self.sdpa_0.probs``); the exported encodings name the tensors of the ONNX graph.
 """
 
 from __future__ import annotations
 
-import copy
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch import nn
 
-from .batchnorm_fold import FoldedPair, fold_batchnorms
-from .calibration import make_observer
+from .build import ParamEntry, build, is_quantizer_key
 from .config import QuantConfig
 from .encoding import Encoding
-from .encodings_io import read_encodings
-from .errors import EncodingsFileError, QuantConfigError
-from .modules import to_quantized, weight_quantizable
-from .placement import QuantizerSite, activation_sites, unquantized_parameters
-from .quantizer import ActivationQuantizer, WeightQuantizer
-from .tracing import trace
+from .errors import CalibrationError, QuantConfigError, QuantError
+from .observers import make_observer
+from .quantizer import QuantizeDequantize
 
-ACTIVATION_QUANTIZERS = "activation_quantizers"
 QUANT_SCHEME_NAMES = {  # AIMET's names, for quantizer_args in the encodings file
     ("min_max", False): "post_training_tf",
     ("sqnr", False): "post_training_tf_enhanced",
@@ -44,22 +40,28 @@ QUANT_SCHEME_NAMES = {  # AIMET's names, for quantizer_args in the encodings fil
 }
 
 
-def as_input_tuple(dummy_input: Any) -> tuple[torch.Tensor, ...]:
-    """``dummy_input`` (a tensor or a tuple/list of tensors) as a tuple of tensors."""
-    inputs = tuple(dummy_input) if isinstance(dummy_input, (tuple, list)) else (dummy_input,)
-    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
-        raise QuantConfigError(
-            f"dummy_input must be a tensor or a tuple of tensors, got {type(dummy_input).__name__}"
-        )
-    return inputs
+class EncodingCollapseWarning(UserWarning):
+    """A learned scale reached its floor: the quantizer's range shrank to almost nothing."""
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
+def as_call(dummy_input: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a model call: a tensor, a tuple/list of arguments, or a dict of keyword arguments."""
+    if isinstance(dummy_input, torch.Tensor):
+        return (dummy_input,), {}
+    if isinstance(dummy_input, (tuple, list)) and dummy_input:
+        return tuple(dummy_input), {}
+    if isinstance(dummy_input, dict) and dummy_input and all(isinstance(k, str) for k in dummy_input):
+        return (), dict(dummy_input)
+    raise QuantConfigError(
+        f"dummy_input must be a tensor, a non-empty tuple of arguments or a dict of keyword arguments, "
+        f"got {type(dummy_input).__name__}"
+    )
+
+
+def _describe(dummy_input: Any) -> str:
+    args, kwargs = as_call(dummy_input)
+    shape = lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__  # noqa: E731
+    return ", ".join([str(shape(a)) for a in args] + [f"{k}={shape(v)}" for k, v in kwargs.items()])
 
 
 class QuantizationSimModel:
@@ -67,8 +69,10 @@ class QuantizationSimModel:
 
     Args:
         model: a pretrained float ``nn.Module`` (not modified).
-        dummy_input: a tensor or tuple of tensors the model accepts (any batch size); used to
-            find which ops produce float tensors, and as the default export input.
+        dummy_input: what the model is called with: a tensor, a tuple of positional arguments,
+            or a dict of keyword arguments (``{"input_ids": ..., "attention_mask": ...}``), any
+            batch size. The simulation runs it once to find what to quantize; it is also the
+            default export input.
         config: a ``QuantConfig``.
     """
 
@@ -78,112 +82,89 @@ class QuantizationSimModel:
         self.config = config if config is not None else QuantConfig()
         if not isinstance(self.config, QuantConfig):
             raise QuantConfigError(f"config must be a QuantConfig, got {type(self.config).__name__}")
-        self.dummy_input = as_input_tuple(dummy_input)
+        args, kwargs = as_call(dummy_input)
+        self.dummy_input = dummy_input
         self.original_class = type(model)
         self.original_state_dict = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self.batchnorm_eps = {
             name: m.eps for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
         }
-        self.model, self.folded, self.sites, self.unquantized = self._build(model)
-
-    # ------------------------------------------------------------------ construction
-    def _build(self, model: nn.Module) -> tuple[fx.GraphModule, list[FoldedPair], list[QuantizerSite], list[str]]:
-        cfg = self.config
-        device = _device_of(model)
-        gm = trace(copy.deepcopy(model), cfg.leaf_modules)
-        if hasattr(gm, ACTIVATION_QUANTIZERS):
-            raise QuantConfigError(f"the model already has an attribute {ACTIVATION_QUANTIZERS!r}")
-        folded = fold_batchnorms(gm) if cfg.fold_batchnorm else []
-        self._shape_prop(gm)
-        sites = activation_sites(gm)
-        unquantized = unquantized_parameters(gm, cfg.leaf_modules)
-        for node in gm.graph.nodes:
-            if node.op == "call_module" and node.target not in cfg.leaf_modules:
-                module = gm.get_submodule(node.target)
-                if weight_quantizable(module):
-                    quantizer = WeightQuantizer(
-                        cfg.param_bw, module.weight.shape[0], cfg.per_channel,
-                        learnable=cfg.learn_weight_encodings, grad_scaling=cfg.lsq_grad_scaling,
-                    ).to(device)
-                    _set_submodule(gm, node.target, to_quantized(module, quantizer))
-        quantizers = nn.ModuleDict()
-        gm.add_submodule(ACTIVATION_QUANTIZERS, quantizers)
-        last_placeholder = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
-        for site in sites:
-            quantizers[site.name] = ActivationQuantizer(
-                site.name, cfg.output_bw, learnable=cfg.range_learning, grad_scaling=cfg.lsq_grad_scaling
-            ).to(device)
-            anchor = last_placeholder if site.node.op == "placeholder" else site.node
-            with gm.graph.inserting_after(anchor):
-                qnode = gm.graph.call_module(f"{ACTIVATION_QUANTIZERS}.{site.name}", (site.node,))
-            site.node.replace_all_uses_with(qnode, delete_user_cb=lambda user, q=qnode: user is not q)
-        gm.graph.lint()
-        gm.recompile()
-        return gm, folded, sites, unquantized
-
-    def _shape_prop(self, gm: fx.GraphModule) -> None:
-        was_training = gm.training
-        gm.eval()
         try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*self.dummy_input)
+            built = build(model, args, kwargs, self.config)
+        except QuantError:
+            raise
         except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise QuantConfigError(
-                f"the model does not run on dummy_input (shapes {[tuple(t.shape) for t in self.dummy_input]}): "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"the model does not run on dummy_input ({_describe(dummy_input)}): {type(exc).__name__}: {first}"
             ) from exc
-        finally:
-            gm.train(was_training)
+        self._built = built
+        self.model: nn.Module = built.model
+        self.folded = built.folded
+        self._watched: set[str] = set()
 
     # ------------------------------------------------------------------ quantizers
-    def activation_quantizers(self) -> dict[str, ActivationQuantizer]:
-        """Activation quantizers by tensor name (the name in the exported ONNX graph)."""
-        return dict(getattr(self.model, ACTIVATION_QUANTIZERS).items())
+    def activation_quantizers(self) -> dict[str, QuantizeDequantize]:
+        """Activation quantizers by name (model inputs, layer outputs, functional ops), in graph order."""
+        return dict(self._built.activations)
 
-    def weight_layers(self) -> dict[str, nn.Module]:
-        """Weight-quantized layers by qualified name (their param name is ``<name>.weight``)."""
-        return {
-            name: m for name, m in self.model.named_modules()
-            if isinstance(getattr(m, "weight_quantizer", None), WeightQuantizer)
-        }
+    def param_quantizers(self) -> dict[str, QuantizeDequantize]:
+        """Weight quantizers by parameter name (the first name of a tied parameter)."""
+        return {name: e.quantizer for name, e in self._built.params.items()}
+
+    def quantized_params(self) -> dict[str, ParamEntry]:
+        """Weight quantizers with their parameter tensors and every name the tensor has."""
+        return dict(self._built.params)
 
     def set_quantization_enabled(self, enabled: bool) -> None:
         """Turn every quantizer on or off (off: ``sim.model`` computes in float)."""
-        for q in self.activation_quantizers().values():
+        for q in self._all_quantizers():
             q.enabled = enabled
-        for layer in self.weight_layers().values():
-            layer.weight_quantizer.enabled = enabled
+
+    def _all_quantizers(self) -> list[QuantizeDequantize]:
+        return list(self._built.activations.values()) + [e.quantizer for e in self._built.params.values()]
 
     def quantizer_parameters(self) -> list[nn.Parameter]:
-        """Trainable encoding parameters (range learning); keep them out of weight decay."""
-        return [p for name, p in self.model.named_parameters() if _is_quantizer_param(name)]
+        """Trainable encoding parameters (range learning): give them their own optimizer group,
+        without weight decay."""
+        return [p for name, p in self.model.named_parameters() if is_quantizer_key(name)]
 
     def model_parameters(self) -> list[nn.Parameter]:
         """The model's own parameters (weights, biases), without quantizer parameters."""
-        return [p for name, p in self.model.named_parameters() if not _is_quantizer_param(name)]
+        return [p for name, p in self.model.named_parameters() if not is_quantizer_key(name)]
 
     # ------------------------------------------------------------------ calibration
     def compute_encodings(self, forward_pass_callback: Callable[[nn.Module, Any], Any],
                           forward_pass_callback_args: Any = None) -> None:
-        """Calibrate: run ``forward_pass_callback(sim.model, args)`` and set every encoding.
+        """Calibrate: set every weight encoding from the weights, then run
+        ``forward_pass_callback(sim.model, args)`` and set every activation encoding.
 
-        Runs in eval mode under ``torch.no_grad()``; weights are quantized, activation
+        Runs in eval mode under ``torch.no_grad()``; weights are quantized while activation
         quantizers observe their float inputs and pass them through. No weight changes.
-        Afterwards the model's train/eval mode is restored.
+        Afterwards the model's train/eval mode is restored. Raises ``CalibrationError`` for
+        NaN/inf data and for quantizers the callback never reached.
         """
         cfg = self.config
-        quantizers = self.activation_quantizers()
-        for layer in self.weight_layers().values():
-            layer.weight_quantizer.init_from_weight(layer.weight)
+        for entry in self._built.params.values():
+            q = entry.quantizer
+            q.calibrate_on(entry.param, make_observer(cfg.param_quant_scheme, q.name, q.axis, cfg.percentile))
+        quantizers = self._built.activations
         was_training = self.model.training
         self.model.eval()
         for q in quantizers.values():
-            q.start_observing(make_observer(cfg.quant_scheme, cfg.percentile))
+            q.start_observing(make_observer(cfg.quant_scheme, q.name, None, cfg.percentile))
         try:
             with torch.no_grad():
                 forward_pass_callback(self.model, forward_pass_callback_args)
+            unseen = [n for n, q in quantizers.items() if not q.observer.observed and q.enabled]
+            if unseen:
+                raise CalibrationError(
+                    f"{len(unseen)} quantizer(s) saw no data during compute_encodings ({unseen[:3]}...): the "
+                    "calibration callback must run sim.model on representative inputs"
+                )
             for q in quantizers.values():
-                q.stop_observing()
+                if q.observer.observed:
+                    q.stop_observing()
         finally:
             for q in quantizers.values():
                 q.observer = None
@@ -191,30 +172,49 @@ class QuantizationSimModel:
 
     @property
     def calibrated(self) -> bool:
-        """True when every quantizer has an encoding."""
-        return all(q.calibrated for q in self.activation_quantizers().values()) and all(
-            layer.weight_quantizer.calibrated for layer in self.weight_layers().values()
-        )
+        """True when every enabled quantizer has an encoding."""
+        return all(q.calibrated for q in self._all_quantizers() if q.enabled)
+
+    # ------------------------------------------------------------------ range learning health
+    def collapsed_quantizers(self) -> list[str]:
+        """Learned quantizers with a channel whose scale sits at its floor (one host sync)."""
+        learned = [(n, q) for n, q in self._named_quantizers() if q.learnable and q.enabled]
+        if not learned:
+            return []
+        hits = torch.stack([q.floor_hit().to("cpu", non_blocking=True) for _, q in learned]).tolist()
+        return [n for (n, _), hit in zip(learned, hits) if hit]
+
+    def _named_quantizers(self) -> list[tuple[str, QuantizeDequantize]]:
+        return list(self._built.activations.items()) + [(n, e.quantizer) for n, e in self._built.params.items()]
+
+    def warn_on_collapse(self) -> list[str]:
+        """Warn (``EncodingCollapseWarning``, once per quantizer) for each newly collapsed scale."""
+        new = [n for n in self.collapsed_quantizers() if n not in self._watched]
+        for name in new:
+            self._watched.add(name)
+            warnings.warn(
+                f"quantizer {name!r}: a learned scale reached its floor ({2**-10:g} x its calibrated value) after "
+                "an optimizer step; its range no longer covers the data: lower the encodings' learning rate "
+                "(qat.encoding_lr)", EncodingCollapseWarning, stacklevel=2)
+        return new
+
+    def watch_encodings(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Check learned scales after every ``optimizer.step()`` (``warn_on_collapse``); returns the hook handle."""
+        return optimizer.register_step_post_hook(lambda *_: self.warn_on_collapse())
 
     # ------------------------------------------------------------------ encodings
-    def param_name(self, layer_name: str) -> str:
-        return f"{layer_name}.weight"
-
-    def onnx_tensor_names(self) -> dict[str, str]:
-        """Activation quantizer name -> the name of its tensor in the exported ONNX graph."""
-        from .export import onnx_tensor_names
-
-        return onnx_tensor_names(self.model)
-
     def encodings(self) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
-        """``(activation encodings, param encodings)`` as used now, by ONNX tensor name."""
-        names = self.onnx_tensor_names()
-        acts = {names[name]: q.encoding() for name, q in self.activation_quantizers().items()}
-        params = {
-            self.param_name(name): layer.weight_quantizer.encoding(layer.weight)
-            for name, layer in self.weight_layers().items()
-        }
+        """``(activation encodings, param encodings)`` as used now, by quantizer name."""
+        acts = {name: q.encoding() for name, q in self._built.activations.items() if q.enabled and q.calibrated}
+        params = {name: e.quantizer.encoding(e.param) for name, e in self._built.params.items() if e.quantizer.enabled}
         return acts, params
+
+    def onnx_activation_name(self, name: str) -> str:
+        """The name of quantizer ``name``'s tensor in the exported ONNX graph."""
+        for out_name, qname in self._built.output_quantizer_names.items():
+            if qname == name:
+                return out_name
+        return name
 
     def quantizer_args(self) -> dict[str, Any]:
         cfg = self.config
@@ -228,62 +228,17 @@ class QuantizationSimModel:
         }
 
     def load_encodings(self, encodings_path: str, *, partial: bool = False) -> None:
-        """Set encodings from an AIMET-layout file (1.0.0 or 0.6.1) written for this model.
+        """Set encodings from an AIMET-layout file (1.0.0 or 0.6.1), e.g. one ``sim.export`` wrote.
 
-        Activation encodings are set as given. Param encodings of learned weight quantizers
-        are set; weights whose encodings follow the weights are checked against the file
-        (a mismatch means the file belongs to other weights). Names the model does not have,
-        a wrong bit width, symmetry or channel count raise ``EncodingsFileError``; so do
-        quantizers the file does not cover, unless ``partial=True``. Nothing is changed unless
-        the whole file matches.
+        Activation encodings are set as given. Learned weight encodings are set; weights whose
+        encodings follow the weights are checked against the file (a mismatch means the file
+        belongs to other weights). Names the model does not have, a wrong bit width, symmetry or
+        channel count raise ``EncodingsFileError``; so do quantizers the file does not cover,
+        unless ``partial=True``. Nothing is changed unless the whole file matches.
         """
-        acts, params = read_encodings(encodings_path)
-        names = self.onnx_tensor_names()
-        quantizers = {names[n]: q for n, q in self.activation_quantizers().items()}
-        layers = {self.param_name(n): layer for n, layer in self.weight_layers().items()}
+        from .encodings_load import load_into
 
-        def fail(msg: str) -> EncodingsFileError:
-            return EncodingsFileError(f"{encodings_path}: {msg}")
-
-        unknown = [n for n in acts if n not in quantizers] + [n for n in params if n not in layers]
-        if unknown:
-            raise fail(
-                f"names {unknown[:5]} are not quantized tensors of this model; "
-                f"known: {sorted(quantizers)[:5] + sorted(layers)[:5]}..."
-            )
-        if not partial:
-            missing = [n for n in quantizers if n not in acts] + [n for n in layers if n not in params]
-            if missing:
-                raise fail(f"no encodings for {missing[:5]} (pass partial=True to load the rest)")
-        for name, enc in acts.items():
-            q = quantizers[name]
-            if enc.bitwidth != q.bitwidth or enc.symmetric or enc.per_channel:
-                raise fail(
-                    f"{name}: file has bw={enc.bitwidth}, is_sym={enc.symmetric}, {enc.scale.numel()} "
-                    f"channel(s); the model's quantizer is bw={q.bitwidth}, asymmetric, per-tensor"
-                )
-        for name, enc in params.items():
-            layer = layers[name]
-            wq = layer.weight_quantizer
-            channels = layer.weight.shape[0] if wq.per_channel else 1
-            if enc.bitwidth != wq.bitwidth or not enc.symmetric or enc.scale.numel() != channels:
-                raise fail(
-                    f"{name}: file has bw={enc.bitwidth}, is_sym={enc.symmetric}, {enc.scale.numel()} "
-                    f"channel(s); the model's quantizer is bw={wq.bitwidth}, symmetric, {channels} channel(s)"
-                )
-            if not wq.learnable:
-                expected = wq.encoding(layer.weight).scale
-                if not torch.allclose(enc.scale.float(), expected, rtol=1e-5, atol=0.0):
-                    worst = float(((enc.scale - expected).abs() / expected).max())
-                    raise fail(
-                        f"{name}: weight scales differ from those of the model's weights (max relative "
-                        f"difference {worst:.2e}); load the weights exported with this file"
-                    )
-        for name, enc in acts.items():
-            quantizers[name].set_encoding(enc.scale, enc.offset)
-        for name, enc in params.items():
-            if layers[name].weight_quantizer.learnable:
-                layers[name].weight_quantizer.set_scale(enc.scale)
+        load_into(self, encodings_path, partial)
 
     # ------------------------------------------------------------------ export
     def export(self, path: str, filename_prefix: str, dummy_input: Any = None, *,
@@ -294,8 +249,8 @@ class QuantizationSimModel:
         """
         from .export import export_sim
 
-        inputs = self.dummy_input if dummy_input is None else as_input_tuple(dummy_input)
-        return export_sim(self, path, filename_prefix, inputs, encoding_version)
+        return export_sim(self, path, filename_prefix, self.dummy_input if dummy_input is None else dummy_input,
+                          encoding_version)
 
     def float_state_dict(self) -> dict[str, torch.Tensor]:
         """The original architecture's ``state_dict`` holding the trained weights, no quantizers.
@@ -307,8 +262,7 @@ class QuantizationSimModel:
         from .batchnorm_fold import identity_batchnorm_state
 
         out = dict(self.original_state_dict)
-        current = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()
-                   if not _is_quantizer_param(k)}
+        current = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items() if not is_quantizer_key(k)}
         for key, value in current.items():
             if key in out:
                 out[key] = value
@@ -327,22 +281,10 @@ class QuantizationSimModel:
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> str:
-        """A table of every quantizer: where it sits, bit width, and its current encoding."""
+        """Every quantizer (where it sits, bit width, encoding) and exactly what stays float, and why."""
         from .summary import render_summary
 
         return render_summary(self)
 
     def __str__(self) -> str:
         return self.summary()
-
-
-def _is_quantizer_param(name: str) -> bool:
-    return name.startswith(ACTIVATION_QUANTIZERS + ".") or ".weight_quantizer." in name or name.startswith(
-        "weight_quantizer."
-    )
-
-
-def _set_submodule(root: nn.Module, qualified_name: str, module: nn.Module) -> None:
-    parent_name, _, attr = qualified_name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, module)

@@ -1,22 +1,27 @@
-"""Range estimation for activation quantizers during calibration.
+"""Calibration observers: what a quantizer sees during ``compute_encodings``, turned into a range.
 
-An observer sees every tensor a quantizer would quantize during ``compute_encodings`` and
-then proposes the ``[min, max]`` range of its encoding:
+An observer sees every tensor its quantizer would quantize and then proposes the ``[min, max]``
+range of its encoding, one entry per channel (shape ``[C]``; ``C = 1`` per tensor). Observers
+are injected into quantizers by scheme name (``OBSERVERS``), for activations and weights alike:
 
-- ``min_max``: the observed extremes.
+- ``min_max``: the observed extremes (per tensor or per channel along ``axis``).
 - ``percentile``: the ``[100-p, p]`` percentile interval of the observed values.
-- ``sqnr``: the asymmetric grid that minimises the expected quantization noise of the
-  observed distribution, clipping noise weighted by ``CLIP_NOISE_WEIGHT`` (AIMET's
-  ``tf_enhanced`` idea): rounding noise inside the grid is integrated exactly over each
-  histogram bin (values uniform within a bin), clipped values cost their squared distance
-  to the clip bound.
+- ``sqnr``: the grid that minimises the expected quantization noise. Per tensor (activations,
+  many batches): on a histogram, clipping noise weighted by ``CLIP_NOISE_WEIGHT`` (AIMET's
+  ``tf_enhanced`` idea). Per channel (weights, seen once): an exact search over clipping
+  ratios of each channel's own values (``ChannelMseObserver``).
+
+Non-finite values (NaN, inf) in calibration data raise ``CalibrationError`` naming the quantizer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .encoding import asymmetric_from_range, qmax_of
+from .encoding import asymmetric_from_range, qmax_of, symmetric_from_range
+from .errors import CalibrationError
 
 HISTOGRAM_BINS = 2048
 # Larger tensors are histogrammed on an evenly strided subsample of at most this many elements
@@ -28,29 +33,105 @@ SQNR_MAX_CANDIDATES = 32  # coarse fractions of the observed max searched
 SQNR_MIN_CANDIDATES = 16  # coarse fractions of the observed min searched (when it is negative)
 SQNR_REFINE = 9  # fine fractions searched around the best coarse ones (per side)
 CLIP_NOISE_WEIGHT = 3.0
+CHANNEL_SEARCH_RATIOS = tuple(i / 20 for i in range(6, 21))  # 0.30, 0.35, ..., 1.0
+
+
+def _check_finite(name: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all())):
+        raise CalibrationError(
+            f"quantizer {name!r}: the calibration data holds NaN or inf values (observed range "
+            f"[{float(lo.min())}, {float(hi.max())}]); calibrate on finite inputs"
+        )
 
 
 class MinMaxObserver:
-    """Tracks the running min and max; no host synchronisation per batch."""
+    """Running min and max per channel (``axis``) or per tensor; no host sync per batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "", axis: int | None = None) -> None:
+        self.name = name
+        self.axis = axis
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
 
     def observe(self, x: torch.Tensor) -> None:
-        bmin, bmax = torch.aminmax(x.detach())
-        if self.min is None:
-            self.min, self.max = bmin, bmax
+        x = x.detach()
+        if self.axis is None:
+            bmin, bmax = (v.reshape(1) for v in torch.aminmax(x))
         else:
-            self.min = torch.minimum(self.min, bmin)
-            self.max = torch.maximum(self.max, bmax)
+            flat = x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
+            bmin, bmax = torch.aminmax(flat, dim=1)
+        if self.min is None:
+            self.min, self.max = bmin.float(), bmax.float()
+        else:
+            self.min = torch.minimum(self.min, bmin.float())
+            self.max = torch.maximum(self.max, bmax.float())
 
     @property
     def observed(self) -> bool:
         return self.min is not None
 
-    def range(self, bitwidth: int) -> tuple[float, float]:
-        return float(self.min), float(self.max)
+    def range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_finite(self.name, self.min, self.max)
+        return self.min.cpu(), self.max.cpu()
+
+
+class ChannelMseObserver:
+    """Per-channel clipping search on the values themselves (weights: one ``observe`` call).
+
+    For each channel, the symmetric (or asymmetric) grid of ``CHANNEL_SEARCH_RATIOS`` clipping
+    ratios of the channel's min-max range with the least squared quantization error wins.
+    Cost: one quantize-dequantize pass over the tensor per candidate ratio.
+    """
+
+    def __init__(self, name: str = "", axis: int | None = 0) -> None:
+        self.name = name
+        self.axis = axis
+        self.values: torch.Tensor | None = None
+
+    def observe(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().reshape(1, -1) if self.axis is None else \
+            x.detach().float().movedim(self.axis, 0).reshape(x.shape[self.axis], -1)
+        self.values = flat if self.values is None else torch.cat([self.values, flat], dim=1)
+
+    @property
+    def observed(self) -> bool:
+        return self.values is not None
+
+    def range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.values
+        lo, hi = torch.aminmax(v, dim=1)
+        _check_finite(self.name, lo, hi)
+        best_err = torch.full_like(lo, float("inf"))
+        best = torch.ones_like(lo)
+        for ratio in CHANNEL_SEARCH_RATIOS:
+            if symmetric:
+                scale, offset = symmetric_from_range(lo * ratio, hi * ratio, bitwidth)
+            else:
+                scale, offset = asymmetric_from_range(lo * ratio, hi * ratio, bitwidth)
+            s, o = scale[:, None], offset[:, None]
+            q = torch.div(v, s).round_().clamp_(o, o + qmax_of(bitwidth)).mul_(s)
+            err = (q - v).square_().sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, torch.full_like(best, ratio), best)
+        return (lo * best).cpu(), (hi * best).cpu()
+
+
+class ChannelPercentileObserver(ChannelMseObserver):
+    """Per-channel ``[100-p, p]`` percentile interval of the values (weights)."""
+
+    def __init__(self, name: str = "", axis: int | None = 0, percentile: float = 99.99) -> None:
+        super().__init__(name, axis)
+        self.percentile = float(percentile)
+
+    def range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        v = self.values
+        lo, hi = torch.aminmax(v, dim=1)
+        _check_finite(self.name, lo, hi)
+        n = v.shape[1]
+        k_hi = max(1, min(n, round(n * self.percentile / 100.0)))
+        k_lo = max(1, min(n, n + 1 - k_hi))
+        return torch.kthvalue(v, k_lo, dim=1).values.cpu(), torch.kthvalue(v, k_hi, dim=1).values.cpu()
 
 
 def _next_prime(n: int) -> int:
@@ -86,7 +167,8 @@ class HistogramObserver:
     interpolation of their cumulative distribution.
     """
 
-    def __init__(self, bins: int = HISTOGRAM_BINS) -> None:
+    def __init__(self, name: str = "", bins: int = HISTOGRAM_BINS) -> None:
+        self.name = name
         self.bins = bins
         self.hist: torch.Tensor | None = None  # float64 counts, shape [bins]
         self.lo = 0.0
@@ -100,7 +182,9 @@ class HistogramObserver:
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        bmin, bmax = (float(v) for v in torch.aminmax(x))
+        lo, hi = torch.aminmax(x)
+        _check_finite(self.name, lo, hi)
+        bmin, bmax = float(lo), float(hi)
         self.min, self.max = min(self.min, bmin), max(self.max, bmax)
         if self.hist is None:
             lo, hi = min(bmin, 0.0), max(bmax, 0.0)
@@ -134,19 +218,19 @@ class HistogramObserver:
 class PercentileObserver(HistogramObserver):
     """Range = the ``[100-p, p]`` percentile interval, p in [50, 100]."""
 
-    def __init__(self, percentile: float) -> None:
-        super().__init__()
+    def __init__(self, name: str = "", percentile: float = 99.99) -> None:
+        super().__init__(name)
         self.percentile = float(percentile)
 
-    def range(self, bitwidth: int) -> tuple[float, float]:
+    def range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if self.percentile >= 100.0:
-            return self.min, self.max
+            return torch.tensor([self.min]), torch.tensor([self.max])
         edges = self.edges()
         cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(self.hist, 0)])
         cdf = cdf / cdf[-1]
         q = torch.tensor([1.0 - self.percentile / 100.0, self.percentile / 100.0], dtype=torch.float64)
         lo, hi = _interp(q, cdf, edges).tolist()
-        return max(lo, self.min), min(hi, self.max)
+        return torch.tensor([max(lo, self.min)]), torch.tensor([min(hi, self.max)])
 
 
 class SqnrObserver(HistogramObserver):
@@ -156,7 +240,7 @@ class SqnrObserver(HistogramObserver):
     max, then a SQNR_REFINE x SQNR_REFINE grid one coarse step around the best pair.
     """
 
-    def range(self, bitwidth: int) -> tuple[float, float]:
+    def range(self, bitwidth: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self._qmax = qmax_of(bitwidth)
         self._bitwidth = bitwidth
         edges = torch.linspace(self.lo, self.hi, SQNR_SEARCH_BINS + 1, dtype=torch.float64)
@@ -171,7 +255,7 @@ class SqnrObserver(HistogramObserver):
         best_min_f, best_max_f = self._best(fine_min, fine_max, bottom, top)
         scale, offset = asymmetric_from_range(torch.tensor([bottom * best_min_f]), torch.tensor([top * best_max_f]),
                                               bitwidth)
-        return float(scale * offset), float(scale * (offset + self._qmax))
+        return scale * offset, scale * (offset + self._qmax)
 
     def _best(self, min_f: torch.Tensor, max_f: torch.Tensor, bottom: float, top: float) -> tuple[float, float]:
         """The (min fraction, max fraction) pair of least expected noise."""
@@ -221,12 +305,30 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     return torch.where(x <= xp[0], fp[0], torch.where(x >= xp[-1], fp[-1], out))
 
 
-def make_observer(scheme: str, percentile: float):
-    """The observer for a calibration scheme (``min_max``, ``sqnr`` or ``percentile``)."""
-    if scheme == "min_max":
-        return MinMaxObserver()
-    if scheme == "sqnr":
-        return SqnrObserver()
-    if scheme == "percentile":
-        return PercentileObserver(percentile)
-    raise ValueError(f"unknown calibration scheme {scheme!r}")
+ObserverFactory = Callable[[str, "int | None", float], object]
+
+
+def _sqnr(name: str, axis: int | None, percentile: float):
+    return SqnrObserver(name) if axis is None else ChannelMseObserver(name, axis)
+
+
+def _percentile(name: str, axis: int | None, percentile: float):
+    return PercentileObserver(name, percentile) if axis is None else ChannelPercentileObserver(name, axis, percentile)
+
+
+# Calibration scheme -> factory(quantizer name, channel axis or None, percentile) -> observer.
+# A new scheme is one entry here.
+OBSERVERS: dict[str, ObserverFactory] = {
+    "min_max": lambda name, axis, percentile: MinMaxObserver(name, axis),
+    "sqnr": _sqnr,
+    "percentile": _percentile,
+}
+
+
+def make_observer(scheme: str, name: str = "", axis: int | None = None, percentile: float = 99.99):
+    """The observer of calibration ``scheme`` for a quantizer (per channel along ``axis``)."""
+    try:
+        factory = OBSERVERS[scheme]
+    except KeyError:
+        raise ValueError(f"unknown calibration scheme {scheme!r}; allowed: {', '.join(OBSERVERS)}") from None
+    return factory(name, axis, percentile)
