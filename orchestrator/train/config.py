@@ -98,6 +98,9 @@ class QatSpec:
 
     ``lr`` is divided by ``lr_gamma`` every ``lr_step_epochs`` epochs. ``batch_size`` is the
     global batch, split evenly across workers (each gets ``batch_size // num_workers``).
+    ``encoding_lr``: learning rate of the trained encodings (range learning), in their own
+    optimizer group without weight decay, stepped down with ``lr``. Scales are learned as
+    ``log(scale)``, so Adam moves a scale by about ``encoding_lr`` *relative* per step (0.01: 1%).
     """
 
     range_learning: bool = False
@@ -105,6 +108,7 @@ class QatSpec:
     lsq_grad_scaling: bool = True
     optimizer: str = "adam"
     lr: float = 1e-3
+    encoding_lr: float = 1e-2
     momentum: float = 0.9
     weight_decay: float = 0.0
     epochs: int = 3
@@ -119,6 +123,8 @@ class QatSpec:
     def validate(self) -> None:
         _require(self.optimizer in OPTIMIZERS, "qat.optimizer", self.optimizer, ", ".join(OPTIMIZERS))
         _require(_is_number(self.lr) and self.lr > 0, "qat.lr", self.lr, "a number > 0")
+        _require(_is_number(self.encoding_lr) and self.encoding_lr > 0, "qat.encoding_lr", self.encoding_lr,
+                 "a number > 0")
         _require(_is_number(self.momentum) and 0 <= self.momentum < 1, "qat.momentum", self.momentum, "a number in [0, 1)")
         _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "qat.weight_decay", self.weight_decay,
                  "a number >= 0")

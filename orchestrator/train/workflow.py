@@ -22,6 +22,7 @@ so all ranks stop at the same step and the trial ends cleanly (no retry) with st
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import signal
@@ -53,6 +54,9 @@ from .session import LocalSession, RaySession, Session
 if TYPE_CHECKING:
     from ..tracking.background import BackgroundRunLogger
 
+# An epoch whose mean training loss exceeds this many times ln(C), the cross-entropy of a uniform
+# guess over C classes, has diverged (quantization keeps absurd weights finite, so NaN never comes).
+EXPLODED_LOSS_FACTOR = 3.0
 METRIC_KEYS = ("fp32_acc", "ptq_acc", "train_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s", "test_acc",
                "startup_s", "worker_start_s")
 
@@ -97,13 +101,19 @@ def calibration_batches(dataset, batch_size: int, count: int, seed: int) -> list
 
 
 def make_optimizer(cfg: TrialConfig, sim: QuantizationSimModel) -> torch.optim.Optimizer:
-    """Weights with ``weight_decay``; trainable encodings without (decay would shrink ranges)."""
-    groups = [{"params": sim.model_parameters(), "weight_decay": cfg.qat.weight_decay}]
+    """Weights at ``qat.lr`` with ``weight_decay``; trainable encodings in their own group at
+    ``qat.encoding_lr`` without decay (decay would shrink ranges). Learned scales are checked
+    after every step: one that reaches its floor is warned about by name."""
+    groups = [{"params": sim.model_parameters(), "weight_decay": cfg.qat.weight_decay, "lr": cfg.qat.lr}]
     if sim.quantizer_parameters():
-        groups.append({"params": sim.quantizer_parameters(), "weight_decay": 0.0})
+        groups.append({"params": sim.quantizer_parameters(), "weight_decay": 0.0, "lr": cfg.qat.encoding_lr})
     if cfg.qat.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.qat.lr, momentum=cfg.qat.momentum)
-    return torch.optim.Adam(groups, lr=cfg.qat.lr)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.qat.lr, momentum=cfg.qat.momentum)
+    else:
+        optimizer = torch.optim.Adam(groups, lr=cfg.qat.lr)
+    if sim.quantizer_parameters():
+        sim.watch_encodings(optimizer)
+    return optimizer
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
@@ -221,7 +231,7 @@ def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogg
         ptq_acc = evaluate(sim.model, data.test, qat.eval_batch_size, rank, world, device)
         start_epoch, history = 0, []
         log(f"FP32 {fp32_acc:.2f}%  PTQ {ptq_acc:.2f}%  ({len(sim.activation_quantizers())} activation "
-                      f"quantizers, {len(sim.weight_layers())} weight quantizers, {world} worker(s))")
+                      f"quantizers, {len(sim.param_quantizers())} weight quantizers, {world} worker(s))")
     else:
         sim.model.load_state_dict(state["model"])
         fp32_acc, ptq_acc = state["fp32_acc"], state["ptq_acc"]
@@ -283,6 +293,15 @@ def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogg
             session.report(final, checkpoint(epoch - 1, final))
             return final
         loss_sum, samples = all_reduce_sum([result.loss_sum, result.samples], device)
+        exploded = loss_sum / max(samples, 1) > EXPLODED_LOSS_FACTOR * math.log(data.num_classes)
+        if exploded:  # identical on every rank: the loss was all-reduced
+            message = (f"training diverged: mean training loss {loss_sum / max(samples, 1):.3g} at epoch {epoch} is "
+                       f"more than {EXPLODED_LOSS_FACTOR:g}x that of a uniform guess (qat.lr={qat.lr}, "
+                       f"qat.optimizer={qat.optimizer}); lower qat.lr or set qat.grad_clip_norm")
+            log(message)
+            final = {**base, "epoch": epoch, "val_acc": float("nan"), "status": "diverged", "error": message}
+            session.report(final, checkpoint(epoch - 1, final))
+            return final
         train_seconds = max(all_reduce_sum([result.seconds], device)[0] / world, 1e-9)
         val_acc = evaluate(sim.model, data.val, qat.eval_batch_size, rank, world, device)
         scheduler.step()
