@@ -30,13 +30,8 @@ from torch import nn
 
 from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, qmax_of, symmetric_from_range
 from .errors import CalibrationError, NotCalibratedError
-from .fake_quant import (
-    channel_view,
-    clamp_straight_through,
-    learned_quantize_dequantize,
-    quantize_dequantize,
-    round_clamp_straight_through,
-)
+from . import kernels
+from .fake_quant import clamp_straight_through, fake_quantize, round_clamp_straight_through
 
 # A learned scale may shrink to this fraction of its calibrated value (per channel), no further.
 FLOOR_RATIO = 2.0**-10
@@ -97,7 +92,7 @@ class QuantizeDequantize(nn.Module):
             self.register_buffer("scale", torch.zeros(n))
             self.register_buffer("offset", sym_offset)
         self.calibrated = follow
-        self._fixed: tuple | None = None
+        kernels.backend()  # define the fused op before the first forward (builds the kernel once per machine)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,9 +108,7 @@ class QuantizeDequantize(nn.Module):
             return x
         if self.follow:
             scale, offset = self._follow_encoding(x)
-            scale = channel_view(scale, self.axis, x.dim())
-            lo = -float(1 << (self.bitwidth - 1)) if self.symmetric else channel_view(offset, self.axis, x.dim())
-            return quantize_dequantize(x, scale, lo, lo + self.qmax)
+            return fake_quantize(x, scale, offset, self.qmax, self.axis)
         if not self.calibrated:
             raise NotCalibratedError(
                 f"quantizer {self.name!r} has no encoding yet: call sim.compute_encodings(...) "
@@ -123,13 +116,8 @@ class QuantizeDequantize(nn.Module):
             )
         if self.learnable:
             scale, offset = self._learned_encoding()
-            return learned_quantize_dequantize(x, scale, offset, self.qmax, self._grad_factor(x), self.axis)
-        if self._fixed is None or self._fixed[3] != x.device:
-            self._refresh(x.device)
-        scale, lo, hi, _ = self._fixed
-        if not isinstance(scale, float) and self.axis is not None:
-            scale, lo, hi = (channel_view(t, self.axis, x.dim()) for t in (scale, lo, hi))
-        return quantize_dequantize(x, scale, lo, hi)
+            return fake_quantize(x, scale, offset, self.qmax, self.axis, self._grad_factor(x))
+        return fake_quantize(x, self.scale, self.offset, self.qmax, self.axis)
 
     def _grad_factor(self, x: torch.Tensor) -> float:
         if not self.grad_scaling:
@@ -160,29 +148,19 @@ class QuantizeDequantize(nn.Module):
         scale, offset = encoding_from_range(lo.float(), hi.float(), self.bitwidth, self.symmetric)
         return scale * self.ratio, offset
 
-    def _refresh(self, device: torch.device | None = None) -> None:
-        """Cache the fixed encoding in the form the forward pass wants (floats per tensor on CPU)."""
+    @torch.no_grad()
+    def _refresh(self) -> None:
+        """After an encoding was set (``set_encoding``, ``load_state_dict``): make the stored
+        encoding valid (scale in range, offset an integer on the grid) and update ``calibrated``."""
         if self.learnable:
             self.calibrated = bool(torch.isfinite(self.log_floor).all())
             return
         if self.follow:
             return
         self.calibrated = bool(self.scale.gt(0).all())
-        if not self.calibrated:
-            self._fixed = None
-            return
-        device = device or self.scale.device
-        scale = self.scale.clamp(SCALE_FLOOR, SCALE_CEIL)
-        offset = self.offset.round().clamp(-self.qmax, 0)
-        if self.axis is None and device.type == "cpu":
-            lo = float(offset)
-            self._fixed = (float(scale), lo, lo + self.qmax, device)
-        elif self.axis is None:  # CUDA divides by a device tensor, never by a CPU scalar
-            lo = float(offset)
-            self._fixed = (scale.to(device), lo, lo + self.qmax, device)
-        else:
-            scale, offset = scale.to(device), offset.to(device)
-            self._fixed = (scale, offset, offset + self.qmax, device)
+        if self.calibrated:
+            self.scale.clamp_(SCALE_FLOOR, SCALE_CEIL)
+            self.offset.round_().clamp_(-self.qmax, 0)
 
     # ------------------------------------------------------------------ encodings
     @torch.no_grad()
@@ -271,13 +249,7 @@ class QuantizeDequantize(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._fixed = None
         self._refresh()
-
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
-        self._fixed = None
-        return out
 
     def extra_repr(self) -> str:
         kind = "learned" if self.learnable else ("follows its tensor" if self.follow else "fixed")

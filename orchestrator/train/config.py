@@ -156,9 +156,14 @@ class FaultInjection:
 
 @dataclass
 class TrainerSpec:
-    """Where the trial runs: ``num_workers`` Ray Train DDP workers, or 0 for in-process (no Ray)."""
+    """Where the trial runs: ``num_workers`` Ray Train DDP workers, or 0 for in-process (no Ray).
+
+    ``compile``: ``torch.compile`` the (DDP-wrapped) ``sim.model`` for training; the first step
+    (compilation) is left out of ``samples_per_s`` and reported as ``compile_warmup_s``.
+    """
 
     num_workers: int = 2
+    compile: bool = False
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -179,6 +184,7 @@ class TrainerSpec:
                  "an integer >= 0, or -1 for unlimited")
         _require(_is_int(self.checkpoints_to_keep) and self.checkpoints_to_keep >= 1, "trainer.checkpoints_to_keep",
                  self.checkpoints_to_keep, "an integer >= 1")
+        _require(isinstance(self.compile, bool), "trainer.compile", self.compile, "true or false")
         _require(not (self.use_gpu and self.num_workers == 0), "trainer.use_gpu", self.use_gpu,
                  "false when trainer.num_workers=0 (in-process runs use the local device)")
         fi = self.fault_injection

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 # guess over C classes, has diverged (quantization keeps absurd weights finite, so NaN never comes).
 EXPLODED_LOSS_FACTOR = 3.0
 METRIC_KEYS = ("fp32_acc", "ptq_acc", "train_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s", "test_acc",
+               "compile_warmup_s",
                "startup_s", "worker_start_s")
 
 
@@ -65,7 +66,9 @@ METRIC_KEYS = ("fp32_acc", "ptq_acc", "train_loss", "val_acc", "lr", "epoch_time
 class EpochResult:
     loss_sum: float
     samples: int
-    seconds: float
+    seconds: float  # the steps after the first ``warmup_steps``
+    timed_samples: int  # samples of those steps
+    warmup_seconds: float  # the first ``warmup_steps`` steps (torch.compile compiles there)
     diverged_step: int | None
     first_step_at: float | None  # time.time() when the first optimizer step finished
 
@@ -117,13 +120,15 @@ def make_optimizer(cfg: TrialConfig, sim: QuantizationSimModel) -> torch.optim.O
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                clip: float | None, device: torch.device, kill_at_step: int | None) -> EpochResult:
-    """One pass over ``loader``; stops at the first step with a non-finite gradient norm."""
+                clip: float | None, device: torch.device, kill_at_step: int | None,
+                warmup_steps: int = 0) -> EpochResult:
+    """One pass over ``loader``; stops at the first step with a non-finite gradient norm.
+    The first ``warmup_steps`` steps are timed apart (``warmup_seconds``)."""
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    samples = 0
+    samples = timed_from = 0
     first_step_at = None
-    start = time.perf_counter()
+    start = warm_end = time.perf_counter()
     for step, (x, y) in enumerate(loader):
         if step == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a real, abrupt worker death
@@ -134,7 +139,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
         grads = [p.grad for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if not bool(torch.isfinite(norm)):  # identical on every rank: DDP all-reduced the gradients
-            return EpochResult(float(loss_sum), samples, time.perf_counter() - start, step, first_step_at)
+            return EpochResult(float(loss_sum), samples, time.perf_counter() - warm_end, samples - timed_from,
+                               warm_end - start, step, first_step_at)
         if clip is not None:
             torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=True)
         optimizer.step()
@@ -142,7 +148,10 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
             first_step_at = time.time()
         loss_sum += loss.detach().double() * len(y)
         samples += len(y)
-    return EpochResult(float(loss_sum), samples, time.perf_counter() - start, None, first_step_at)
+        if step + 1 == warmup_steps:
+            warm_end, timed_from = time.perf_counter(), samples
+    return EpochResult(float(loss_sum), samples, time.perf_counter() - warm_end, samples - timed_from,
+                       warm_end - start, None, first_step_at)
 
 
 def _log(session: Session, msg: str, name: str = "") -> None:
@@ -251,6 +260,8 @@ def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogg
     if distributed():
         ids = [device.index] if device.type == "cuda" else None
         train_model = DistributedDataParallel(sim.model, device_ids=ids)
+    if cfg.trainer.compile:
+        train_model = torch.compile(train_model)
     optimizer = make_optimizer(cfg, sim)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=qat.lr_step_epochs, gamma=1.0 / qat.lr_gamma)
     if state is not None:
@@ -283,7 +294,8 @@ def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogg
         lr = optimizer.param_groups[0]["lr"]
         kill_at = (len(loader) // 2 if fault.kill_rank == rank and fault.at_epoch == epoch and start_epoch == 0
                    else None)
-        result = train_epoch(train_model, loader, optimizer, params, qat.grad_clip_norm, device, kill_at)
+        warmup = 1 if cfg.trainer.compile and epoch == start_epoch else 0
+        result = train_epoch(train_model, loader, optimizer, params, qat.grad_clip_norm, device, kill_at, warmup)
         if result.diverged_step is not None:
             message = (f"training diverged: non-finite loss/gradients at epoch {epoch}, step "
                        f"{result.diverged_step} (qat.lr={qat.lr}, qat.optimizer={qat.optimizer}); "
@@ -302,11 +314,14 @@ def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogg
             final = {**base, "epoch": epoch, "val_acc": float("nan"), "status": "diverged", "error": message}
             session.report(final, checkpoint(epoch - 1, final))
             return final
-        train_seconds = max(all_reduce_sum([result.seconds], device)[0] / world, 1e-9)
+        train_seconds, timed_samples = all_reduce_sum([result.seconds, result.timed_samples], device)
+        train_seconds = max(train_seconds / world, 1e-9)
         val_acc = evaluate(sim.model, data.val, qat.eval_batch_size, rank, world, device)
         scheduler.step()
         metrics = {**base, "epoch": epoch, "train_loss": loss_sum / max(samples, 1), "val_acc": val_acc, "lr": lr,
-                   "epoch_time_s": time.perf_counter() - epoch_start, "samples_per_s": samples / train_seconds}
+                   "epoch_time_s": time.perf_counter() - epoch_start, "samples_per_s": timed_samples / train_seconds}
+        if warmup:
+            metrics["compile_warmup_s"] = result.warmup_seconds
         if epoch == 0 and started_at is not None and result.first_step_at is not None:
             metrics["startup_s"] = result.first_step_at - started_at
             if entered_at is not None:

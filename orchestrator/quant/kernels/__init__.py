@@ -1,0 +1,151 @@
+"""The fused fake-quant op ``torch.ops.qat.quantize_dequantize`` and where its kernels come from.
+
+One op per quantizer call, registered with ``torch.library``, so eager and compiled code run
+the same kernel and ``torch.compile`` sees one opaque op per quantizer (no graph break, no
+specialisation on encoding values, no recompile when encodings change):
+
+    quantize_dequantize(x, scale[C], offset[C], qmax, axis, grad_factor) -> x_hat
+    quantize_dequantize_backward(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads)
+        -> (grad_x, grad_scale[C], grad_offset[C])
+
+Kernels, chosen once per process (``backend()`` says which):
+
+- ``cpp``: ``fake_quant.cpp``, built on first use with the machine's compiler and cached by
+  ``torch.utils.cpp_extension`` (``$TORCH_EXTENSIONS_DIR``, about 15 s once): vectorized
+  (``at::vec``, AVX2/AVX-512 as ``torch.backends.cpu.get_cpu_capability()`` reports), one
+  pass forward and one backward; the schema, CPU kernels and autograd live in C++, so an
+  eager call costs one dispatch. Other devices get the same math in ATen ops.
+- ``python``: the same op defined from Python in ATen ops, when no compiler is available or
+  ``QAT_FAKE_QUANT_KERNEL=python``.
+- On CUDA, a Triton kernel (``triton_kernels.py``) replaces the ATen-ops path when Triton is
+  installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("fake_quant.cpp")
+SCHEMAS = {
+    "quantize_dequantize": "(Tensor x, Tensor scale, Tensor offset, int qmax, int axis, float grad_factor) -> Tensor",
+    "quantize_dequantize_backward": "(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, int axis, "
+                                    "float grad_factor, bool encoding_grads) -> (Tensor, Tensor, Tensor)",
+}
+CAPABILITY_FLAGS = {
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
+               "-DCPU_CAPABILITY=AVX512"],
+}
+_BACKEND: str | None = None
+
+
+def _build_cpp() -> None:
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-std=c++17", *CAPABILITY_FLAGS.get(capability, [])]
+    name = f"qat_fake_quant_{capability.lower()}"
+    load(name=name, sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
+
+
+def _channel_shape(x: torch.Tensor, scale: torch.Tensor, axis: int) -> list[int] | None:
+    if scale.numel() == 1:
+        return None
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return shape
+
+
+def _forward_aten(x, scale, offset, qmax, axis, grad_factor):
+    shape = _channel_shape(x, scale, axis)
+    s = (scale if shape is None else scale.reshape(shape)).to(x.dtype)
+    o = (offset if shape is None else offset.reshape(shape)).to(x.dtype)
+    return torch.minimum(torch.maximum(torch.round(x / s), o), o + qmax) * s
+
+
+def _backward_aten(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads):
+    shape = _channel_shape(x, scale, axis)
+    s = (scale if shape is None else scale.reshape(shape)).to(x.dtype)
+    o = (offset if shape is None else offset.reshape(shape)).to(x.dtype)
+    u = x / s
+    r = torch.round(u)
+    c = torch.minimum(torch.maximum(r, o), o + qmax)
+    gx = grad * (r == c).to(grad.dtype)
+    if not encoding_grads:
+        return gx, torch.zeros_like(scale), torch.zeros_like(offset)
+    dims = [d for d in range(x.dim()) if shape is None or d != axis % x.dim()]
+
+    def total(t: torch.Tensor) -> torch.Tensor:  # sum(dim=[]) would reduce every dim
+        return t.sum(dims) if dims else t
+
+    gs = total(gx * (c - u) + (grad - gx) * c) * grad_factor  # inside small terms, no cancellation
+    go = (total(grad) - total(gx)) * s.reshape(-1) * grad_factor
+    return gx, gs.reshape(scale.shape).to(scale.dtype), go.reshape(offset.shape).to(offset.dtype)
+
+
+def _define_python() -> None:
+    """The op from Python, same schema and math, for machines without a C++ compiler."""
+    lib = torch.library.Library("qat", "DEF")  # noqa: F841 - kept alive in _PY_LIBRARY
+    for name, schema in SCHEMAS.items():
+        lib.define(f"{name}{schema}")
+    lib.impl("quantize_dequantize", _forward_aten, "CompositeExplicitAutograd")
+    lib.impl("quantize_dequantize_backward", _backward_aten, "CompositeExplicitAutograd")
+
+    def setup(ctx, inputs, output):
+        x, scale, offset, qmax, axis, gf = inputs
+        ctx.save_for_backward(x, scale, offset)
+        ctx.args = (qmax, axis, gf)
+
+    def backward(ctx, grad):
+        x, scale, offset = ctx.saved_tensors
+        need = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        gx, gs, go = torch.ops.qat.quantize_dequantize_backward(grad, x, scale, offset, *ctx.args, need)
+        return gx, (gs if need else None), (go if need else None), None, None, None
+
+    torch.library.register_autograd("qat::quantize_dequantize", backward, setup_context=setup)
+    global _PY_LIBRARY
+    _PY_LIBRARY = lib
+
+
+_PY_LIBRARY = None
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("qat::quantize_dequantize")
+    def _(x, scale, offset, qmax, axis, grad_factor):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("qat::quantize_dequantize_backward")
+    def _(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads):
+        return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(offset)
+
+
+def backend() -> str:
+    """Define the op (once per process) and return which kernels it uses: ``cpp`` or ``python``."""
+    global _BACKEND
+    if _BACKEND is not None:
+        return _BACKEND
+    choice = os.environ.get("QAT_FAKE_QUANT_KERNEL", "cpp")
+    if choice not in ("cpp", "python"):
+        raise ValueError(f"QAT_FAKE_QUANT_KERNEL={choice!r} is not allowed; allowed: cpp, python")
+    _BACKEND = "python"
+    if choice == "cpp":
+        try:
+            _build_cpp()
+            _BACKEND = "cpp"
+        except Exception as exc:  # no compiler, no headers: the ATen-ops definition does the same math
+            log.warning("fused fake-quant kernel unavailable (%s: %s); using ATen ops", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+    if _BACKEND == "python":
+        _define_python()
+    _register_fakes()
+    from . import triton_kernels
+
+    triton_kernels.register()
+    return _BACKEND

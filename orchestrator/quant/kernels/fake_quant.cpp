@@ -1,0 +1,300 @@
+// Fused quantize-dequantize for CPU: the numerics of ONNX QuantizeLinear -> DequantizeLinear
+// (see orchestrator/quant/fake_quant.py for the contract), forward and backward, fixed and
+// learned (LSQ/LSQ+) encodings, per tensor or per channel along one axis.
+//
+//   qat::quantize_dequantize(x, scale, offset, qmax, axis, grad_factor) -> x_hat
+//       x_hat = s * clamp(round(x / s), o, o + qmax)   (true division, round half to even)
+//   qat::quantize_dequantize_backward(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads)
+//       -> (grad_x, grad_scale, grad_offset)
+//       grad_x = grad where round(x/s) lies in [o, o + qmax], else 0 (clipped STE);
+//       with encoding_grads: grad_scale[c] = gf * sum(grad * (clamp(r) - m * x/s)), summed as
+//                            m*grad*(clamp(r) - x/s) + (1-m)*grad*clamp(r) (no cancellation),
+//                            grad_offset[c] = gf * s * sum(grad * (1 - m))     (sums over channel c)
+//
+// scale/offset are float32 tensors of shape [C]; C == 1 means per tensor (axis ignored), else
+// C == x.size(axis). One pass over x forward, one backward; reductions accumulate in double.
+// Other dtypes and devices run the same math in ATen ops (fallback kernels below).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kGrain = 32768;
+
+struct Layout {
+  int64_t outer, channels, inner;  // x viewed as [outer, channels, inner]
+};
+
+Layout layout_of(const at::Tensor& x, int64_t channels, int64_t axis) {
+  if (channels == 1) return {1, 1, x.numel()};
+  axis = axis < 0 ? axis + x.dim() : axis;
+  TORCH_CHECK(axis >= 0 && axis < x.dim() && x.size(axis) == channels, "quantize_dequantize: ", channels,
+              " encodings do not match axis ", axis, " of a tensor of shape ", x.sizes());
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < axis; ++d) outer *= x.size(d);
+  for (int64_t d = axis + 1; d < x.dim(); ++d) inner *= x.size(d);
+  return {outer, channels, inner};
+}
+
+// Calls f(begin, end, channel) over contiguous runs of elements that share one channel.
+template <typename F>
+void for_each_run(const Layout& l, F&& f) {
+  if (l.channels == 1) {
+    at::parallel_for(0, l.inner, kGrain, [&](int64_t b, int64_t e) { f(b, e, 0); });
+    return;
+  }
+  const int64_t rows = l.outer * l.channels;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(l.inner, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) f(row * l.inner, (row + 1) * l.inner, row % l.channels);
+  });
+}
+
+inline float round_half_even(float v) { return std::nearbyint(v); }
+
+void qdq_forward_run(const float* x, float* y, int64_t b, int64_t e, float s, float lo, float hi) {
+  const Vec vs(s), vlo(lo), vhi(hi);
+  int64_t i = b;
+  for (; i + Vec::size() <= e; i += Vec::size()) {
+    Vec r = (Vec::loadu(x + i) / vs).round();
+    (at::vec::clamp(r, vlo, vhi) * vs).store(y + i);
+  }
+  for (; i < e; ++i) y[i] = std::min(std::max(round_half_even(x[i] / s), lo), hi) * s;
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
+                       int64_t qmax, int64_t axis, double grad_factor);
+
+at::Tensor forward_aten(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
+                        int64_t axis) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  at::Tensor s = scale, o = offset;
+  if (scale.numel() > 1) {
+    shape[axis < 0 ? axis + x.dim() : axis] = -1;
+    s = scale.reshape(shape);
+    o = offset.reshape(shape);
+  }
+  s = s.to(x.scalar_type());
+  o = o.to(x.scalar_type());
+  return at::mul(at::minimum(at::maximum(at::round(at::div(x, s)), o), o + qmax), s);
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
+                       int64_t qmax, int64_t axis, double grad_factor) {
+  if (x_in.scalar_type() != at::kFloat) return forward_aten(x_in, scale_in, offset_in, qmax, axis);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty_like(x);
+  const Layout l = layout_of(x, scale.numel(), axis);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const float* op = offset.data_ptr<float>();
+  for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
+    qdq_forward_run(xp, yp, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_aten(const at::Tensor& grad, const at::Tensor& x,
+                                                             const at::Tensor& scale, const at::Tensor& offset,
+                                                             int64_t qmax, int64_t axis, double gf,
+                                                             bool encoding_grads) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  at::Tensor s = scale, o = offset;
+  std::vector<int64_t> dims;
+  const int64_t ax = axis < 0 ? axis + x.dim() : axis;
+  if (scale.numel() > 1) {
+    shape[ax] = -1;
+    s = scale.reshape(shape);
+    o = offset.reshape(shape);
+  }
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (scale.numel() == 1 || d != ax) dims.push_back(d);
+  s = s.to(x.scalar_type());
+  o = o.to(x.scalar_type());
+  at::Tensor u = at::div(x, s), r = at::round(u);
+  at::Tensor c = at::minimum(at::maximum(r, o), o + qmax);
+  at::Tensor inside = at::eq(r, c).to(grad.scalar_type());
+  at::Tensor gx = grad * inside;
+  if (!encoding_grads) return {gx, at::zeros_like(scale), at::zeros_like(offset)};
+  auto total = [&](const at::Tensor& t) { return dims.empty() ? t : at::sum(t, dims); };  // sum({}) sums all
+  at::Tensor gs = total(gx * (c - u) + (grad - gx) * c) * gf;
+  at::Tensor go = (total(grad) - total(gx)) * s.reshape(-1) * gf;
+  return {gx, gs.reshape(scale.sizes()).to(scale.scalar_type()), go.reshape(offset.sizes()).to(offset.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                            const at::Tensor& scale_in, const at::Tensor& offset_in,
+                                                            int64_t qmax, int64_t axis, double gf,
+                                                            bool encoding_grads) {
+  if (x_in.scalar_type() != at::kFloat || grad_in.scalar_type() != at::kFloat)
+    return backward_aten(grad_in, x_in, scale_in, offset_in, qmax, axis, gf, encoding_grads);
+  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
+  const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
+  at::Tensor gx = at::empty_like(x);
+  const Layout l = layout_of(x, scale.numel(), axis);
+  const float* xp = x.data_ptr<float>();
+  const float* gp = grad.data_ptr<float>();
+  float* gxp = gx.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const float* op = offset.data_ptr<float>();
+  const int64_t C = l.channels;
+  if (!encoding_grads) {
+    for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
+      const float s = sp[c], lo = op[c], hi = op[c] + static_cast<float>(qmax);
+      const Vec vs(s), vlo(lo), vhi(hi), zero(0.f);
+      int64_t i = b;
+      for (; i + Vec::size() <= e; i += Vec::size()) {
+        Vec r = (Vec::loadu(xp + i) / vs).round();
+        Vec keep = (r >= vlo) & (r <= vhi);
+        Vec::blendv(zero, Vec::loadu(gp + i), keep).store(gxp + i);
+      }
+      for (; i < e; ++i) {
+        const float r = round_half_even(xp[i] / s);
+        gxp[i] = (r >= lo && r <= hi) ? gp[i] : 0.f;
+      }
+    });
+    return {gx, at::zeros_like(scale_in), at::zeros_like(offset_in)};
+  }
+  // Per-thread partial sums per channel: sum(g*c) - sum(g_x*u) for the scale, sum(g) - sum(g_x) for the offset.
+  const int nthreads = at::get_num_threads();
+  std::vector<double> ds(static_cast<size_t>(nthreads) * C, 0.0), dox(static_cast<size_t>(nthreads) * C, 0.0);
+  for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
+    const int t = at::get_thread_num();
+    const float s = sp[c], lo = op[c], hi = op[c] + static_cast<float>(qmax);
+    const Vec vs(s), vlo(lo), vhi(hi), zero(0.f);
+    Vec acc_s(0.f), acc_o(0.f);
+    int64_t i = b;
+    for (; i + Vec::size() <= e; i += Vec::size()) {
+      Vec g = Vec::loadu(gp + i);
+      Vec u = Vec::loadu(xp + i) / vs;
+      Vec r = u.round();
+      Vec keep = (r >= vlo) & (r <= vhi);
+      Vec g_in = Vec::blendv(zero, g, keep);
+      g_in.store(gxp + i);
+      Vec clipped = at::vec::clamp(r, vlo, vhi);
+      // inside the grid g*(r - u) (small), outside g*clip: no cancellation of g*r against g*u
+      acc_s = acc_s + g_in * (clipped - u) + (g - g_in) * clipped;
+      acc_o = acc_o + (g - g_in);
+    }
+    float tail_s = 0.f, tail_o = 0.f;
+    for (; i < e; ++i) {
+      const float u = xp[i] / s, r = round_half_even(u);
+      const bool in = r >= lo && r <= hi;
+      const float g = gp[i], gin = in ? g : 0.f;
+      gxp[i] = gin;
+      const float clipped = std::min(std::max(r, lo), hi);
+      tail_s += gin * (clipped - u) + (g - gin) * clipped;
+      tail_o += g - gin;
+    }
+    float lanes_s[Vec::size()], lanes_o[Vec::size()];
+    acc_s.store(lanes_s);
+    acc_o.store(lanes_o);
+    double sum_s = tail_s, sum_o = tail_o;
+    for (int k = 0; k < Vec::size(); ++k) {
+      sum_s += lanes_s[k];
+      sum_o += lanes_o[k];
+    }
+    ds[static_cast<size_t>(t) * C + c] += sum_s;
+    dox[static_cast<size_t>(t) * C + c] += sum_o;
+  });
+  at::Tensor gs = at::zeros({C}, scale.options()), go = at::zeros({C}, offset.options());
+  float* gsp = gs.data_ptr<float>();
+  float* gop = go.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    double s_sum = 0.0, o_sum = 0.0;
+    for (int t = 0; t < nthreads; ++t) {
+      s_sum += ds[static_cast<size_t>(t) * C + c];
+      o_sum += dox[static_cast<size_t>(t) * C + c];
+    }
+    gsp[c] = static_cast<float>(s_sum * gf);
+    gop[c] = static_cast<float>(o_sum * sp[c] * gf);
+  }
+  return {gx, gs.reshape(scale_in.sizes()).to(scale_in.scalar_type()), go.reshape(offset_in.sizes()).to(offset_in.scalar_type())};
+}
+
+// ------------------------------------------------------------------ autograd
+at::Tensor call_forward(const at::Tensor& x, const at::Tensor& s, const at::Tensor& o, int64_t qmax, int64_t axis,
+                        double gf) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::quantize_dequantize", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                         double)>();
+  return op.call(x, s, o, qmax, axis, gf);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& g, const at::Tensor& x,
+                                                             const at::Tensor& s, const at::Tensor& o, int64_t qmax,
+                                                             int64_t axis, double gf, bool encoding_grads) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::quantize_dequantize_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                           int64_t, double, bool)>();
+  return op.call(g, x, s, o, qmax, axis, gf, encoding_grads);
+}
+
+class QuantizeDequantizeFunction : public torch::autograd::Function<QuantizeDequantizeFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                            const at::Tensor& offset, int64_t qmax, int64_t axis, double gf) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, scale, offset});
+    ctx->saved_data["qmax"] = qmax;
+    ctx->saved_data["axis"] = axis;
+    ctx->saved_data["gf"] = gf;
+    return call_forward(x, scale, offset, qmax, axis, gf);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const bool encoding_grads = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    auto [gx, gs, go] = call_backward(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["qmax"].toInt(),
+                                      ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(),
+                                      encoding_grads);
+    return {gx, gs, go, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor forward_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
+                            int64_t axis, double gf) {
+  return QuantizeDequantizeFunction::apply(x, scale, offset, qmax, axis, gf);
+}
+
+at::Tensor forward_composite(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
+                             int64_t axis, double gf) {
+  return forward_aten(x, scale, offset, qmax, axis);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(qat, m) {
+  m.def("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmax, int axis, float grad_factor) -> Tensor");
+  m.def("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, int axis, "
+        "float grad_factor, bool encoding_grads) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(qat, CPU, m) {
+  m.impl("quantize_dequantize", &forward_cpu);
+  m.impl("quantize_dequantize_backward", &backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(qat, CompositeExplicitAutograd, m) {
+  m.impl("quantize_dequantize", &forward_composite);
+  m.impl("quantize_dequantize_backward", &backward_aten);
+}
+
+TORCH_LIBRARY_IMPL(qat, Autograd, m) {
+  m.impl("quantize_dequantize", &forward_autograd);
+}

@@ -1,0 +1,149 @@
+"""Triton kernels of ``qat::quantize_dequantize`` for CUDA tensors (registered when Triton imports).
+
+Same contract as ``fake_quant.cpp``: ``x_hat = s * clamp(round(x / s), o, o + qmax)`` with an
+IEEE division (``tl.div_rn``; Triton's ``/`` may be approximate on GPU) and round half to even
+written out exactly (``floor``, then up when the remainder is above 1/2 or exactly 1/2 with an
+odd floor), so the kernels need no libdevice and also run under ``TRITON_INTERPRET=1`` on CPU
+tensors, which is how the tests check them on machines without a GPU.
+
+Layout: ``x`` contiguous, seen as rows of ``inner`` elements that share one channel
+(``channel = row % C``; per tensor: ``C = 1``). Forward and the plain backward are elementwise.
+The backward with encoding gradients gives each row one program that writes its partial sums,
+reduced afterwards in a fixed order: deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton is optional: without it CUDA tensors run the ATen-ops kernels
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+BLOCK = 1024
+PER_TENSOR_ROW = 1 << 16  # per-tensor encoding-gradient backward: rows of this many elements
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(u):
+        f = tl.floor(u)
+        d = u - f
+        up = (d > 0.5) | ((d == 0.5) & ((f - 2.0 * tl.floor(f * 0.5)) != 0.0))
+        return tl.where(up, f + 1.0, f)
+
+    @triton.jit
+    def _forward_kernel(x_ptr, y_ptr, s_ptr, o_ptr, n, inner, channels, qmax, BLOCK_SIZE: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n
+        c = (offs // inner) % channels
+        s = tl.load(s_ptr + c, mask=mask, other=1.0)
+        lo = tl.load(o_ptr + c, mask=mask, other=0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        r = _round_half_even(tl.div_rn(x, s))
+        y = tl.minimum(tl.maximum(r, lo), lo + qmax) * s
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _backward_kernel(g_ptr, x_ptr, gx_ptr, s_ptr, o_ptr, n, inner, channels, qmax, BLOCK_SIZE: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n
+        c = (offs // inner) % channels
+        s = tl.load(s_ptr + c, mask=mask, other=1.0)
+        lo = tl.load(o_ptr + c, mask=mask, other=0.0)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        r = _round_half_even(tl.div_rn(x, s))
+        keep = (r >= lo) & (r <= lo + qmax)
+        tl.store(gx_ptr + offs, tl.where(keep, g, 0.0), mask=mask)
+
+    @triton.jit
+    def _backward_encoding_kernel(g_ptr, x_ptr, gx_ptr, s_ptr, o_ptr, ps_ptr, po_ptr, row_len, n, channels, qmax,
+                                  BLOCK_SIZE: tl.constexpr):
+        row = tl.program_id(0)
+        c = row % channels
+        s = tl.load(s_ptr + c)
+        lo = tl.load(o_ptr + c)
+        acc_s = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        acc_o = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        start = row * row_len
+        for k in range(0, row_len, BLOCK_SIZE):
+            offs = start + k + tl.arange(0, BLOCK_SIZE)
+            mask = (offs < start + row_len) & (offs < n)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.div_rn(x, s)
+            r = _round_half_even(u)
+            keep = (r >= lo) & (r <= lo + qmax)
+            g_in = tl.where(keep, g, 0.0)
+            tl.store(gx_ptr + offs, g_in, mask=mask)
+            clipped = tl.minimum(tl.maximum(r, lo), lo + qmax)
+            acc_s += g_in * (clipped - u) + (g - g_in) * clipped  # no cancellation of g*r against g*u
+            acc_o += g - g_in
+        tl.store(ps_ptr + row, tl.sum(acc_s, axis=0))
+        tl.store(po_ptr + row, tl.sum(acc_o, axis=0))
+
+
+def _rows(x: torch.Tensor, scale: torch.Tensor, axis: int) -> tuple[int, int]:
+    """``(inner, channels)``: elements per run of one channel, and the channel count."""
+    channels = scale.numel()
+    if channels == 1:
+        return x.numel(), 1
+    axis %= x.dim()
+    inner = 1
+    for d in range(axis + 1, x.dim()):
+        inner *= x.shape[d]
+    return inner, channels
+
+
+def forward(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
+            grad_factor: float) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return y
+    inner, channels = _rows(x, scale, axis)
+    s, o = scale.float().contiguous(), offset.float().contiguous()
+    _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, s, o, n, inner, channels, float(qmax), BLOCK_SIZE=BLOCK)
+    return y
+
+
+def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
+             grad_factor: float, encoding_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, grad = x.contiguous(), grad.contiguous()
+    gx = torch.empty_like(grad)
+    n = x.numel()
+    s, o = scale.float().contiguous(), offset.float().contiguous()
+    inner, channels = _rows(x, scale, axis)
+    if n == 0:
+        return gx, torch.zeros_like(scale), torch.zeros_like(offset)
+    if not encoding_grads:
+        _backward_kernel[(triton.cdiv(n, BLOCK),)](grad, x, gx, s, o, n, inner, channels, float(qmax),
+                                                   BLOCK_SIZE=BLOCK)
+        return gx, torch.zeros_like(scale), torch.zeros_like(offset)
+    row_len = PER_TENSOR_ROW if channels == 1 else inner
+    rows = triton.cdiv(n, row_len)
+    ps = torch.empty(rows, device=x.device, dtype=torch.float32)
+    po = torch.empty(rows, device=x.device, dtype=torch.float32)
+    _backward_encoding_kernel[(rows,)](grad, x, gx, s, o, ps, po, row_len, n, channels, float(qmax),
+                                       BLOCK_SIZE=BLOCK)
+    gs = ps.double().reshape(-1, channels).sum(0) * grad_factor
+    go = po.double().reshape(-1, channels).sum(0) * s.double() * grad_factor
+    return gx, gs.to(scale.dtype).reshape(scale.shape), go.to(offset.dtype).reshape(offset.shape)
+
+
+def register() -> bool:
+    """Use these kernels for CUDA tensors; False when Triton or CUDA is missing."""
+    if triton is None or not torch.cuda.is_available():
+        return False
+    torch.library.register_kernel("qat::quantize_dequantize", "cuda", forward)
+    torch.library.register_kernel("qat::quantize_dequantize_backward", "cuda", backward)
+    return True
