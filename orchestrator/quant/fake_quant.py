@@ -55,6 +55,22 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qm
     return _op()(x, scale, offset, qmax, -1 if axis is None else axis, grad_factor)
 
 
+_LEARNED = None
+
+
+def fake_quantize_learned(x: torch.Tensor, log_scale: torch.Tensor, log_floor: torch.Tensor, offset: torch.Tensor,
+                          qmax: int, axis: int | None, grad_factor: float, learn_offset: bool) -> torch.Tensor:
+    """``fake_quantize`` with the encoding of range learning, in one op: ``s = exp(log_scale)``
+    floored at ``exp(log_floor)`` (straight through) and, with ``learn_offset``, the offset rounded
+    and clamped to ``[-qmax, 0]`` (straight through). Gradients reach ``log_scale`` (``s * d/ds``)
+    and ``offset``."""
+    global _LEARNED
+    if _LEARNED is None:
+        kernels.backend()
+        _LEARNED = torch.ops.qat.quantize_dequantize_learned
+    return _LEARNED(x, log_scale, log_floor, offset, qmax, -1 if axis is None else axis, grad_factor, learn_offset)
+
+
 class _ClampStraightThrough(torch.autograd.Function):
     """Forward ``clamp(x or round(x), lo, hi)``; backward passes the gradient unchanged.
 

@@ -31,7 +31,7 @@ from torch import nn
 from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, qmax_of, symmetric_from_range
 from .errors import CalibrationError, NotCalibratedError
 from . import kernels
-from .fake_quant import clamp_straight_through, fake_quantize, round_clamp_straight_through
+from .fake_quant import clamp_straight_through, fake_quantize, fake_quantize_learned, round_clamp_straight_through
 
 # A learned scale may shrink to this fraction of its calibrated value (per channel), no further.
 FLOOR_RATIO = 2.0**-10
@@ -115,8 +115,8 @@ class QuantizeDequantize(nn.Module):
                 "or sim.load_encodings(...) before running sim.model"
             )
         if self.learnable:
-            scale, offset = self._learned_encoding()
-            return fake_quantize(x, scale, offset, self.qmax, self.axis, self._grad_factor(x))
+            return fake_quantize_learned(x, self.log_scale, self.log_floor, self.offset, self.qmax, self.axis,
+                                         self._grad_factor(x), not self.symmetric)
         return fake_quantize(x, self.scale, self.offset, self.qmax, self.axis)
 
     def _grad_factor(self, x: torch.Tensor) -> float:

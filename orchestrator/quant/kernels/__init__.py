@@ -7,6 +7,8 @@ specialisation on encoding values, no recompile when encodings change):
     quantize_dequantize(x, scale[C], offset[C], qmax, axis, grad_factor) -> x_hat
     quantize_dequantize_backward(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads)
         -> (grad_x, grad_scale[C], grad_offset[C])
+    quantize_dequantize_learned(x, log_scale[C], log_floor[C], offset[C], qmax, axis, grad_factor,
+                                learn_offset) -> x_hat     (range learning: the encoding from its parameters)
 
 Kernels, chosen once per process (``backend()`` says which):
 
@@ -24,6 +26,7 @@ Kernels, chosen once per process (``backend()`` says which):
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -36,6 +39,8 @@ SCHEMAS = {
     "quantize_dequantize": "(Tensor x, Tensor scale, Tensor offset, int qmax, int axis, float grad_factor) -> Tensor",
     "quantize_dequantize_backward": "(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, int axis, "
                                     "float grad_factor, bool encoding_grads) -> (Tensor, Tensor, Tensor)",
+    "quantize_dequantize_learned": "(Tensor x, Tensor log_scale, Tensor log_floor, Tensor offset, int qmax, int axis, "
+                                   "float grad_factor, bool learn_offset) -> Tensor",
 }
 CAPABILITY_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
@@ -89,6 +94,17 @@ def _backward_aten(grad, x, scale, offset, qmax, axis, grad_factor, encoding_gra
     return gx, gs.reshape(scale.shape).to(scale.dtype), go.reshape(offset.shape).to(offset.dtype)
 
 
+def _learned_aten(x, log_scale, log_floor, offset, qmax, axis, grad_factor, learn_offset):
+    """Range learning from differentiable pieces: straight-through floor and rounding, then the op."""
+    from ..encoding import SCALE_CEIL
+    from ..fake_quant import clamp_straight_through, round_clamp_straight_through
+
+    scale = clamp_straight_through(log_scale, log_floor, math.log(SCALE_CEIL)).exp()
+    if learn_offset:
+        offset = round_clamp_straight_through(offset, -float(qmax), 0.0)
+    return torch.ops.qat.quantize_dequantize(x, scale, offset, qmax, axis, grad_factor)
+
+
 def _define_python() -> None:
     """The op from Python, same schema and math, for machines without a C++ compiler."""
     lib = torch.library.Library("qat", "DEF")  # noqa: F841 - kept alive in _PY_LIBRARY
@@ -96,6 +112,7 @@ def _define_python() -> None:
         lib.define(f"{name}{schema}")
     lib.impl("quantize_dequantize", _forward_aten, "CompositeExplicitAutograd")
     lib.impl("quantize_dequantize_backward", _backward_aten, "CompositeExplicitAutograd")
+    lib.impl("quantize_dequantize_learned", _learned_aten, "CompositeImplicitAutograd")
 
     def setup(ctx, inputs, output):
         x, scale, offset, qmax, axis, gf = inputs
@@ -124,6 +141,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("qat::quantize_dequantize_backward")
     def _(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads):
         return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(offset)
+
+    if _BACKEND == "cpp":  # the Python definition is CompositeImplicit: traced through, no fake needed
+        @torch.library.register_fake("qat::quantize_dequantize_learned")
+        def _(x, log_scale, log_floor, offset, qmax, axis, grad_factor, learn_offset):
+            return torch.empty_like(x)
 
 
 def backend() -> str:

@@ -11,6 +11,11 @@
 //                            m*grad*(clamp(r) - x/s) + (1-m)*grad*clamp(r) (no cancellation),
 //                            grad_offset[c] = gf * s * sum(grad * (1 - m))     (sums over channel c)
 //
+//   qat::quantize_dequantize_learned(x, log_scale, log_floor, offset, qmax, axis, grad_factor, learn_offset)
+//       the same with s = exp(clamp(log_scale, log_floor, log(SCALE_CEIL))) and, when learn_offset,
+//       o = clamp(round(offset), -qmax, 0): range learning in one call. Gradients: d/dlog_scale =
+//       s * d/ds (straight through the floor), d/doffset = d/do (straight through the rounding).
+//
 // scale/offset are float32 tensors of shape [C]; C == 1 means per tensor (axis ignored), else
 // C == x.size(axis). One pass over x forward, one backward; reductions accumulate in double.
 // Other dtypes and devices run the same math in ATen ops (fallback kernels below).
@@ -22,6 +27,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -277,12 +283,63 @@ at::Tensor forward_composite(const at::Tensor& x, const at::Tensor& scale, const
   return forward_aten(x, scale, offset, qmax, axis);
 }
 
+// ------------------------------------------------------------------ learned encodings
+// log(SCALE_CEIL) of encoding.py: s * (o + 2^16 - 1) stays finite in float32.
+const double kLogScaleCeil = std::log(static_cast<double>(std::numeric_limits<float>::max()) / 65536.0);
+
+std::pair<at::Tensor, at::Tensor> learned_encoding(const at::Tensor& log_scale, const at::Tensor& log_floor,
+                                                   const at::Tensor& offset, int64_t qmax, bool learn_offset) {
+  at::Tensor s = at::exp(at::clamp_max(at::maximum(log_scale, log_floor), kLogScaleCeil));
+  at::Tensor o = learn_offset ? at::clamp(at::round(offset), -static_cast<double>(qmax), 0.0) : offset;
+  return {s, o};
+}
+
+at::Tensor learned_composite(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& log_floor,
+                             const at::Tensor& offset, int64_t qmax, int64_t axis, double gf, bool learn_offset) {
+  auto [s, o] = learned_encoding(log_scale, log_floor, offset, qmax, learn_offset);
+  return call_forward(x, s, o, qmax, axis, gf);
+}
+
+class LearnedFunction : public torch::autograd::Function<LearnedFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& log_scale,
+                            const at::Tensor& log_floor, const at::Tensor& offset, int64_t qmax, int64_t axis,
+                            double gf, bool learn_offset) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [s, o] = learned_encoding(log_scale, log_floor, offset, qmax, learn_offset);
+    ctx->save_for_backward({x, s, o});
+    ctx->saved_data["qmax"] = qmax;
+    ctx->saved_data["axis"] = axis;
+    ctx->saved_data["gf"] = gf;
+    return call_forward(x, s, o, qmax, axis, gf);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const bool encoding_grads = ctx->needs_input_grad(1) || ctx->needs_input_grad(3);
+    auto [gx, gs, go] = call_backward(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["qmax"].toInt(),
+                                      ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(),
+                                      encoding_grads);
+    at::Tensor g_log_scale = encoding_grads ? gs * saved[1] : at::Tensor();
+    at::Tensor g_offset = ctx->needs_input_grad(3) ? go : at::Tensor();
+    return {gx, g_log_scale, at::Tensor(), g_offset, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor learned_autograd(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& log_floor,
+                            const at::Tensor& offset, int64_t qmax, int64_t axis, double gf, bool learn_offset) {
+  return LearnedFunction::apply(x, log_scale, log_floor, offset, qmax, axis, gf, learn_offset);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qat, m) {
   m.def("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmax, int axis, float grad_factor) -> Tensor");
   m.def("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, int axis, "
         "float grad_factor, bool encoding_grads) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_dequantize_learned(Tensor x, Tensor log_scale, Tensor log_floor, Tensor offset, int qmax, int axis, "
+        "float grad_factor, bool learn_offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qat, CPU, m) {
@@ -293,8 +350,10 @@ TORCH_LIBRARY_IMPL(qat, CPU, m) {
 TORCH_LIBRARY_IMPL(qat, CompositeExplicitAutograd, m) {
   m.impl("quantize_dequantize", &forward_composite);
   m.impl("quantize_dequantize_backward", &backward_aten);
+  m.impl("quantize_dequantize_learned", &learned_composite);
 }
 
 TORCH_LIBRARY_IMPL(qat, Autograd, m) {
   m.impl("quantize_dequantize", &forward_autograd);
+  m.impl("quantize_dequantize_learned", &learned_autograd);
 }
