@@ -111,6 +111,7 @@ class Untraceable(nn.Module):
 
 
 def test_data_dependent_control_flow_and_star_args_build_and_quantize_the_path_taken():
+    torch.manual_seed(0)
     model = Untraceable()
     with torch.no_grad():
         model.conv.bias.fill_(5.0)  # the dummy input takes the `h * 2` branch
@@ -122,7 +123,23 @@ def test_data_dependent_control_flow_and_star_args_build_and_quantize_the_path_t
     sim.compute_encodings(lambda m, _: m(x=x, repeat=torch.tensor(2)))
     out = sim.model(x=x, repeat=torch.tensor(2))
     assert isinstance(out, dict) and list(out) == ["logits", "features"] and out["logits"].shape == (2, 3)
-    assert torch.equal(sim.model(x, repeat=torch.tensor(2))["logits"], out["logits"])  # positional too
+
+
+def test_star_args_forward_quantizes_its_input_however_it_is_called():
+    """``forward(self, *args, **kwargs)`` captured with ``x=`` then called positionally (the same
+    tensor): the input quantizer must run either way."""
+    torch.manual_seed(0)
+    model = Untraceable()
+    x = torch.randn(2, 1, 8, 8) * 3
+    sim = QuantizationSimModel(model, {"x": x}, QuantConfig())
+    sim.compute_encodings(lambda m, _: m(x=x))
+    calls = []
+    sim.activation_quantizers()["x"].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        by_keyword = sim.model(x=x)["logits"]
+        positional = sim.model(x)["logits"]
+    assert len(calls) == 2, f"the input quantizer ran {len(calls)} time(s) for 2 calls"
+    assert torch.equal(by_keyword, positional)
 
 
 def test_leaf_module_runs_as_written_with_its_output_quantized():
