@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from numerics_reference import division_differs, fixed, values_with_ties
 from onnx import TensorProto, helper, numpy_helper
-from test_numerics import division_differs, fixed, values_with_ties
 
 from orchestrator.quant import QuantizeDequantize
 from orchestrator.quant.encoding import qmax_of

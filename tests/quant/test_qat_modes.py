@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import run_batches, train_epochs
-from test_numerics import numpy_qdq
+from numerics_reference import numpy_qdq
 from torch import nn
 
 from orchestrator.quant import EncodingCollapseWarning, QuantConfig, QuantConfigError, QuantizationSimModel
