@@ -292,6 +292,7 @@ def export_sim(sim: QuantizationSimModel, path: str, prefix: str, dummy_input: A
         for qname, names in act_names.items():
             for onnx_name in names:
                 acts[onnx_name] = current[qname]
+        acts.update({n: current[n] for n in sim._built.plan.inputs if n in current})  # model inputs
         _check_names(model, acts, params)
         onnx.checker.check_model(model)
         onnx.save(model, staged["onnx"])
