@@ -30,6 +30,7 @@ from .layers import QuantizedModule, quantized_class_for, to_quantized
 from .placement import Plan, make_plan
 from .quantizer import QuantizeDequantize
 from .runtime import (
+    QUANTIZER_CONTAINERS,
     OutputSite,
     SdpaSite,
     SimRuntime,
@@ -40,18 +41,29 @@ from .runtime import (
     push_frame,
 )
 
-QUANTIZER_CONTAINERS = frozenset({"param_quantizers", "output_quantizers", "functional_quantizers",
-                                  "input_quantizers"})
 
 
 @dataclass
 class ParamEntry:
-    """One quantized parameter tensor: its quantizer and every name it has (tied weights: several)."""
+    """One quantized weight: its quantizer, its parameter tensor(s) and every name they have.
+
+    Usually one parameter (a tied parameter has several names). A bidirectional RNN layer's
+    forward and reverse weights are one entry: quantized stacked (``[2, rows, cols]``, channels
+    on axis 1), as the exported ONNX graph holds them in one tensor.
+    """
 
     quantizer: QuantizeDequantize
     names: list[str]
-    param: nn.Parameter
-    owners: list[str]  # modules that quantize it: layers, or modules whose code passes it to ops
+    params: list[nn.Parameter]
+    owners: list[str]  # modules that quantize it: its layer, and every module whose code passes it to ops
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.params[0]
+
+    def values(self) -> torch.Tensor:
+        """The tensor the quantizer sees: the parameter, or the stacked parameters of a group."""
+        return self.params[0] if len(self.params) == 1 else torch.stack(list(self.params))
 
 
 @dataclass
@@ -166,11 +178,14 @@ def _attach_weights(built: BuiltSim, b: _Builder) -> None:
     root, graph = built.model, built.graph
     by_id: dict[int, ParamEntry] = {}
 
-    def entry_for(param: nn.Parameter, axis: int | None, owner: str) -> ParamEntry:
-        entry = by_id.get(id(param))
+    def entry_for(params: list[nn.Parameter], axis: int | None, owner: str) -> ParamEntry:
+        entry = by_id.get(id(params[0]))
         if entry is None:
-            names = graph.params_by_id.get(id(param)) or [owner]
-            entry = by_id[id(param)] = ParamEntry(b.weight(names[0], param, axis), names, param, [])
+            names = [n for p in params for n in graph.params_by_id.get(id(p), [])] or [owner]
+            stacked = params[0] if len(params) == 1 else torch.stack(list(params))
+            entry = ParamEntry(b.weight(names[0], stacked, axis), names, list(params), [])
+            for p in params:
+                by_id[id(p)] = entry
             built.params[names[0]] = entry
         entry.owners.append(owner)
         return entry
@@ -179,20 +194,21 @@ def _attach_weights(built: BuiltSim, b: _Builder) -> None:
         if not isinstance(module, QuantizedModule) or name not in graph.called:
             continue
         quantizers = _submodule_dict(module, "param_quantizers")
-        for pname, axis in module.quantized_param_names().items():
-            entry = entry_for(module.get_parameter(pname), axis, name)
-            quantizers[pname.replace(".", "__")] = entry.quantizer
+        for pnames, axis in module.quantized_param_groups():
+            entry = entry_for([module.get_parameter(p) for p in pnames], axis, name)
+            quantizers[pnames[0].replace(".", "__")] = entry.quantizer
     for fqn, axis in built.plan.free_params.items():
         param = root.get_parameter(fqn)
         if param.dim() < 2:
             continue
         owner_name, _, attr = fqn.rpartition(".")
-        entry = entry_for(param, axis, owner_name)
+        entry = entry_for([param], axis, owner_name)
+        entry.owners.extend(sorted(built.plan.param_users.get(fqn, ())))  # the code that passes it to ops
         owner = root.get_submodule(owner_name)
         if not isinstance(owner, QuantizedModule) or attr.replace(".", "__") not in owner._modules.get(
                 "param_quantizers", {}):
             _submodule_dict(owner, "param_quantizers")[attr] = entry.quantizer
-    quantized = {id(e.param) for e in built.params.values()}
+    quantized = {id(p) for e in built.params.values() for p in e.params}
     seen: set[int] = set()
     for name, param in root.named_parameters(remove_duplicate=False):
         if id(param) in quantized or id(param) in seen or param.dim() < 2 or is_quantizer_key(name):
@@ -288,7 +304,7 @@ def _site_table(module: nn.Module, owner: str, built: BuiltSim) -> SiteTable | N
             sites[(op, int(k))] = OutputSite({0: quantizers})
         else:
             sites[(op, int(k))] = OutputSite({int(i): q for i, q in quantizers.items()})
-    params = {id(e.param): e.quantizer for e in built.params.values() if owner in e.owners}
+    params = {id(e.param): e.quantizer for e in built.params.values() if owner in e.owners and len(e.params) == 1}
     if not sites and not params:
         return None
     return SiteTable(sites, params)

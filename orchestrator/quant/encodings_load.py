@@ -82,7 +82,7 @@ def load_into(sim: QuantizationSimModel, path: str, partial: bool) -> None:
             raise fail(f"{name}: file has bw={enc.bitwidth}, is_sym={enc.symmetric}, {enc.scale.numel()} channel(s); "
                        f"the model's quantizer is bw={q.bitwidth}, symmetric, {q.channels} channel(s)")
         if not q.learnable:
-            expected = q.encoding(entry.param).scale
+            expected = q.encoding(entry.values()).scale
             if not torch.allclose(enc.scale.float(), expected, rtol=1e-5, atol=0.0):
                 worst = float(((enc.scale - expected).abs() / expected).max())
                 raise fail(f"{name}: weight scales differ from those of the model's weights (max relative difference "

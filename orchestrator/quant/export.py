@@ -85,7 +85,8 @@ def _export_mode(sim: QuantizationSimModel, rebuild, collected: list):
     inputs = set(sim._built.plan.inputs)
     quantizers = sim._all_quantizers()
     enabled = [q.enabled for q in quantizers]
-    hooks = [q.register_forward_hook(lambda mod, a, out: collected.append((mod.name, out)))
+    # A copy, not the tensor itself: code may change the tensor in place afterwards (``out += identity``).
+    hooks = [q.register_forward_hook(lambda mod, a, out: collected.append((mod.name, out.clone())))
              for name, q in sim.activation_quantizers().items() if q.enabled and name not in inputs]
     cls, was_training = type(model), model.training
 
@@ -218,8 +219,9 @@ def _param_encodings(sim: QuantizationSimModel, model: onnx.ModelProto) -> tuple
         q = entry.quantizer
         if not q.enabled:
             continue
-        enc = q.encoding(entry.param)
-        found = locator.locate(entry.param.detach().cpu().float().numpy(), q.axis)
+        values = entry.values().detach()
+        enc = q.encoding(values)
+        found = locator.locate(values.cpu().float().numpy(), q.axis)
         if not found:
             raise ExportError(
                 f"parameter {name!r}: no initializer of the exported ONNX graph holds its values (the exporter "

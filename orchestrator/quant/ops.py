@@ -47,6 +47,7 @@ PASS_THROUGH = frozenset({
     "detach_", "requires_grad", "broadcast_to", "broadcast_tensors", "atleast_1d", "atleast_2d", "atleast_3d",
     "ravel", "hsplit", "vsplit", "dsplit", "split_with_sizes_copy", "unsafe_split", "unsafe_chunk",
     "T", "mT", "H", "mH", "data", "real",  # properties that return views
+    "pad",  # copies values, adds zeros (on every grid) or reflections; exporters fold it into the next conv
 })
 
 # Ops that clip below at 0 (or to a fixed range): a producer feeding only one of these is fused with it.

@@ -58,6 +58,7 @@ class Plan:
     module_outputs: dict[str, list[int]] = field(default_factory=dict)  # layer -> output leaves
     functions: dict[str, dict[str, FunctionSite]] = field(default_factory=dict)  # owner -> key -> site
     free_params: dict[str, int | None] = field(default_factory=dict)  # param used by ops -> channel axis
+    param_users: dict[str, set[str]] = field(default_factory=dict)  # param used by ops -> modules running them
     folds: list[tuple[str, str]] = field(default_factory=list)  # (layer, batchnorm)
     float_outputs: list[tuple[str, str]] = field(default_factory=list)  # (what, why) left float, for summaries
     pass_through_count: int = 0
@@ -207,6 +208,7 @@ def _collect_free_params(node: Node, plan: Plan) -> None:
         if inp.param is None or not inp.is_float:
             continue
         axis = PARAM_AXIS.get((node.op, position))
+        plan.param_users.setdefault(inp.param, set()).add(node.owner)
         previous = plan.free_params.get(inp.param, "unset")
         if previous == "unset" or (previous is not None and previous != axis):
             plan.free_params[inp.param] = axis if previous == "unset" else None

@@ -175,7 +175,7 @@ class QuantizeDequantize(nn.Module):
         scale = scale.reshape(self.channels).float().clamp(SCALE_FLOOR, SCALE_CEIL)
         if self.learnable:
             self.log_scale.copy_(scale.log())
-            self.log_floor.copy_((scale * FLOOR_RATIO).clamp(min=SCALE_FLOOR).log())
+            self.log_floor.copy_((scale * FLOOR_RATIO).log())  # relative, even for scales at SCALE_FLOOR
         else:
             self.scale.copy_(scale)
         if offset is not None and not self.symmetric:

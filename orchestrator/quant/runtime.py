@@ -17,6 +17,7 @@ Frames reference the modules they belong to through module attributes, so a deep
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -27,8 +28,9 @@ from torch.utils import _pytree as pytree
 from .attention_math import quantized_sdpa
 from .ops import canonical_name
 
-RUNTIME_ATTR = "_qsim_runtime"
-TABLE_ATTR = "_qsim_sites"
+# Submodules the simulation adds to the model's modules: quantizer holders, never layers of the model.
+QUANTIZER_CONTAINERS = frozenset({"param_quantizers", "output_quantizers", "functional_quantizers",
+                                  "input_quantizers"})
 
 
 class SiteTable:
@@ -85,14 +87,41 @@ class SimRuntime:
         self.float_forward = float_forward
         self.positional = positional
         self.inputs = inputs  # argument name -> {leaf index: quantizer} (leaf 0 for a tensor argument)
+        self.warned_unmatched = False
 
     def quantize_inputs(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if not self.inputs:
             return args, kwargs
-        names = self.positional
-        args = tuple(self._quantize(names[i] if i < len(names) else f"input_{i}", a) for i, a in enumerate(args))
+        named = [(name, a) for name, a in zip(self.argument_names(len(args), kwargs), args)]
+        if not self.warned_unmatched and not torch.compiler.is_compiling():
+            self._warn_unmatched(named + list(kwargs.items()))
+        args = tuple(self._quantize(name, a) for name, a in named)
         kwargs = {k: self._quantize(k, v) for k, v in kwargs.items()}
         return args, kwargs
+
+    def argument_names(self, n_args: int, kwargs: dict) -> list[str]:
+        """Names of ``n_args`` positional arguments: the forward's parameter names, then (a
+        ``forward(*args)``) the captured inputs this call does not pass by keyword, in order."""
+        names = self.positional
+        spare = [n for n in self.inputs if n not in names and n not in kwargs]
+        out = []
+        for i in range(n_args):
+            if i < len(names):
+                out.append(names[i])
+            elif i - len(names) < len(spare):
+                out.append(spare[i - len(names)])
+            else:
+                out.append(f"input_{i}")
+        return out
+
+    def _warn_unmatched(self, named: list[tuple[str, Any]]) -> None:
+        """Once: a float input that no input quantizer takes (a ``forward(*args)`` model called
+        positionally after a dummy input given by keyword, or the other way round)."""
+        stray = [n for n, v in named if n not in self.inputs and isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if stray:
+            self.warned_unmatched = True
+            warnings.warn(f"sim.model: float input(s) {stray} have no input quantizer (the dummy input named its "
+                          f"inputs {sorted(self.inputs)}); call sim.model the way dummy_input did", stacklevel=3)
 
     def _quantize(self, name: str, value: Any) -> Any:
         quantizers = self.inputs.get(name)
@@ -169,7 +198,23 @@ def root_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         stack.clear()
 
 
+def _layers(self: nn.Module) -> list[nn.Module]:
+    return [m for name, m in self._modules.items() if name not in QUANTIZER_CONTAINERS]
+
+
+def _sequential_getitem(self: nn.Module, idx: int | slice) -> nn.Module:
+    layers = _layers(self)
+    return nn.Sequential(*layers[idx]) if isinstance(idx, slice) else layers[idx]
+
+
 def make_root_class(cls: type) -> type:
-    """A subclass of the model's class whose ``forward`` is ``root_forward`` (``isinstance`` still holds)."""
-    return type(cls.__name__, (cls,), {"forward": root_forward, "__module__": cls.__module__,
-                                       "_qsim_float_class": cls})
+    """A subclass of the model's class whose ``forward`` is ``root_forward`` (``isinstance`` still holds).
+
+    An ``nn.Sequential`` root iterates over its children in ``forward``: its subclass iterates,
+    counts and indexes only the model's own layers, never the quantizer holders added to it.
+    """
+    attrs = {"forward": root_forward, "__module__": cls.__module__, "_qsim_float_class": cls}
+    if issubclass(cls, nn.Sequential):
+        attrs.update(__iter__=lambda self: iter(_layers(self)), __len__=lambda self: len(_layers(self)),
+                     __getitem__=_sequential_getitem)
+    return type(cls.__name__, (cls,), attrs)

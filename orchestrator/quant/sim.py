@@ -147,7 +147,7 @@ class QuantizationSimModel:
         cfg = self.config
         for entry in self._built.params.values():
             q = entry.quantizer
-            q.calibrate_on(entry.param, make_observer(cfg.param_quant_scheme, q.name, q.axis, cfg.percentile))
+            q.calibrate_on(entry.values(), make_observer(cfg.param_quant_scheme, q.name, q.axis, cfg.percentile))
         quantizers = self._built.activations
         was_training = self.model.training
         self.model.eval()
@@ -206,7 +206,8 @@ class QuantizationSimModel:
     def encodings(self) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
         """``(activation encodings, param encodings)`` as used now, by quantizer name."""
         acts = {name: q.encoding() for name, q in self._built.activations.items() if q.enabled and q.calibrated}
-        params = {name: e.quantizer.encoding(e.param) for name, e in self._built.params.items() if e.quantizer.enabled}
+        params = {name: e.quantizer.encoding(e.values()) for name, e in self._built.params.items()
+                  if e.quantizer.enabled}
         return acts, params
 
     def onnx_activation_name(self, name: str) -> str:

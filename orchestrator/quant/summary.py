@@ -31,7 +31,7 @@ def _weight_rows(sim: QuantizationSimModel) -> list[tuple[str, ...]]:
         where = "per tensor" if q.axis is None else f"{q.channels} ch, axis {q.axis}"
         kind = "learned" if q.learnable else "follows weights"
         if q.calibrated:
-            e = q.encoding(entry.param)
+            e = q.encoding(entry.values())
             enc = (f"{kind}, scale {_fmt(float(e.scale.min()))}"
                    + (f"..{_fmt(float(e.scale.max()))}" if e.scale.numel() > 1 else ""))
         else:

@@ -190,3 +190,17 @@ def test_a_bad_kernel_choice_is_one_clear_error():
                           timeout=120)
     assert proc.returncode != 0
     assert "QAT_FAKE_QUANT_KERNEL='cuda' is not allowed; allowed: cpp, python" in proc.stderr
+
+
+def test_outputs_keep_the_input_layout_as_the_fake_kernel_promises():
+    """torch.compile hands channels-last activations to the op and trusts ``empty_like(x)`` strides."""
+    x = torch.randn(4, 8, 5, 5).to(memory_format=torch.channels_last)
+    one, per_channel = (torch.tensor([0.05]), torch.tensor([-128.0])), (torch.rand(8) * 0.1 + 0.01, torch.zeros(8))
+    for scale, offset in (one, per_channel):
+        axis = 1 if scale.numel() > 1 else None
+        xr = x.clone().requires_grad_()
+        y = fake_quantize(xr, scale, offset, 255, axis)
+        assert y.stride() == torch.empty_like(x).stride()
+        assert torch.equal(y, fake_quantize(x.contiguous(), scale, offset, 255, axis))
+        y.backward(torch.ones_like(y))
+        assert xr.grad.stride() == torch.empty_like(x).stride()

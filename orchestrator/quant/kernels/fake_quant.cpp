@@ -94,11 +94,24 @@ at::Tensor forward_aten(const at::Tensor& x, const at::Tensor& scale, const at::
   return at::mul(at::minimum(at::maximum(at::round(at::div(x, s)), o), o + qmax), s);
 }
 
+// The output has x's layout (empty_like: what the fake kernel promises torch.compile, channels-last
+// included). One encoding: any dense layout is processed as flat memory. Per channel: computed on a
+// contiguous copy, then copied into that layout when it differs.
+bool flat_ok(const at::Tensor& t, int64_t channels) { return channels == 1 && t.is_non_overlapping_and_dense(); }
+
+at::Tensor in_layout_of(const at::Tensor& like, const at::Tensor& result) {
+  if (result.strides() == like.strides()) return result;
+  at::Tensor out = at::empty_like(like);
+  out.copy_(result);
+  return out;
+}
+
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
                        int64_t qmax, int64_t axis, double grad_factor) {
   if (x_in.scalar_type() != at::kFloat) return forward_aten(x_in, scale_in, offset_in, qmax, axis);
-  const at::Tensor x = x_in.contiguous();
   const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
+  const bool flat = flat_ok(x_in, scale.numel());
+  const at::Tensor x = flat ? x_in : x_in.contiguous();
   at::Tensor y = at::empty_like(x);
   const Layout l = layout_of(x, scale.numel(), axis);
   const float* xp = x.data_ptr<float>();
@@ -108,7 +121,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const
   for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
     qdq_forward_run(xp, yp, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
   });
-  return y;
+  return in_layout_of(x_in, y);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_aten(const at::Tensor& grad, const at::Tensor& x,
@@ -145,8 +158,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
                                                             bool encoding_grads) {
   if (x_in.scalar_type() != at::kFloat || grad_in.scalar_type() != at::kFloat)
     return backward_aten(grad_in, x_in, scale_in, offset_in, qmax, axis, gf, encoding_grads);
-  const at::Tensor x = x_in.contiguous(), grad = grad_in.contiguous();
   const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
+  const bool flat = flat_ok(x_in, scale.numel()) && grad_in.strides() == x_in.strides();
+  const at::Tensor x = flat ? x_in : x_in.contiguous(), grad = flat ? grad_in : grad_in.contiguous();
   at::Tensor gx = at::empty_like(x);
   const Layout l = layout_of(x, scale.numel(), axis);
   const float* xp = x.data_ptr<float>();
@@ -170,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
         gxp[i] = (r >= lo && r <= hi) ? gp[i] : 0.f;
       }
     });
-    return {gx, at::zeros_like(scale_in), at::zeros_like(offset_in)};
+    return {in_layout_of(x_in, gx), at::zeros_like(scale_in), at::zeros_like(offset_in)};
   }
   // Per-thread partial sums per channel: sum(g*c) - sum(g_x*u) for the scale, sum(g) - sum(g_x) for the offset.
   const int nthreads = at::get_num_threads();
@@ -226,7 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
     gsp[c] = static_cast<float>(s_sum * gf);
     gop[c] = static_cast<float>(o_sum * sp[c] * gf);
   }
-  return {gx, gs.reshape(scale_in.sizes()).to(scale_in.scalar_type()), go.reshape(offset_in.sizes()).to(offset_in.scalar_type())};
+  return {in_layout_of(x_in, gx), gs.reshape(scale_in.sizes()).to(scale_in.scalar_type()),
+          go.reshape(offset_in.sizes()).to(offset_in.scalar_type())};
 }
 
 // ------------------------------------------------------------------ autograd

@@ -103,32 +103,53 @@ def _rows(x: torch.Tensor, scale: torch.Tensor, axis: int) -> tuple[int, int]:
     return inner, channels
 
 
-def forward(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
+def _dense(t: torch.Tensor) -> bool:
+    """True when ``t``'s elements fill one block of memory, in any dim order (channels-last included)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat(t: torch.Tensor, scale: torch.Tensor) -> bool:
+    """One encoding on dense memory: processed as flat memory in whatever layout it has."""
+    return scale.numel() == 1 and _dense(t)
+
+
+def _in_layout_of(like: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """``result`` with ``like``'s layout (what the fake kernel promises: ``empty_like``)."""
+    return result if result.stride() == like.stride() else torch.empty_like(like).copy_(result)
+
+
+def forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
             grad_factor: float) -> torch.Tensor:
-    x = x.contiguous()
+    x = x_in if _flat(x_in, scale) else x_in.contiguous()
     y = torch.empty_like(x)
     n = x.numel()
     if n == 0:
-        return y
+        return _in_layout_of(x_in, y)
     inner, channels = _rows(x, scale, axis)
     s, o = scale.float().contiguous(), offset.float().contiguous()
     _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, s, o, n, inner, channels, float(qmax), BLOCK_SIZE=BLOCK)
-    return y
+    return _in_layout_of(x_in, y)
 
 
-def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
-             grad_factor: float, encoding_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, grad = x.contiguous(), grad.contiguous()
-    gx = torch.empty_like(grad)
+def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
+             axis: int, grad_factor: float, encoding_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = _flat(x_in, scale) and grad_in.stride() == x_in.stride()
+    x, grad = (x_in, grad_in) if flat else (x_in.contiguous(), grad_in.contiguous())
+    gx = torch.empty_like(x)
     n = x.numel()
     s, o = scale.float().contiguous(), offset.float().contiguous()
     inner, channels = _rows(x, scale, axis)
     if n == 0:
-        return gx, torch.zeros_like(scale), torch.zeros_like(offset)
+        return _in_layout_of(x_in, gx), torch.zeros_like(scale), torch.zeros_like(offset)
     if not encoding_grads:
         _backward_kernel[(triton.cdiv(n, BLOCK),)](grad, x, gx, s, o, n, inner, channels, float(qmax),
                                                    BLOCK_SIZE=BLOCK)
-        return gx, torch.zeros_like(scale), torch.zeros_like(offset)
+        return _in_layout_of(x_in, gx), torch.zeros_like(scale), torch.zeros_like(offset)
     row_len = PER_TENSOR_ROW if channels == 1 else inner
     rows = triton.cdiv(n, row_len)
     ps = torch.empty(rows, device=x.device, dtype=torch.float32)
@@ -137,7 +158,7 @@ def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, offset: t
                                        BLOCK_SIZE=BLOCK)
     gs = ps.double().reshape(-1, channels).sum(0) * grad_factor
     go = po.double().reshape(-1, channels).sum(0) * s.double() * grad_factor
-    return gx, gs.to(scale.dtype).reshape(scale.shape), go.to(offset.dtype).reshape(offset.shape)
+    return _in_layout_of(x_in, gx), gs.to(scale.dtype).reshape(scale.shape), go.to(offset.dtype).reshape(offset.shape)
 
 
 def register() -> bool:

@@ -1,6 +1,7 @@
 """Layers without quantized parameters whose outputs are quantized (norms, activations, average
-pooling), and layers whose outputs need no quantizer because they only move or select values
-already on a grid (``PASS_THROUGH_MODULES``: dropout, max pooling, reshapes, identity).
+pooling). Layers that only move or select values already on a grid (dropout, max pooling,
+reshapes, padding, identity) are not registered: their code runs ops that placement treats as
+data movement (``ops.PASS_THROUGH``), so they get no quantizer.
 
 Norm parameters (1-D scale and shift) stay float, as biases do: targets fold them into the
 norm's integer kernel.
@@ -20,12 +21,6 @@ OUTPUT_QUANTIZED = (
     nn.Softmax, nn.LogSoftmax, nn.Softmin,
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.Upsample, nn.UpsamplingBilinear2d,
-)
-PASS_THROUGH_MODULES = (
-    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.FeatureAlphaDropout, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d, nn.PixelShuffle, nn.PixelUnshuffle, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d,
-    nn.UpsamplingNearest2d, nn.ChannelShuffle,
 )
 # Clipping activations: a conv/linear/BN/add feeding only one of these forms a supergroup with it.
 RELU_LIKE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh)

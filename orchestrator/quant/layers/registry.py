@@ -108,6 +108,11 @@ class QuantizedModule(nn.Module):
                 out[name] = axis
         return out
 
+    def quantized_param_groups(self) -> list[tuple[tuple[str, ...], int]]:
+        """Parameters quantized together (one quantizer each group) and the channel axis of the
+        tensor that quantizer sees: each parameter alone, unless a layer stacks some (RNNs)."""
+        return [((name,), axis) for name, axis in self.quantized_param_names().items()]
+
     def qparam(self, name: str) -> torch.Tensor:
         """Parameter ``name`` as the forward pass uses it: through its quantizer, if it has one."""
         owner_name, _, attr = name.rpartition(".")
