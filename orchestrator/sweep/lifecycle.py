@@ -49,9 +49,9 @@ def _handler(signum: int, frame) -> None:
 
 
 def install() -> None:
-    """Route SIGINT and SIGTERM through ``_handler`` (call before Ray starts)."""
+    """Route SIGINT and SIGTERM through ``_handler`` (before Ray starts, and again after: Ray's
+    core worker replaces the SIGTERM handler with one that aborts the process)."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    STATE.signum, STATE.in_fit = None, False
     signal.signal(signal.SIGINT, _handler)
     signal.signal(signal.SIGTERM, _handler)
 

@@ -110,6 +110,8 @@ class SweepProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         last = trial.last_result or {}
         status, value = last.get("status"), last.get(self.metric)
+        if status in ("finished", "diverged"):
+            self._ensure_closed(trial, status)
         if status == "finished":
             if isinstance(value, (int, float)) and not math.isnan(value) and self._better(value):
                 self.best = (float(value), self._name(trial))
@@ -129,6 +131,17 @@ class SweepProgress(Callback):
                 child.set_tags({OUTCOME_TAG: "stopped_by_scheduler", "qat.stopped_at_epoch": str(epoch)})
                 child.finish("FINISHED")
 
+    def _ensure_closed(self, trial, status: str) -> None:
+        """A trial closes its run before its final report; one stopped by Tune right at that
+        report (a multi-worker trial) may not have: close it as its report says."""
+        from ..train.launcher import run_outcome
+
+        child = self._child(trial)
+        if child is not None and child.status() == "RUNNING":
+            mlflow_status, outcome = run_outcome(status)
+            child.set_tags({OUTCOME_TAG: outcome})
+            child.finish(mlflow_status)
+
     def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self._line("retrying", trial, f"after a failure: {_error_line(trial)}")
 
@@ -137,11 +150,9 @@ class SweepProgress(Callback):
             return
         self._line("FAILED", trial, _error_line(trial), self._status(trials, ended=trial, ended_as="ERROR"))
         child = self._child(trial)
-        if child is not None:
-            run = child._client.get_run(child.run_id)
-            if run.info.status == "RUNNING":
-                child.set_tags({OUTCOME_TAG: "failed"})
-                child.finish("FAILED")
+        if child is not None and child.status() == "RUNNING":
+            child.set_tags({OUTCOME_TAG: "failed"})
+            child.finish("FAILED")
 
 
 def _error_line(trial) -> str:

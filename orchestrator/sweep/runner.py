@@ -41,14 +41,17 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _search_alg(plan: SweepPlan):
+def _search_alg(plan: SweepPlan, concurrency: int):
+    """Tune's own search algorithms: its variant generator (grid and random draws; it takes the
+    concurrency limit itself) or Optuna (TPE), which Tune wraps in a ConcurrencyLimiter."""
     from ray.tune.search import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
 
     spec = plan.spec
     if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
         return OptunaSearch(metric=spec.metric, mode=spec.mode, seed=spec.seed)
-    return BasicVariantGenerator(random_state=spec.seed)
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=spec.seed)
 
 
 def _scheduler(plan: SweepPlan):
@@ -103,6 +106,7 @@ def start(plan: SweepPlan, log=print) -> tuple[SweepRun, object]:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-parent") as pool:
         parent = pool.submit(lambda: (ensure_experiment(uri, experiment), *open_parent(plan, uri, experiment)))
         started_locally = ensure_ray(base.trainer.ray_address, log_to_driver=spec.verbose)
+        lifecycle.install()  # again: Ray's core worker installs its own SIGTERM handler (it aborts)
         experiment_id, parent_id, tags = parent.result()
     import ray
 
@@ -126,8 +130,9 @@ def start(plan: SweepPlan, log=print) -> tuple[SweepRun, object]:
         trainable,
         param_space=plan.space.param_space(spec.search),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                    search_alg=_search_alg(plan), scheduler=_scheduler(plan),
-                                    max_concurrent_trials=concurrency, trial_dirname_creator=trial_dirname,
+                                    search_alg=_search_alg(plan, concurrency), scheduler=_scheduler(plan),
+                                    max_concurrent_trials=concurrency if spec.search == "optuna" else None,
+                                    trial_dirname_creator=trial_dirname,
                                     # a trial's actor runs the next trial: its imports and data are warm
                                     reuse_actors=True),
         run_config=tune.RunConfig(name=spec.name, storage_path=str(plan.sweep_dir.parent), callbacks=[progress],

@@ -114,12 +114,14 @@ def parse_space(overrides: list[str], config_loader) -> SearchSpace:
     key replace earlier ones (command line over a preset's ``hydra.sweeper.params``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    try:
-        parsed = OverridesParser.create(config_loader=config_loader).parse_overrides(overrides)
-    except Exception as exc:  # Hydra's OverrideParseException: a grammar error
-        raise TrialConfigError(one_line(exc)) from None
+    parser = OverridesParser.create(config_loader=config_loader)
     by_key: dict[str, Any] = {}
-    for override in parsed:
+    for line in overrides:
+        try:
+            override = parser.parse_override(line)
+        except Exception as exc:  # Hydra's OverrideParseException: a grammar error
+            raise TrialConfigError(f"{line}: {one_line(exc)}") from None
+        override.config_loader = config_loader  # what glob(...) sweeps list a group's options with
         by_key.pop(override.get_key_element(), None)  # keep the order of the last occurrence
         by_key[override.get_key_element()] = override
     base, dims = [], []
@@ -182,9 +184,27 @@ def value_text(value: Any) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+_NOISE = ("Set the environment variable HYDRA_FULL_ERROR", "full_key:", "object_type=", "reference_type=")
+
+
 def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (Hydra's and OmegaConf's span several)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith(("Set the environment variable HYDRA_FULL_ERROR",
-                                                             "full_key:", "object_type=", "reference_type="))]
-    return "; ".join(lines) or type(exc).__name__
+    """An exception's message and its causes on one line (Hydra's and OmegaConf's span several):
+    a group's available options as a list, Hydra's search path left out."""
+    lines: list[str] = []
+    while exc is not None and len(lines) < 20:
+        for line in str(exc).splitlines():
+            line = line.strip()
+            if line.startswith("Config search path:"):
+                break
+            if line and line != "None" and not line.startswith(_NOISE) and line not in lines:
+                lines.append(line)
+        exc = exc.__cause__
+    text = ""
+    for line in lines:
+        if text.endswith(":"):
+            text += " " + line
+        elif text.endswith(tuple("abcdefghijklmnopqrstuvwxyz0123456789_")) and line.isidentifier():
+            text += ", " + line  # one option of a list
+        else:
+            text += ("; " if text else "") + line
+    return text or type(exc).__name__

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..console import quiet_libraries
 from .compare import CompareError, download_export, find_sweep, format_rows, rank, trial_rows, write_csv
 from .mlflow_runs import default_tracking_uri
 from .plot import write_plot
@@ -34,6 +35,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_libraries()
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri("outputs")
     try:
         if uri.startswith("sqlite:") and not Path(uri[len("sqlite:///"):]).exists():

@@ -149,6 +149,9 @@ class RunLogger:
             if key in run.data.tags:
                 retrying(lambda key=key: self._client.delete_tag(self.run_id, key))
 
+    def status(self) -> str:
+        return retrying(lambda: self._client.get_run(self.run_id)).info.status
+
     def finish(self, status: str) -> None:
         """``status``: FINISHED, FAILED or KILLED."""
         retrying(lambda: self._client.set_terminated(self.run_id, status=status))

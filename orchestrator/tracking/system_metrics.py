@@ -1,12 +1,15 @@
 """System metrics (CPU, memory, disk, network; GPU with pynvml) into a run, by MLflow's own monitor.
 
-``mlflow.system_metrics``' ``SystemMetricsMonitor`` samples on a thread and logs
-``system/...`` metrics. The sampling interval defaults to 2 s here (a trial may last seconds);
-MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it.
+``mlflow.system_metrics``' ``SystemMetricsMonitor`` samples on a thread every 2 s here (a warm
+sweep trial may last a few seconds; MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``
+overrides it) and logs ``system/...`` metrics, averaged per interval. Its thread drops the
+samples of an unfinished interval when it stops, so the last window (or the only one, for a
+trial shorter than an interval) is sampled and logged once more on exit.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,3 +27,9 @@ def system_metrics(uri: str, run_id: str, interval_s: float = SAMPLING_INTERVAL_
         yield
     finally:
         monitor.finish()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as exc:  # telemetry only: never fail a trial over it
+            logging.getLogger(__name__).warning("system metrics of run %s not logged: %s", run_id, exc)

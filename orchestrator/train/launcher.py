@@ -118,6 +118,16 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
     tracker = RunLogger(cfg.tracking.uri, run_id)
     payload = {"trial": cfg.to_dict(), "run_id": run_id, "local": launcher != "ray-train",
                "device": "cuda" if cfg.trainer.use_gpu else "cpu", "started_at": started_at}
+    closed: list[str] = []
+
+    def report(metrics: dict[str, Any]) -> None:
+        # The final report carries the trial's status. The run is closed before it goes out: a
+        # sweep's scheduler or Tune itself may stop the trial right at that report.
+        if "status" in metrics and not closed:
+            closed.append(_close(tracker, metrics["status"]))
+        if on_report is not None:
+            on_report(metrics)
+
     with system_metrics(cfg.tracking.uri, run_id):
         try:
             if launcher == "ray-train":
@@ -127,7 +137,7 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
             else:
                 from .workflow import qat_worker
 
-                metrics = qat_worker(payload, on_report=on_report)
+                metrics = qat_worker(payload, on_report=report)
         except KeyboardInterrupt:
             _end(tracker, "KILLED", "interrupted")
             raise
@@ -135,11 +145,24 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
             _end(tracker, "FAILED", "failed")
             raise TrialFailed(f"trial {cfg.tracking.run_name} failed: {_first_line(exc)}") from exc
     status = metrics.get("status")
+    if not closed:
+        _close(tracker, status)
     if status != "finished":
-        _end(tracker, "FAILED", status if status == "diverged" else "failed")
         raise TrialFailed(metrics.get("error") or f"trial ended with status {status!r}", status=status)
-    _end(tracker, "FINISHED", "finished")
     return TrialResult("finished", metrics, run_id, cfg.tracking.uri, cfg.output_dir, cfg)
+
+
+def run_outcome(status: str | None) -> tuple[str, str]:
+    """``(MLflow status, qat.outcome)`` of a trial whose final report says ``status``."""
+    if status == "finished":
+        return "FINISHED", "finished"
+    return "FAILED", "diverged" if status == "diverged" else "failed"
+
+
+def _close(tracker: RunLogger, status: str | None) -> str:
+    mlflow_status, outcome = run_outcome(status)
+    _end(tracker, mlflow_status, outcome)
+    return outcome
 
 
 def _end(tracker: RunLogger, status: str, outcome: str) -> None:
