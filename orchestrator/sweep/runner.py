@@ -13,6 +13,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..tracking.links import save_sweep_view
 from ..tracking.mlflow_runs import KIND_TAG, SWEEP_ID_TAG, RunLogger, ensure_experiment, find_or_create_run
 from ..tracking.run_content import OUTCOME_TAG, trial_params
 from ..tracking.source import source_tags
@@ -83,6 +84,7 @@ def open_parent(plan: SweepPlan, uri: str, experiment: str) -> tuple[str, dict[s
         parent.log_params({**fixed, **params})
     else:
         parent.delete_tags([OUTCOME_TAG, "best_run_id"])
+    save_sweep_view(uri, ensure_experiment(uri, experiment), spec.name, [d.key.lstrip("+~") for d in plan.space.dims])
     return parent_id, tags
 
 

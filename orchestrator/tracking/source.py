@@ -4,8 +4,8 @@ MLflow's run-context providers (``mlflow.tracking.context.registry.resolve_tags`
 user, the source and, when the program file sits in a git checkout, its commit, branch and
 remote. An installed ``qat-sweep`` lives in a virtual environment, so when the program has no
 git checkout the working directory's (the user's project) is used, else this package's
-(an editable checkout). The source name is the
-command line, which is what a reader of the runs table needs to reproduce a run.
+(an editable checkout). The source name is the program (the UI shows a path's last part);
+the whole command line, what a reader needs to reproduce a run, is the ``qat.command`` tag.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def source_tags(argv: list[str] | None = None) -> dict[str, str]:
                            ("repoURL", get_git_repo_url(where))):
             if value:
                 tags[f"mlflow.source.git.{key}"] = value
-    name = command_line(argv)
-    if name:
-        tags[SOURCE_NAME_TAG] = name[:500]
+    argv = list(sys.argv if argv is None else argv)
+    if argv:
+        tags[SOURCE_NAME_TAG] = Path(argv[0]).name
+        tags["qat.command"] = command_line(argv)[:5000]
     return tags
