@@ -11,7 +11,7 @@ import copy
 import hashlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..tracking.links import save_sweep_view
 from ..tracking.mlflow_runs import KIND_TAG, SWEEP_ID_TAG, RunLogger, ensure_experiment, find_or_create_run
@@ -35,7 +35,6 @@ class SweepRun:
     dashboard: str | None
     concurrency: int
     interrupted: bool = False
-    trials: list = field(default_factory=list)  # Tune's trials, at the end
 
 
 def trial_dirname(trial) -> str:
@@ -148,8 +147,7 @@ def fit(run: SweepRun, tuner) -> None:
     """``tuner.fit()`` with Ctrl-C/SIGTERM turned into Tune's graceful stop (``lifecycle``)."""
     lifecycle.STATE.in_fit = True
     try:
-        grid = tuner.fit()
-        run.trials = [r for r in grid]
+        tuner.fit()  # the results are read from MLflow (finish.py), where qat-compare reads them
     except KeyboardInterrupt:
         pass
     finally:

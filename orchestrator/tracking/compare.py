@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .mlflow_runs import KIND_TAG, PARENT_TAG, client, retrying
@@ -55,7 +55,6 @@ class TrialRow:
     wall_s: float
     rank: str = ""
     gain_tie: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:

@@ -25,8 +25,8 @@ def make_sweep(uri: str, name: str, space: dict[str, str], trials: list[dict]) -
     c = MlflowClient(uri)
     exp = ensure_experiment(uri, "qat")
     parent = c.create_run(exp, run_name=f"sweep {name}", tags={"qat.kind": "sweep", "qat.sweep_name": name})
-    c.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in
-                                            {**{f"space.{k}": v for k, v in space.items()}, "sweep.metric": "val_acc"}.items()])
+    params = {**{f"space.{k}": v for k, v in space.items()}, "sweep.metric": "val_acc"}
+    c.log_batch(parent.info.run_id, params=[Param(k, v) for k, v in params.items()])
     for t in trials:
         bits, mode = t.get("bits", "w4a4"), t.get("mode", "static")
         run = c.create_run(exp, run_name=t["name"], tags={
@@ -95,7 +95,8 @@ def test_compare_cli_two_sweeps_side_by_side(uri, tmp_path, capsys):
                    for b, p in (("w8a8", 100.0), ("w3a3", 79.1)) for m, v, t in (("static", 97.0, 98.3),
                                                                                    ("range_learning", 95.2, 96.9))]
     make_sweep(uri, "bits", {"quant": "w8a8,w3a3", "qat.range_learning": "false,true"}, bits_trials)
-    assert compare(["--tracking-uri", uri, "--sweep", "default", "--sweep", "bits", "--out", str(tmp_path / "cmp")]) == 0
+    out = str(tmp_path / "cmp")
+    assert compare(["--tracking-uri", uri, "--sweep", "default", "--sweep", "bits", "--out", out]) == 0
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if line.startswith("sweep "))
     assert "swept: qat.epochs, qat.lr, qat.range_learning" in header

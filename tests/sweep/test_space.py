@@ -32,7 +32,8 @@ def test_every_form_of_the_grammar_maps_to_a_dimension():
 
 
 def test_search_decides_grid_or_sampled_domains():
-    space = space_of("qat.epochs=1,3", "qat.lr=tag(log,interval(1e-5,1e-2))", "qat.calibration_batches=int(interval(2,8))")
+    space = space_of("qat.epochs=1,3", "qat.lr=tag(log,interval(1e-5,1e-2))",
+                     "qat.calibration_batches=int(interval(2,8))")
     grid = space.param_space("grid")
     assert grid["qat.epochs"] == tune.grid_search([1, 3])
     assert isinstance(grid["qat.lr"], Float) and grid["qat.lr"].lower == 1e-5

@@ -21,8 +21,8 @@ NOISE = ("INFO", "WARNING", "core_worker", "raylet", "(pid=", "Tune", "tensorboa
 def sweep_runs(uri: str, sweep_name: str):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("qat")
-    (parent,) = client.search_runs([exp.experiment_id],
-                                   filter_string=f"tags.`qat.kind` = 'sweep' and tags.`qat.sweep_name` = '{sweep_name}'")
+    only = f"tags.`qat.kind` = 'sweep' and tags.`qat.sweep_name` = '{sweep_name}'"
+    (parent,) = client.search_runs([exp.experiment_id], filter_string=only)
     kids = client.search_runs([exp.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     return client, parent, kids
@@ -221,8 +221,11 @@ def test_sigterm_exits_143_and_marks_the_sweep_killed(tmp_path, baseline_cache):
 
 @pytest.mark.slow
 def test_multi_worker_trials_train_with_ddp_on_ray_train(tmp_path, baseline_cache):
-    run_cli("qat-sweep", [f"paths.root={tmp_path}", "sweep.name=ddp", "qat.range_learning=false,true", "qat.epochs=1",
-                          "qat.lr=0.001", "trainer.num_workers=2"], tmp_path, baseline_cache)
+    proc = run_cli("qat-sweep", [f"paths.root={tmp_path}", "sweep.name=ddp", "qat.range_learning=false,true",
+                                 "qat.epochs=1", "qat.lr=0.001", "trainer.num_workers=2"], tmp_path, baseline_cache)
+    # Ray Train's controller and workers stay quiet too (no PreemptionWatcher / raylet lines)
+    assert [line for line in proc.stdout.splitlines() if any(n in line for n in NOISE)] == []
+    assert proc.stderr.strip() == "", proc.stderr[-2000:]
     client, parent, kids = sweep_runs(sqlite(tmp_path), "ddp")
     assert parent.info.status == "FINISHED" and len(kids) == 2
     for k in kids:
@@ -249,7 +252,8 @@ def test_eight_concurrent_in_actor_trials_lose_no_metric(tmp_path, baseline_cach
 
 def test_bad_overrides_fail_fast_with_one_line_and_write_nothing(tmp_path, baseline_cache):
     for args, message in [
-        (["quant.param_bw=0"], "error: quant.param_bw=0 is not a supported bit width; allowed: an integer from 2 to 16"),
+        (["quant.param_bw=0"], "error: quant.param_bw=0 is not a supported bit width; allowed: an integer from 2 "
+                               "to 16"),
         (["qat.lr=0.1,-1"], "error: sweep point (qat.epochs=1, qat.range_learning=false, qat.lr=-1): qat.lr=-1.0 is "
                             "not allowed; allowed: a number > 0"),
         (["sweep.scheduler=pbt"], "error: sweep.scheduler='pbt' is not allowed; allowed: none, asha, hyperband"),
@@ -291,7 +295,8 @@ def test_hydra_conventions(tmp_path, baseline_cache):
         assert expected in cfg, expected
     hydra_cfg = run_cli("qat-sweep", ["--cfg", "hydra", "sweep=bits"], tmp_path, baseline_cache).stdout
     assert "quant: w8a8,w4a8,w4a4,w3a3" in hydra_cfg and "TuneSweeper" in hydra_cfg
-    train_cfg = run_cli("qat-train", ["--cfg", "job", "qat=range_learning", "quant=w3a3"], tmp_path, baseline_cache).stdout
+    train_cfg = run_cli("qat-train", ["--cfg", "job", "qat=range_learning", "quant=w3a3"], tmp_path,
+                        baseline_cache).stdout
     assert "range_learning: true" in train_cfg and "param_bw: 3" in train_cfg
     assert os.listdir(tmp_path) == []
 
