@@ -258,8 +258,8 @@ def test_bad_overrides_fail_fast_with_one_line_and_write_nothing(tmp_path, basel
                             "not allowed; allowed: a number > 0"),
         (["sweep.scheduler=pbt"], "error: sweep.scheduler='pbt' is not allowed; allowed: none, asha, hyperband"),
         (["sweep.metric=test_acc"], "error: sweep.metric='test_acc' is not allowed; allowed: val_acc (test metrics"),
-        (["quant=w8a8,w9a9"], "error: sweep point (quant=w9a9): In 'sweep': Could not find 'quant/w9a9'; Available "
-                              "options in 'quant': w2a2, w3a3"),
+        (["quant=w8a8,w9a9"], "error: sweep point (qat.lr=0.001, qat.epochs=1, qat.range_learning=false, quant=w9a9): "
+                              "In 'sweep': Could not find 'quant/w9a9'; Available options in 'quant': w2a2, w3a3"),
         (["qat.lr=interval(0.1,0.01)"], "error: qat.lr=interval(0.1,0.01): an interval needs low < high"),
     ]:
         start = time.time()
