@@ -16,7 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .app_config import output_root, register_schemas, trial_config
-from .console import fail
+from .console import fail, quiet_libraries
 
 register_schemas()
 
@@ -60,6 +60,7 @@ def train_summary(result) -> str:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def _train_app(cfg: DictConfig) -> None:
     app = _resolve(cfg)
+    quiet_libraries(app["sweep"]["verbose"])  # the trial's own lines stay (Ray Train forwards them)
     from .tracking.mlflow_runs import default_tracking_uri
     from .train.launcher import TrialFailed, run_trial
 
