@@ -67,7 +67,11 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
     except KeyboardInterrupt:  # a signal before or after Tune's run, or a second one
         if run is not None:
             mark_interrupted(run)
-        print(f"sweep {spec.name} interrupted.\nresume with: {lifecycle.resume_command(spec.name)}", flush=True)
+        from .plan import sweep_state_exists
+
+        again = (f"resume with: {lifecycle.resume_command(spec.name)}" if sweep_state_exists(plan.sweep_dir)
+                 else "nothing ran yet: run the same command again")
+        print(f"sweep {spec.name} interrupted.\n{again}", flush=True)
         sys.exit(lifecycle.STATE.exit_status)
     shutdown_ray()
     print(f"\nsweep {spec.name}: {len(result.rows)} trial(s) in {time.time() - started:.0f}s")

@@ -111,23 +111,36 @@ def start(plan: SweepPlan, log=print) -> tuple[SweepRun, object]:
         experiment_id, parent_id, tags = parent.result()
     import ray
 
-    check_fits(base.trainer, started_locally, extra_cpus=0.0 if in_actor(base) else spec.trial_driver_cpus)
-    ctx = SweepContext(spec.name, str(plan.sweep_dir), uri, experiment, parent_id,
-                       numbered=spec.num_samples > 1, tags=tags)
-    from .trial import sweep_trial
+    try:
+        check_fits(base.trainer, started_locally, extra_cpus=0.0 if in_actor(base) else spec.trial_driver_cpus)
+        ctx = SweepContext(spec.name, str(plan.sweep_dir), uri, experiment, parent_id,
+                           numbered=spec.num_samples > 1, tags=tags)
+        from .trial import sweep_trial
 
-    trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, composer=plan.composer, space=plan.space, ctx=ctx.to_dict()),
-        trial_resources(base, spec))
-    concurrency = max_concurrent(base, spec, ray.cluster_resources())
-    run = SweepRun(plan, uri, experiment_id, parent_id, dashboard_url(), concurrency)
-    if spec.resume:  # the RunConfig (progress callback included) comes back from Tune's state
-        tuner = tune.Tuner.restore(str(plan.sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
-        return run, tuner
+        trainable = tune.with_resources(
+            tune.with_parameters(sweep_trial, composer=plan.composer, space=plan.space, ctx=ctx.to_dict()),
+            trial_resources(base, spec))
+        concurrency = max_concurrent(base, spec, ray.cluster_resources())
+        run = SweepRun(plan, uri, experiment_id, parent_id, dashboard_url(), concurrency)
+        if spec.resume:  # the RunConfig (progress callback included) comes back from Tune's state
+            tuner = tune.Tuner.restore(str(plan.sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+            return run, tuner
+        return run, _new_tuner(plan, trainable, ctx, concurrency)
+    except BaseException as exc:  # refused (resources) or interrupted before Tune ran: close the parent
+        parent_run = RunLogger(uri, parent_id)
+        parent_run.set_tags({OUTCOME_TAG: "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"})
+        parent_run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _new_tuner(plan: SweepPlan, trainable, ctx: SweepContext, concurrency: int):
+    from ray import tune
+
     from .progress import SweepProgress
 
+    spec, base = plan.spec, plan.base
     progress = SweepProgress(plan.composer, plan.space, ctx, spec.metric, spec.mode, plan.total, spec.scheduler)
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space=plan.space.param_space(spec.search),
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
@@ -140,7 +153,6 @@ def start(plan: SweepPlan, log=print) -> tuple[SweepRun, object]:
                                   verbose=0, failure_config=tune.FailureConfig(
                                       max_failures=base.trainer.max_failures if in_actor(base) else 0)),
     )
-    return run, tuner
 
 
 def fit(run: SweepRun, tuner) -> None:
