@@ -1,12 +1,19 @@
-"""Sweep overhead: trial start to first training step, and how busy the cores stay.
+"""Sweep overhead: wall time, time to the first lines, trial start to first step, cores busy.
 
-    python benchmarks/sweep_overhead.py [--trials 8]
+    python benchmarks/sweep_overhead.py [--only default|smoke|ddp]
 
-Runs real ``qat-sweep`` commands (digits, 1 epoch per trial, ``--trials`` learning rates) in
-two layouts: Ray Train workers (1 worker per trial, as many trials at once as cores) and
-in-process trials (``trainer=local``). Reports each trial's ``startup_s`` (Tune trial start to
-its first optimizer step, logged by the trial to MLflow), the sweep's wall time, and the cores'
-busy share over the sweep (sampled from /proc/stat every 0.5 s).
+Runs real ``qat-sweep`` commands on a fresh output directory each (the FP32 baseline cache is
+shared and warmed first, so no run pays for training it):
+
+- ``default``: the default sweep (8 trials: lr x epochs x mode, W4A4 digits), one worker per
+  trial, trained inside the Tune trial actors;
+- ``smoke``: ``sweep=smoke`` (2 trials, 1 epoch);
+- ``ddp``: ``sweep=smoke trainer.num_workers=2`` (each trial a 2-worker Ray Train DDP group).
+
+Reports the sweep's wall time; when its first line and its first trial line ("started ...")
+appeared; each trial's ``startup_s`` (Tune trial start to first optimizer step, logged by the
+trial to MLflow), for trials in a fresh actor (the first ``concurrency`` trials) and in a reused
+one; and the cores' busy share over the run (sampled from /proc/stat every 0.5 s).
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table  # noqa: E402
 
 BIN = Path(sys.executable).parent
+SCENARIOS = {
+    "default": [],
+    "smoke": ["sweep=smoke"],
+    "ddp": ["sweep=smoke", "trainer.num_workers=2"],
+}
 
 
 def cpu_times() -> tuple[int, int]:
@@ -34,10 +46,8 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def run(layout: list[str], trials: int, root: Path) -> tuple[float, float, list[float]]:
-    lrs = ",".join(f"{1e-3 * 0.7 ** i:.6f}" for i in range(trials))
-    args = [str(BIN / "qat-sweep"), f"paths.root={root}", "sweep.name=overhead", f"sweep.space.qat.lr.grid=[{lrs}]",
-            "sweep.space.qat.epochs.grid=[1]", "sweep.space.qat.range_learning.grid=[false]", *layout]
+def run(args: list[str], root: Path, cache: str) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "QAT_CACHE_DIR": cache}
     samples: list[float] = []
     done = threading.Event()
 
@@ -49,43 +59,60 @@ def run(layout: list[str], trials: int, root: Path) -> tuple[float, float, list[
                 samples.append((busy1 - busy0) / (total1 - total0))
             busy0, total0 = busy1, total1
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    threading.Thread(target=sample, daemon=True).start()
     start = time.time()
-    sampler.start()
-    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    done.set()
+    proc = subprocess.Popen([str(BIN / "qat-sweep"), f"paths.root={root}", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=root)
+    first_line = first_trial = None
+    lines = []
+    for line in proc.stdout:
+        now = time.time() - start
+        lines.append(line)
+        first_line = first_line if first_line is not None else now
+        if first_trial is None and "] started " in line:
+            first_trial = now
+    proc.wait()
     wall = time.time() - start
+    done.set()
     if proc.returncode != 0:
-        raise SystemExit(f"qat-sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"qat-sweep {' '.join(args)} failed:\n{''.join(lines)[-4000:]}")
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("qat")
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`qat.kind` = 'trial'")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`qat.kind` = 'trial'",
+                              order_by=["attributes.start_time"])
     startups = [r.data.metrics["startup_s"] for r in runs if "startup_s" in r.data.metrics]
-    return wall, statistics.mean(samples) if samples else float("nan"), startups
+    concurrency = next(int(line.split("; ")[1].split()[0]) for line in lines if line.startswith("started in "))
+    return {"trials": len(runs), "wall": wall, "first_line": first_line, "first_trial": first_trial,
+            "cold": startups[:concurrency], "warm": startups[concurrency:],
+            "busy": statistics.mean(samples) if samples else float("nan")}
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f}" + (f" (max {max(values):.2f})" if len(values) > 1 else "")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--layout", choices=["ray", "local"], help="run only this layout (default: both)")
+    p.add_argument("--only", choices=sorted(SCENARIOS), action="append", help="run only these scenarios")
     args = p.parse_args()
-    cores = os.cpu_count() or 1
-    layouts = {
-        "Ray Train, 1 worker/trial": ["trainer.num_workers=1"],
-        "in-process trials": ["trainer=local", f"sweep.max_concurrent_trials={cores}"],
-    }
-    rows = []
-    for name, layout in layouts.items():
-        if args.layout and not name.startswith({"ray": "Ray", "local": "in-process"}[args.layout]):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            wall, busy, startups = run(layout, args.trials, Path(tmp))
-        rows.append((name, args.trials, f"{wall:.0f}", f"{statistics.median(startups):.1f}", f"{max(startups):.1f}",
-                     f"{100 * busy:.0f}%"))
-    print(f"sweep_overhead: digits_cnn, 1 epoch per trial; {machine()}")
-    print(table(("layout", "trials", "sweep wall s", "startup_s median", "startup_s max", "cores busy"), rows))
+    with tempfile.TemporaryDirectory(prefix="qat-bench-cache-") as cache:
+        with tempfile.TemporaryDirectory() as warm:  # trains the FP32 baseline into the cache once
+            subprocess.run([str(BIN / "qat-train"), f"paths.root={warm}", "trainer=local", "qat.epochs=0"],
+                           capture_output=True, env={**os.environ, "QAT_CACHE_DIR": cache}, check=True)
+        rows = []
+        for name in args.only or list(SCENARIOS):
+            with tempfile.TemporaryDirectory() as tmp:
+                r = run(SCENARIOS[name], Path(tmp), cache)
+            rows.append((name, " ".join(SCENARIOS[name]) or "(none)", r["trials"], f"{r['wall']:.0f}",
+                         f"{r['first_line']:.1f}", f"{r['first_trial']:.1f}", _fmt(r["cold"]), _fmt(r["warm"]),
+                         f"{100 * r['busy']:.0f}%"))
+    print(f"sweep_overhead: qat-sweep, digits_cnn W4A4; {machine()}")
+    print(table(("sweep", "overrides", "trials", "wall s", "1st line s", "1st trial s", "startup_s fresh actor",
+                 "startup_s reused actor", "cores busy"), rows))
 
 
 if __name__ == "__main__":

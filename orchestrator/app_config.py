@@ -1,8 +1,8 @@
-"""Hydra schemas of the CLI apps: the trial dataclasses plus output paths and the sweep node.
+"""The Hydra schema of the CLI apps: the trial sections plus output paths and the sweep node.
 
-Registered in Hydra's ConfigStore as ``qat_train_schema`` / ``qat_sweep_schema``; the primary
-configs in ``conf/`` list them first in their defaults, so every override is type-checked
-and unknown keys are rejected. Values are checked again, semantically, by
+Registered in Hydra's ConfigStore as ``qat_app_schema``; the primary configs in
+``orchestrator/conf/`` (package data) list it first in their defaults, so every override is
+type-checked and unknown keys are rejected. Values are checked again, semantically, by
 ``TrialConfig.validate`` / ``SweepSpec.validate`` before Ray starts.
 """
 
@@ -15,6 +15,8 @@ from typing import Any
 from .sweep.spec import SweepSpec
 from .train.config import TrialConfig, TrialSections
 
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
 
 @dataclass
 class PathsSpec:
@@ -24,24 +26,30 @@ class PathsSpec:
 
 
 @dataclass
-class TrainAppConfig(TrialSections):
-    """``name``: the run's directory under ``<paths.root>/train``."""
+class AppConfig(TrialSections):
+    """``name``: the run's directory under ``<paths.root>/train`` (``qat-train``).
+    ``sweep``: how ``qat-sweep`` and ``qat-train -m`` search (``SweepSpec``)."""
 
     paths: PathsSpec = field(default_factory=PathsSpec)
     name: str = "qat-train"
-
-
-@dataclass
-class SweepAppConfig(TrainAppConfig):
     sweep: SweepSpec = field(default_factory=SweepSpec)
 
 
+_registered = False
+
+
 def register_schemas() -> None:
+    """Store the schema and the Tune sweeper's node in Hydra's ConfigStore (once per process)."""
+    global _registered
+    if _registered:
+        return
     from hydra.core.config_store import ConfigStore
 
-    cs = ConfigStore.instance()
-    cs.store(name="qat_train_schema", node=TrainAppConfig)
-    cs.store(name="qat_sweep_schema", node=SweepAppConfig)
+    from hydra_plugins.qat_tune_sweeper.config import register_sweeper_config
+
+    ConfigStore.instance().store(name="qat_app_schema", node=AppConfig)
+    register_sweeper_config()
+    _registered = True
 
 
 def output_root(app: dict[str, Any]) -> Path:

@@ -1,29 +1,24 @@
 """Command-line entry points: ``qat-train`` and ``qat-sweep`` (Hydra apps), ``qat-compare``.
 
-Configuration errors end the program with one line on stderr (``error: <key>=<value> ...
-allowed: ...``) and exit status 2, before Ray or MLflow start and before anything is written.
+Their configs are package data (``orchestrator/conf``), so an installed wheel finds them.
+``qat-sweep`` and ``qat-train -m`` sweep through the Hydra sweeper ``tune``
+(``hydra_plugins/qat_tune_sweeper``, ``orchestrator/sweep``). Configuration errors end the
+program with one line on stderr (``error: <key>=<value> ... allowed: ...``) and exit status 2,
+before Ray or MLflow start and before anything is written.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .app_config import output_root, register_schemas, trial_config
+from .console import fail, quiet_libraries
 
-# conf/ sits beside the package in a checkout (an absolute path: Hydra would read a relative
-# path from a packaged module as a Python package name).
-CONF_PATH = str(Path(__file__).resolve().parent.parent / "conf")
 register_schemas()
-
-
-def fail(message: Any, status: int = 2) -> NoReturn:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
 
 
 def _config_errors() -> tuple[type[Exception], ...]:
@@ -42,25 +37,30 @@ def _resolve(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train_summary(result) -> str:
+    from .tracking.links import ui_command
+
     m = result.metrics
     fp32, ptq, qat = m["fp32_acc"], m["ptq_acc"], m["test_acc"]
     cfg = result.config
-    rows = [("FP32", fp32, None), (f"PTQ  W{cfg.quant.param_bw}A{cfg.quant.output_bw}", ptq, ptq - fp32),
-            (f"QAT  {cfg.qat.epochs} epoch(s), {'range learning' if cfg.qat.range_learning else 'static'}",
+    rows = [("fp32_acc  FP32", fp32, None),
+            (f"ptq_acc   PTQ W{cfg.quant.param_bw}A{cfg.quant.output_bw}", ptq, ptq - fp32),
+            (f"test_acc  QAT {cfg.qat.epochs} epoch(s), {'range learning' if cfg.qat.range_learning else 'static'}",
              qat, qat - fp32)]
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'':{width}}  test acc   Δ vs FP32"]
+    lines = [f"{'':{width}}  test set   vs FP32"]
     lines += [f"{name:{width}}  {acc:7.2f}%   {'' if d is None else f'{d:+.2f}'}" for name, acc, d in rows]
     lines.append(f"export: {m.get('export_dir')}  (.pth, .onnx, .encodings)")
     lines.append(f"MLflow: run {result.run_id}, experiment '{cfg.tracking.experiment}', {result.tracking_uri}")
-    if result.tracking_uri.startswith("sqlite:"):
-        lines.append(f"        open with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    command = ui_command(result.tracking_uri)
+    if command:
+        lines.append(f"        open with: {command}")
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="train")
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def _train_app(cfg: DictConfig) -> None:
     app = _resolve(cfg)
+    quiet_libraries(app["sweep"]["verbose"])  # the trial's own lines stay (Ray Train forwards them)
     from .tracking.mlflow_runs import default_tracking_uri
     from .train.launcher import TrialFailed, run_trial
 
@@ -79,35 +79,11 @@ def _train_app(cfg: DictConfig) -> None:
     print(train_summary(result), flush=True)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="sweep")
+@hydra.main(version_base="1.3", config_path="conf", config_name="sweep")
 def _sweep_app(cfg: DictConfig) -> None:
-    app = _resolve(cfg)
-    from .sweep.runner import format_table, run_sweep
-    from .sweep.spec import SweepSpec
-    from .train.config import TrialConfigError
-
-    errors = _config_errors()
-    root = output_root(app)
-    try:
-        spec = SweepSpec(**app["sweep"])
-        base = trial_config(app, root / "sweeps" / spec.name / "qat" / "_base")
-        outcome = run_sweep(base, spec, root)
-    except errors as exc:
-        fail(exc)
-    except TypeError as exc:  # an unknown key under sweep (the schema normally catches it first)
-        fail(TrialConfigError(f"sweep: {exc}"))
-    except KeyboardInterrupt:
-        fail("sweep interrupted; continue it with the same command plus sweep.resume=true", status=130)
-    print(format_table(outcome, spec.metric), flush=True)
-    best = outcome.best
-    if best is not None:
-        print(f"best trial: {best['trial']} ({best['point']}): test_acc {best['test_acc']:.2f}%, "
-              f"export in {best['export_dir']}")
-    print(f"MLflow: parent run {outcome.parent_run_id} at {outcome.tracking_uri}\n"
-          f"compare: qat-compare --sweep {spec.name} --tracking-uri {outcome.tracking_uri}")
-    if outcome.interrupted:
-        fail("sweep interrupted before every trial finished; continue it with the same command plus "
-             "sweep.resume=true", status=130)
+    # qat-sweep runs in Hydra's MULTIRUN mode (its config sets hydra.mode), where the Tune
+    # sweeper (hydra_plugins/qat_tune_sweeper) runs the trials and this function is not called.
+    fail("qat-sweep always sweeps: leave hydra.mode at MULTIRUN (use qat-train for a single trial)")
 
 
 def train_main() -> None:

@@ -53,6 +53,9 @@ class BackgroundRunLogger:
     def log_dict(self, obj: dict[str, Any], artifact_file: str) -> None:
         self._submit("log_dict", obj, artifact_file)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._submit("log_text", text, artifact_file)
+
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         self._submit("log_artifacts", local_dir, artifact_path)
 

@@ -1,17 +1,24 @@
-"""Comparing the trials of a sweep from MLflow: rows, CSV, plot, best export.
+"""Comparing the trials of one or more sweeps from MLflow: rows, ranking, table, CSV, best export.
 
 Everything here reads MLflow (``search_runs``, run data, artifacts), never Tune's files, so a
-comparison works anywhere the tracking server is reachable.
+comparison works anywhere the tracking server is reachable. One name per metric everywhere
+(MLflow, table, CSV, plot): ``fp32_acc``, ``ptq_acc`` (test accuracy after calibration only),
+``val_acc`` (what sweeps select on), ``test_acc`` (after QAT), ``gain`` = ``test_acc - ptq_acc``.
+A difference of at most one sample (``100 / val_samples`` or ``100 / test_samples`` percent) is a
+tie: tied trials share a rank (``2=``) and a tied gain reads ``tie``.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .mlflow_runs import KIND_TAG, PARENT_TAG, client, retrying
+from .run_content import OUTCOME_TAG
+
+SPACE_PREFIX = "space."  # the sweep's parent run holds one param per swept key: space.<key>
 
 
 class CompareError(ValueError):
@@ -19,91 +26,157 @@ class CompareError(ValueError):
 
 
 @dataclass
+class Sweep:
+    name: str
+    run_id: str
+    swept: list[str]  # swept keys, as Hydra overrides name them
+    metric: str
+    best_run_id: str | None
+
+
+@dataclass
 class TrialRow:
+    sweep: str
     run_id: str
     name: str
-    status: str
+    status: str  # MLflow's: FINISHED, FAILED, KILLED, RUNNING
+    outcome: str  # qat.outcome: finished, stopped_by_scheduler, diverged, failed, interrupted
+    point: dict[str, str]
+    bits: str
+    mode: str
     lr: float
     epochs: int
-    mode: str
-    bits: str
     fp32_acc: float
     ptq_acc: float
     val_acc: float
-    qat_acc: float  # test accuracy after QAT
-    delta: float  # qat_acc - fp32_acc
+    test_acc: float
+    val_samples: float
+    test_samples: float
     wall_s: float
+    rank: str = ""
+    gain_tie: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "FINISHED" and not math.isnan(self.test_acc)
+
+    @property
+    def gain(self) -> float:
+        return self.test_acc - self.ptq_acc
 
 
-def find_sweep(uri: str, experiment: str, sweep: str | None):
-    """The sweep's parent run: by run id, else by sweep name (latest such), else the latest sweep."""
+def find_sweep(uri: str, experiment: str, sweep: str | None) -> Sweep:
+    """A sweep's parent run: by run id, else by sweep name (latest such), else the latest sweep."""
     c = client(uri)
     exp = retrying(lambda: c.get_experiment_by_name(experiment))
     if exp is None:
         raise CompareError(f"MLflow at {uri} has no experiment {experiment!r}")
+    run = None
     if sweep:
         try:
-            run = retrying(lambda: c.get_run(sweep))
-            if run.data.tags.get(KIND_TAG) == "sweep":
-                return run
+            candidate = retrying(lambda: c.get_run(sweep))
+            run = candidate if candidate.data.tags.get(KIND_TAG) == "sweep" else None
         except Exception:
-            pass
-    filt = f"tags.`{KIND_TAG}` = 'sweep'" + (f" and tags.`qat.sweep_name` = '{sweep}'" if sweep else "")
-    runs = retrying(lambda: c.search_runs([exp.experiment_id], filter_string=filt,
-                                          order_by=["attributes.start_time DESC"], max_results=1))
-    if not runs:
-        what = f"named or with run id {sweep!r}" if sweep else "at all"
-        raise CompareError(f"no sweep {what} in experiment {experiment!r} at {uri}")
-    return runs[0]
+            run = None
+    if run is None:
+        filt = f"tags.`{KIND_TAG}` = 'sweep'" + (f" and tags.`qat.sweep_name` = '{sweep}'" if sweep else "")
+        runs = retrying(lambda: c.search_runs([exp.experiment_id], filter_string=filt,
+                                              order_by=["attributes.start_time DESC"], max_results=1))
+        if not runs:
+            what = f"named or with run id {sweep!r}" if sweep else "at all"
+            raise CompareError(f"no sweep {what} in experiment {experiment!r} at {uri}")
+        run = runs[0]
+    params, tags = run.data.params, run.data.tags
+    swept = [k[len(SPACE_PREFIX):] for k in params if k.startswith(SPACE_PREFIX)]
+    return Sweep(tags.get("qat.sweep_name", run.info.run_id), run.info.run_id, sorted(swept),
+                 params.get("sweep.metric", "val_acc"), tags.get("best_run_id"))
 
 
 def _metric(run, key: str) -> float:
     return float(run.data.metrics.get(key, math.nan))
 
 
-def trial_rows(uri: str, parent) -> list[TrialRow]:
-    """One row per child run of ``parent`` (its trials), in no particular order."""
+def trial_rows(uri: str, sweep: Sweep) -> list[TrialRow]:
+    """One row per child run of the sweep (its trials), in no particular order."""
     c = client(uri)
+    parent = retrying(lambda: c.get_run(sweep.run_id))
     children = retrying(lambda: c.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-        max_results=10_000))
+        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{sweep.run_id}'", max_results=10_000))
     rows = []
     for run in children:
         p, t = run.data.params, run.data.tags
         end = run.info.end_time or run.info.start_time
-        fp32, qat = _metric(run, "fp32_acc"), _metric(run, "test_acc")
         rows.append(TrialRow(
-            run_id=run.info.run_id, name=run.info.run_name or "", status=run.info.status,
-            lr=float(p.get("qat.lr", "nan")), epochs=int(p.get("qat.epochs", "0")),
-            mode=t.get("qat.mode", ""), bits=f"W{t.get('qat.param_bw', '?')}A{t.get('qat.output_bw', '?')}",
-            fp32_acc=fp32, ptq_acc=_metric(run, "ptq_acc"), val_acc=_metric(run, "val_acc"), qat_acc=qat,
-            delta=qat - fp32, wall_s=(end - run.info.start_time) / 1000.0,
+            sweep=sweep.name, run_id=run.info.run_id, name=run.info.run_name or "", status=run.info.status,
+            outcome=t.get(OUTCOME_TAG, run.info.status.lower()),
+            point={k: p.get(k.lstrip("+~"), "") for k in sweep.swept},
+            bits=t.get("qat.bits", f"w{t.get('qat.param_bw', '?')}a{t.get('qat.output_bw', '?')}"),
+            mode=t.get("qat.mode", ""), lr=float(p.get("qat.lr", "nan")), epochs=int(p.get("qat.epochs", "0")),
+            fp32_acc=_metric(run, "fp32_acc"), ptq_acc=_metric(run, "ptq_acc"), val_acc=_metric(run, "val_acc"),
+            test_acc=_metric(run, "test_acc"), val_samples=_metric(run, "val_samples"),
+            test_samples=_metric(run, "test_samples"), wall_s=(end - run.info.start_time) / 1000.0,
         ))
     return rows
 
 
+def one_sample(samples: float) -> float:
+    """One sample's worth of accuracy in percent (0 when the count is unknown)."""
+    return 100.0 / samples if samples and not math.isnan(samples) else 0.0
+
+
 def rank(rows: list[TrialRow], metric: str = "val_acc") -> list[TrialRow]:
-    """Finished trials first, best ``metric`` (val_acc / qat_acc, higher is better) first."""
+    """Finished trials first, best ``metric`` first; ranks shared within one validation sample;
+    gains within one test sample flagged as ties. Returns the rows sorted (and annotated)."""
     def key(r: TrialRow) -> tuple:
         value = getattr(r, metric)
-        return (r.status != "FINISHED", math.isnan(value), -(0.0 if math.isnan(value) else value),
-                -(0.0 if math.isnan(r.qat_acc) else r.qat_acc), r.name)
+        return (not r.finished, math.isnan(value), -(0.0 if math.isnan(value) else value),
+                -(0.0 if math.isnan(r.test_acc) else r.test_acc), r.name)
 
-    return sorted(rows, key=key)
+    ordered = sorted(rows, key=key)
+    leader: TrialRow | None = None
+    for i, r in enumerate(ordered):
+        r.gain_tie = abs(r.gain) <= one_sample(r.test_samples) + 1e-9 if not math.isnan(r.gain) else False
+        if not r.finished:
+            r.rank = "-"
+            continue
+        value = getattr(r, metric)
+        tol = one_sample(r.val_samples) if metric == "val_acc" else one_sample(r.test_samples)
+        if leader is not None and abs(getattr(leader, metric) - value) <= tol + 1e-9:
+            r.rank = f"{leader.rank.rstrip('=')}="
+            if not leader.rank.endswith("="):
+                leader.rank += "="
+        else:
+            r.rank, leader = str(i + 1), r
+    return ordered
 
 
-COLUMNS = ("name", "lr", "epochs", "mode", "bits", "fp32_acc", "ptq_acc", "val_acc", "qat_acc", "delta", "wall_s",
-           "status", "run_id")
+def _num(value: float, signed: bool = False) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
-def format_rows(rows: list[TrialRow]) -> str:
-    header = ("trial", "lr", "epochs", "mode", "bits", "FP32", "PTQ", "val", "QAT", "Δ vs FP32", "wall s", "status")
-    body = [(r.name.split(" ")[0], f"{r.lr:.3g}", str(r.epochs), r.mode, r.bits, f"{r.fp32_acc:.2f}",
-             f"{r.ptq_acc:.2f}", f"{r.val_acc:.2f}", f"{r.qat_acc:.2f}", f"{r.delta:+.2f}", f"{r.wall_s:.0f}",
-             r.status) for r in rows]
+def gain_text(r: TrialRow) -> str:
+    return "tie" if r.gain_tie else _num(r.gain, signed=True)
+
+
+COLUMNS = ("sweep", "rank", "name", "outcome", "bits", "mode", "lr", "epochs", "fp32_acc", "ptq_acc", "val_acc",
+           "test_acc", "gain", "gain_is_tie", "val_samples", "test_samples", "wall_s", "status", "run_id")
+
+
+def format_rows(rows: list[TrialRow], metric: str = "val_acc") -> str:
+    """A table of ranked rows; a ``sweep`` column when they come from several sweeps."""
+    several = len({r.sweep for r in rows}) > 1
+    header = (("sweep",) if several else ()) + ("rank", "trial", "fp32_acc", "ptq_acc", "val_acc", "test_acc",
+                                                "gain", "outcome", "wall s")
+    body = [(((r.sweep,) if several else ()) + (r.rank, r.name, _num(r.fp32_acc), _num(r.ptq_acc), _num(r.val_acc),
+                                               _num(r.test_acc), gain_text(r), r.outcome, f"{r.wall_s:.0f}"))
+            for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(b) for b in body])
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    legend = (f"ranked by {metric}; '=' ties within one validation sample; gain = test_acc - ptq_acc, "
+              "'tie' within one test sample")
+    return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(b) for b in body] + [legend])
 
 
 def write_csv(rows: list[TrialRow], path: str | Path) -> None:
@@ -111,47 +184,16 @@ def write_csv(rows: list[TrialRow], path: str | Path) -> None:
 
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w = csv.DictWriter(f, fieldnames=COLUMNS + tuple(sorted({k for r in rows for k in r.point})))
             w.writeheader()
             for r in rows:
-                d = asdict(r)
-                w.writerow({k: d[k] for k in COLUMNS})
+                w.writerow({"sweep": r.sweep, "rank": r.rank, "name": r.name, "outcome": r.outcome, "bits": r.bits,
+                            "mode": r.mode, "lr": r.lr, "epochs": r.epochs, "fp32_acc": r.fp32_acc,
+                            "ptq_acc": r.ptq_acc, "val_acc": r.val_acc, "test_acc": r.test_acc, "gain": r.gain,
+                            "gain_is_tie": r.gain_tie, "val_samples": r.val_samples, "test_samples": r.test_samples,
+                            "wall_s": round(r.wall_s, 1), "status": r.status, "run_id": r.run_id, **r.point})
 
     atomic_write(path, write)
-
-
-def write_plot(rows: list[TrialRow], path: str | Path, title: str) -> None:
-    """QAT accuracy vs lr (log x), one line per mode x epochs; FP32 and PTQ as reference lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..fileio import atomic_write
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[tuple[str, int], list[TrialRow]] = {}
-    for r in rows:
-        if not math.isnan(r.qat_acc) and not math.isnan(r.lr):
-            groups.setdefault((r.mode, r.epochs), []).append(r)
-    for (mode, epochs), members in sorted(groups.items()):
-        members.sort(key=lambda r: r.lr)
-        ax.plot([r.lr for r in members], [r.qat_acc for r in members], marker="o", label=f"{mode}, {epochs} epoch(s)")
-    fp32 = [r.fp32_acc for r in rows if not math.isnan(r.fp32_acc)]
-    ptq = [r.ptq_acc for r in rows if not math.isnan(r.ptq_acc)]
-    if fp32:
-        ax.axhline(sum(fp32) / len(fp32), color="black", linestyle="--", label="FP32")
-    if ptq:
-        ax.axhline(sum(ptq) / len(ptq), color="gray", linestyle=":", label="PTQ (no training)")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("test accuracy after QAT (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
 
 
 def download_export(uri: str, run_id: str, dest: str | Path) -> Path:

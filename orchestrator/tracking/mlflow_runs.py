@@ -21,6 +21,7 @@ TRIAL_ID_TAG = "qat.trial_id"
 SWEEP_ID_TAG = "qat.sweep_id"
 KIND_TAG = "qat.kind"  # "trial" or "sweep"
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MAX_PARAM_LENGTH = 6000
 
 
@@ -65,8 +66,11 @@ def ensure_experiment(uri: str, name: str) -> str:
     location = None
     if is_sqlite(uri):
         location = (sqlite_path(uri).parent / "mlartifacts").resolve().as_uri()
+    # The MLflow UI opens an experiment of this kind in its model-training view (runs table),
+    # not the GenAI view (traces).
+    tags = {EXPERIMENT_KIND_TAG: "custom_model_development"}
     try:
-        return retrying(lambda: c.create_experiment(name, artifact_location=location))
+        return retrying(lambda: c.create_experiment(name, artifact_location=location, tags=tags))
     except Exception:  # another process created it first
         exp = retrying(lambda: c.get_experiment_by_name(name))
         if exp is None:
@@ -97,18 +101,6 @@ def find_or_create_run(uri: str, experiment: str, tag: str, value: str, run_name
         all_tags[PARENT_TAG] = parent_run_id
     run = retrying(lambda: c.create_run(experiment_id, tags=all_tags, run_name=run_name))
     return run.info.run_id, True
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """``{"qat": {"lr": 0.1}}`` -> ``{"qat.lr": "0.1"}``; lists and None as text."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = str(v)[:MAX_PARAM_LENGTH]
-    return out
 
 
 class RunLogger:
@@ -146,6 +138,19 @@ class RunLogger:
 
     def log_dict(self, obj: dict[str, Any], artifact_file: str) -> None:
         retrying(lambda: self._client.log_dict(self.run_id, obj, artifact_file))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        retrying(lambda: self._client.log_text(self.run_id, text, artifact_file))
+
+    def delete_tags(self, keys: list[str]) -> None:
+        """Remove the tags ``keys`` that the run has (stale labels of an earlier attempt)."""
+        run = retrying(lambda: self._client.get_run(self.run_id))
+        for key in keys:
+            if key in run.data.tags:
+                retrying(lambda key=key: self._client.delete_tag(self.run_id, key))
+
+    def status(self) -> str:
+        return retrying(lambda: self._client.get_run(self.run_id)).info.status
 
     def finish(self, status: str) -> None:
         """``status``: FINISHED, FAILED or KILLED."""

@@ -1,8 +1,10 @@
 """The trial driver: prepare, open the MLflow run, run the workers, close the run.
 
-``run_trial(cfg)`` runs one trial in-process (``trainer.num_workers=0``) or on Ray Train DDP
-workers, and returns a ``TrialResult``. The MLflow run is created here (once, found again by
-its trial id on a restart); rank 0 logs into it; this driver sets its final status.
+``run_trial(cfg)`` runs one trial in this process (``trainer.num_workers=0``, or a sweep trial
+with one worker inside its Tune trial actor) or on Ray Train DDP workers, and returns a
+``TrialResult``. The MLflow run is created here (once, found again by its trial id on a
+restart) with its params, tags and config; system metrics are sampled while it trains; rank 0
+logs its metrics and artifacts; this driver sets its final status and ``qat.outcome``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..tracking.mlflow_runs import KIND_TAG, TRIAL_ID_TAG, RunLogger, default_tracking_uri, find_or_create_run
+from ..tracking.mlflow_runs import TRIAL_ID_TAG, RunLogger, default_tracking_uri, find_or_create_run
+from ..tracking.run_content import OUTCOME_TAG, trial_params, trial_tags
+from ..tracking.system_metrics import system_metrics
 from .builders import build_data, pretrained_path
 from .config import TrialConfig
 
 
 class TrialFailed(RuntimeError):
-    """The trial did not finish; the message says why (divergence, worker failures, ...)."""
+    """The trial did not finish; the message says why (divergence, worker failures, ...).
+
+    ``status``: the trial's own final status when it ended itself (``diverged``), else None."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -59,54 +69,105 @@ def prepare(cfg: TrialConfig, log=print) -> TrialConfig:
     return cfg
 
 
-def trial_tags(cfg: TrialConfig) -> dict[str, str]:
-    return {KIND_TAG: "trial", "qat.mode": mode_name(cfg), "qat.param_bw": str(cfg.quant.param_bw),
-            "qat.output_bw": str(cfg.quant.output_bw), "qat.model": cfg.model.name, "qat.data": cfg.data.name,
-            "qat.output_dir": cfg.output_dir}
+LAUNCHERS = ("in-process", "tune-actor", "ray-train")
 
 
-def start_run(cfg: TrialConfig) -> str:
-    run_id, _ = find_or_create_run(cfg.tracking.uri, cfg.tracking.experiment, TRIAL_ID_TAG, cfg.tracking.trial_id,
-                                   cfg.tracking.run_name, trial_tags(cfg), cfg.tracking.parent_run_id)
+def launcher_for(cfg: TrialConfig, in_actor: bool) -> str:
+    """Where the trial trains: ``tune-actor`` (a sweep trial with at most one worker: inside its
+    Tune trial actor, with the resources that actor holds), ``in-process`` (``num_workers=0``),
+    else ``ray-train`` (a TorchTrainer worker group, DDP when ``num_workers > 1``)."""
+    if in_actor and cfg.trainer.num_workers <= 1:
+        return "tune-actor"
+    return "in-process" if cfg.trainer.num_workers == 0 else "ray-train"
+
+
+def start_run(cfg: TrialConfig, launcher: str, swept: dict[str, Any] | None = None,
+              extra_tags: dict[str, str] | None = None) -> str:
+    """The trial's MLflow run: created with its params, tags and ``config.json``, or found again
+    by its trial id (a restarted trial), with the labels of the earlier attempt removed."""
+    tags = {**trial_tags(cfg, launcher), **(extra_tags or {})}
+    run_id, created = find_or_create_run(cfg.tracking.uri, cfg.tracking.experiment, TRIAL_ID_TAG,
+                                         cfg.tracking.trial_id, cfg.tracking.run_name, tags,
+                                         cfg.tracking.parent_run_id)
+    logger = RunLogger(cfg.tracking.uri, run_id)
+    if created:
+        logger.log_params(trial_params(cfg, swept))
+        logger.log_dict(cfg.to_dict(), "config.json")
+    else:
+        logger.delete_tags([OUTCOME_TAG])
     return run_id
 
 
-def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, log=print) -> TrialResult:
+def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, log=print, *, in_actor: bool = False,
+              swept: dict[str, Any] | None = None, extra_tags: dict[str, str] | None = None) -> TrialResult:
     """Run one trial end to end; raises ``TrialFailed`` (MLflow run FAILED) when it does not finish.
 
-    ``callbacks``: Ray Train callbacks (the sweep's ``TuneReportCallback``); ``on_report``: the
-    same role for in-process trials, called with each report's metrics.
+    ``callbacks``: Ray Train callbacks (a multi-worker sweep trial's ``TuneReportCallback``);
+    ``on_report``: called with each report's metrics when the trial trains in this process
+    (in-process, or inside a Tune trial actor with ``in_actor``). ``swept``: the sweep point
+    (logged as params); ``extra_tags``: more run tags (sweep name, source).
     """
     started_at = time.time()  # for the startup_s metric: trial start to first optimizer step
     cfg = prepare(cfg, log=log)
-    if cfg.trainer.num_workers > 0:
+    launcher = launcher_for(cfg, in_actor)
+    if launcher == "ray-train":
         from .ray_launcher import check_fits, ensure_ray
 
         check_fits(cfg.trainer, ensure_ray(cfg.trainer.ray_address))
-    run_id = start_run(cfg)
+    run_id = start_run(cfg, launcher, swept, extra_tags)
     tracker = RunLogger(cfg.tracking.uri, run_id)
-    payload = {"trial": cfg.to_dict(), "run_id": run_id, "local": cfg.trainer.num_workers == 0,
-               "started_at": started_at}
-    try:
-        if cfg.trainer.num_workers == 0:
-            from .workflow import qat_worker
+    payload = {"trial": cfg.to_dict(), "run_id": run_id, "local": launcher != "ray-train",
+               "device": "cuda" if cfg.trainer.use_gpu else "cpu", "started_at": started_at}
+    closed: list[str] = []
 
-            metrics = qat_worker(payload, on_report=on_report)
-        else:
-            from .ray_launcher import fit
+    def report(metrics: dict[str, Any]) -> None:
+        # The final report carries the trial's status. The run is closed before it goes out: a
+        # sweep's scheduler or Tune itself may stop the trial right at that report.
+        if "status" in metrics and not closed:
+            closed.append(_close(tracker, metrics["status"]))
+        if on_report is not None:
+            on_report(metrics)
 
-            metrics = fit(cfg, payload, run_name=f"trial-{cfg.tracking.trial_id}", callbacks=callbacks)
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
-    except Exception as exc:
-        tracker.finish("FAILED")
-        raise TrialFailed(f"trial {cfg.tracking.run_name} failed: {_first_line(exc)}") from exc
-    if metrics.get("status") != "finished":
-        tracker.finish("FAILED")
-        raise TrialFailed(metrics.get("error") or f"trial ended with status {metrics.get('status')!r}")
-    tracker.finish("FINISHED")
+    with system_metrics(cfg.tracking.uri, run_id):
+        try:
+            if launcher == "ray-train":
+                from .ray_launcher import fit
+
+                metrics = fit(cfg, payload, run_name=f"trial-{cfg.tracking.trial_id}", callbacks=callbacks)
+            else:
+                from .workflow import qat_worker
+
+                metrics = qat_worker(payload, on_report=report)
+        except KeyboardInterrupt:
+            _end(tracker, "KILLED", "interrupted")
+            raise
+        except Exception as exc:
+            _end(tracker, "FAILED", "failed")
+            raise TrialFailed(f"trial {cfg.tracking.run_name} failed: {_first_line(exc)}") from exc
+    status = metrics.get("status")
+    if not closed:
+        _close(tracker, status)
+    if status != "finished":
+        raise TrialFailed(metrics.get("error") or f"trial ended with status {status!r}", status=status)
     return TrialResult("finished", metrics, run_id, cfg.tracking.uri, cfg.output_dir, cfg)
+
+
+def run_outcome(status: str | None) -> tuple[str, str]:
+    """``(MLflow status, qat.outcome)`` of a trial whose final report says ``status``."""
+    if status == "finished":
+        return "FINISHED", "finished"
+    return "FAILED", "diverged" if status == "diverged" else "failed"
+
+
+def _close(tracker: RunLogger, status: str | None) -> str:
+    mlflow_status, outcome = run_outcome(status)
+    _end(tracker, mlflow_status, outcome)
+    return outcome
+
+
+def _end(tracker: RunLogger, status: str, outcome: str) -> None:
+    tracker.set_tags({OUTCOME_TAG: outcome})
+    tracker.finish(status)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -22,19 +22,26 @@ LOCAL_RAY_ENV = {
 }
 
 
-def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
+_context = None  # what ray.init returned in this process (its dashboard URL)
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None, log_to_driver: bool = True) -> bool:
     """Connect to ``address``, else to ``$RAY_ADDRESS`` (set by ``ray job submit``), else start a
     new local Ray; nothing when this process is already connected.
 
-    Returns True when this call started a local Ray (its resources are all there will be).
+    ``log_to_driver``: forward the workers' output to this process (a sweep prints its own one
+    line per trial event instead). Returns True when this call started a local Ray (its
+    resources are all there will be).
     """
+    global _context
     import ray
 
     if ray.is_initialized():
         return False
     # A local Ray starts its dashboard (localhost only, ray[default]): it serves the State API
     # that Ray Train's placement-group cleaner polls; without it that cleaner warns every few seconds.
-    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+    kwargs: dict[str, Any] = {"logging_level": "WARNING" if log_to_driver else "ERROR",
+                              "log_to_driver": log_to_driver}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         kwargs["address"] = address
@@ -44,8 +51,16 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
             kwargs["num_cpus"] = num_cpus
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
-    ray.init(**kwargs)
+    _context = ray.init(**kwargs)
     return kwargs["address"] == "local"
+
+
+def dashboard_url() -> str | None:
+    """``http://host:port`` of the Ray dashboard this process connected through, if any."""
+    url = getattr(_context, "dashboard_url", None)
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
 
 
 def check_fits(trainer, local: bool, extra_cpus: float = 0.0) -> None:

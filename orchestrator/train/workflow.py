@@ -39,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..quant import QuantizationSimModel, keep_freed_host_memory
+from ..tracking.run_content import EPOCH_METRICS, FIRST_EPOCH_METRICS, log_export
 from .builders import build_data, load_pretrained
 from .config import TrialConfig
 from .distributed import (
@@ -57,9 +58,7 @@ if TYPE_CHECKING:
 # An epoch whose mean training loss exceeds this many times ln(C), the cross-entropy of a uniform
 # guess over C classes, has diverged (quantization keeps absurd weights finite, so NaN never comes).
 EXPLODED_LOSS_FACTOR = 3.0
-METRIC_KEYS = ("fp32_acc", "ptq_acc", "train_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s", "test_acc",
-               "compile_warmup_s",
-               "startup_s", "worker_start_s")
+METRIC_KEYS = EPOCH_METRICS + FIRST_EPOCH_METRICS  # logged per epoch; the one-off metrics are logged once
 
 
 @dataclass
@@ -180,7 +179,7 @@ def qat_worker(payload: dict[str, Any], on_report=None) -> dict[str, Any]:
     cfg = TrialConfig.from_dict(payload["trial"])
     if payload.get("local"):
         session: Session = LocalSession(Path(cfg.output_dir) / "checkpoints", cfg.trainer.checkpoints_to_keep,
-                                        on_report=on_report)
+                                        device=payload.get("device"), on_report=on_report)
     else:
         session = RaySession(payload["checkpoint_root"])
     return run_workflow(cfg, session, payload.get("run_id"), payload.get("started_at"), entered_at)
@@ -218,12 +217,6 @@ def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogg
     dummy = data.train.tensors[0][:2].to(device)
     sim = QuantizationSimModel(model, dummy, cfg.quant_config())
     state = session.load_state()
-    if tracker is not None and state is None:
-        from ..tracking.mlflow_runs import flatten
-
-        tracker.log_params(flatten(cfg.to_dict()))
-        tracker.log_dict(cfg.to_dict(), "config.json")
-
     if state is not None and "final" in state:  # the trial had already ended: report it again
         log(f"trial already ended with status {state['final']['status']}")
         session.report(state["final"])
@@ -239,6 +232,9 @@ def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogg
                  "local_calibration_digests": ",".join(local_digests)}
         ptq_acc = evaluate(sim.model, data.test, qat.eval_batch_size, rank, world, device)
         start_epoch, history = 0, []
+        if tracker is not None:
+            tracker.log_metrics({"fp32_acc": fp32_acc, "ptq_acc": ptq_acc, "val_samples": len(data.val),
+                                 "test_samples": len(data.test)}, step=0)
         log(f"FP32 {fp32_acc:.2f}%  PTQ {ptq_acc:.2f}%  ({len(sim.activation_quantizers())} activation "
                       f"quantizers, {len(sim.param_quantizers())} weight quantizers, {world} worker(s))")
     else:
@@ -327,9 +323,9 @@ def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogg
             if entered_at is not None:
                 metrics["worker_start_s"] = entered_at - started_at
         history.append(metrics)
-        session.report({**metrics, **extra}, checkpoint(epoch))
-        if tracker is not None:
+        if tracker is not None:  # before the report: a sweep's scheduler may stop the trial there
             tracker.log_metrics({k: v for k, v in metrics.items() if k in METRIC_KEYS}, step=epoch)
+        session.report({**metrics, **extra}, checkpoint(epoch))
         log(f"epoch {epoch + 1}/{qat.epochs}  loss {metrics['train_loss']:.4f}  val {val_acc:.2f}%  "
                       f"lr {lr:.3g}  {metrics['epoch_time_s']:.1f}s  {metrics['samples_per_s']:.0f} samples/s")
 
@@ -344,10 +340,9 @@ def _run_workflow(cfg: TrialConfig, session: Session, tracker: BackgroundRunLogg
         final["export_dir"] = str(export_dir)
         final.update({f"export_{kind}": p for kind, p in paths.items()})
         if tracker is not None:
-            tracker.log_metrics({k: final[k] for k in ("test_acc", "fp32_acc", "ptq_acc")},
-                                step=max(qat.epochs - 1, 0))
+            tracker.log_metrics({"test_acc": test_acc}, step=max(qat.epochs - 1, 0))
             if cfg.tracking.log_artifacts:
-                tracker.log_artifacts(export_dir, "export")
+                log_export(tracker, export_dir, cfg.export_prefix, sim.summary())
             tracker.flush()  # everything is in MLflow before the report that ends the trial
         log(f"test {test_acc:.2f}%  exported to {export_dir}")
     session.report(final, checkpoint(qat.epochs - 1, final))

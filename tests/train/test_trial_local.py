@@ -54,7 +54,12 @@ def test_in_process_trial_logs_everything_to_mlflow(tmp_path, baseline_cache):
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-4])  # divided by gamma=10 every 2 epochs
 
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "export")}
-    assert artifacts == {"export/model.pth", "export/model.onnx", "export/model.encodings"}
+    assert artifacts == {"export/model.pth", "export/model.onnx", "export/model.encodings",
+                         "export/model.encodings.json"}
+    for key in ("fp32_acc", "ptq_acc", "test_acc", "val_samples", "test_samples"):
+        assert len(client.get_metric_history(result.run_id, key)) == 1, key  # logged once
+    assert tags["qat.launcher"] == "in-process" and tags["qat.outcome"] == "finished"
+    assert tags["qat.output_dir"] == str(tmp_path / "trial") and "output_dir" not in params
     local = client.download_artifacts(result.run_id, "export/model.encodings", str(tmp_path / "dl"))
     doc = json.loads(open(local).read())
     assert doc["version"] == "1.0.0" and doc["quantizer_args"]["activation_bitwidth"] == 4

@@ -1,0 +1,1 @@
+"""Hydra configs of qat-train and qat-sweep (package data; a package so Hydra finds it with pkg://)."""

@@ -1,0 +1,63 @@
+"""What the command-line programs print: one-line errors, colour only on a terminal, and the
+libraries' own chatter (Ray, Tune, MLflow) off unless asked for.
+
+``quiet_libraries`` sets environment variables before Ray starts, so a local Ray's processes
+(and with them every trial actor and Ray Train worker) inherit them:
+
+- ``RAY_AIR_NEW_OUTPUT=0``: Tune's legacy reporter, silent at ``verbose=0`` (the new one draws
+  a configuration box and a TensorBoard hint at any verbosity);
+- ``TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1``: no CSV/JSON/TensorBoard result files per trial
+  (results live in MLflow);
+- ``MLFLOW_LOGGING_LEVEL=WARNING``: no table-creation and monitor INFO lines;
+  ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false``: no download progress bars;
+- Ray's Python logger at ERROR, Tune's and Train's at CRITICAL (a failed trial is one line of
+  ours, its traceback in the trial's ``error.txt``); trial output is not forwarded to the driver
+  (``ray.init(log_to_driver=False)``, see ``train/ray_launcher.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, NoReturn
+
+QUIET_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Silence Ray, Tune and MLflow unless ``verbose`` (call before they are imported/started)."""
+    if verbose:
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    for name in ("ray.tune", "ray.train", "ray.air"):  # a failed trial's traceback: one line of ours instead
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in ("mlflow", "alembic", "optuna"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+COLORS = {"red": "31", "green": "32", "yellow": "33"}
+
+
+def use_color(stream=None) -> bool:
+    """Colour only on a terminal (never in a pipe or a log file), and never with ``NO_COLOR``."""
+    stream = stream or sys.stdout
+    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def paint(text: str, color: str) -> str:
+    return f"\033[{COLORS[color]}m{text}\033[0m" if use_color() else text
+
+
+def fail(message: Any, status: int = 2) -> NoReturn:
+    """Print ``error: <message>`` (one line) on stderr and exit with ``status``."""
+    text = " ".join(str(message).split("\n")).strip()
+    print(f"error: {text}", file=sys.stderr, flush=True)
+    sys.exit(status)

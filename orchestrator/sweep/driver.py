@@ -1,0 +1,99 @@
+"""A sweep from start to end, as the Hydra sweeper runs it (``qat-sweep``, ``qat-train -m``).
+
+    plan (validate everything, ~1 s, nothing written) -> start (FP32 baseline, Ray, parent run)
+    -> fit (one line per trial event) -> finish (table, plot, best model registered)
+
+Configuration errors exit 2 with one ``error:`` line; an interrupted sweep marks its runs
+KILLED, prints the command that resumes it and exits 130 (SIGINT) or 143 (SIGTERM).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..console import fail, quiet_libraries
+from ..train.config import TrialConfigError
+from . import lifecycle
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    from ..quant import QuantError
+    from ..zoo.registry import RegistryError
+
+    return TrialConfigError, QuantError, RegistryError
+
+
+def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
+    started = time.time()
+    from .plan import plan_sweep
+
+    errors = _config_errors()
+    try:
+        plan = plan_sweep(config_loader, master_config, overrides)
+    except errors as exc:
+        fail(exc)
+    spec = plan.spec
+    quiet_libraries(spec.verbose)
+    lifecycle.install()
+    dims = " x ".join(f"{d.key} ({len(d.values) if not d.is_interval else d.describe()})" for d in plan.space.dims)
+    print(f"sweep {spec.name}: {plan.total} trial(s), {spec.search} search over {dims or 'no swept key'}"
+          f"{'' if spec.scheduler == 'none' else f', {spec.scheduler} early stopping'}"
+          f"{' (resuming)' if spec.resume else ''}", flush=True)
+    from .runner import fit, mark_interrupted, shutdown_ray, start
+
+    run = None
+    try:
+        try:
+            run, tuner = start(plan)
+        except errors as exc:
+            fail(exc)
+        _links(run, f"started in {time.time() - started:.0f}s; {run.concurrency} trial(s) at a time")
+        from ..tracking.system_metrics import system_metrics
+        from .progress import CLOCK
+
+        CLOCK["start"] = started
+        with system_metrics(run.tracking_uri, run.parent_run_id):
+            fit(run, tuner)
+        if run.interrupted:
+            cut = mark_interrupted(run)
+            shutdown_ray()
+            print(f"sweep {spec.name} interrupted: {cut} trial(s) cut short, marked KILLED in MLflow with the parent "
+                  f"run; finished trials are kept.\nresume with: {lifecycle.resume_command(spec.name)}", flush=True)
+            sys.exit(lifecycle.STATE.exit_status)
+        from .finish import best_line, finish
+
+        result = finish(run)
+    except KeyboardInterrupt:  # a signal before or after Tune's run, or a second one
+        if run is not None:
+            mark_interrupted(run)
+        from .plan import sweep_state_exists
+
+        again = (f"resume with: {lifecycle.resume_command(spec.name)}" if sweep_state_exists(plan.sweep_dir)
+                 else "nothing ran yet: run the same command again")
+        print(f"sweep {spec.name} interrupted.\n{again}", flush=True)
+        sys.exit(lifecycle.STATE.exit_status)
+    shutdown_ray()
+    print(f"\nsweep {spec.name}: {len(result.rows)} trial(s) in {time.time() - started:.0f}s")
+    print(result.table)
+    print(best_line(result, spec.metric))
+    if result.registered:
+        name, version = result.registered
+        print(f"registered: models:/{name}/{version} (MLflow Model Registry: the best trial's ONNX model + encodings)")
+    _links(run, f"compare: qat-compare --sweep {spec.name} --tracking-uri {run.tracking_uri}")
+    sys.stdout.flush()
+    if result.best is None:
+        fail(f"sweep {spec.name}: no trial finished (each trial's error is in "
+             f"{plan.sweep_dir}/<trial>/error.txt)", status=1)
+
+
+def _links(run, first: str) -> None:
+    from ..tracking.links import runs_url, ui_command
+
+    lines = [first]
+    if run.dashboard:
+        lines.append(f"Ray dashboard: {run.dashboard}")
+    command = ui_command(run.tracking_uri)
+    url = runs_url(run.tracking_uri, run.experiment_id, run.plan.spec.name)
+    lines.append(f"MLflow: {command + '  then open ' if command else ''}{url}")
+    print("\n".join(lines), flush=True)

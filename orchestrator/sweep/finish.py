@@ -1,0 +1,68 @@
+"""The end of a sweep, from MLflow: ranked table, plot and CSV on the parent run, the best trial
+tagged (``best_run_id``) and registered in the Model Registry, the parent closed.
+
+The table is ``qat-compare``'s (``tracking/compare.py``): one implementation, one set of
+metric names.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..tracking.compare import Sweep, TrialRow, format_rows, rank, trial_rows, write_csv
+from ..tracking.mlflow_runs import RunLogger
+from ..tracking.plot import write_plot
+from ..tracking.run_content import OUTCOME_TAG
+from .runner import SweepRun
+
+
+@dataclass
+class SweepResult:
+    rows: list[TrialRow]
+    best: TrialRow | None
+    registered: tuple[str, str] | None  # (registered model name, version)
+    table: str
+
+
+def finish(run: SweepRun) -> SweepResult:
+    spec = run.plan.spec
+    uri = run.tracking_uri
+    swept = [d.key.lstrip("+~") for d in run.plan.space.dims]
+    sweep = Sweep(spec.name, run.parent_run_id, swept, spec.metric, None)
+    rows = rank(trial_rows(uri, sweep), spec.metric)
+    best = rows[0] if rows and rows[0].finished else None
+    parent = RunLogger(uri, run.parent_run_id)
+    with tempfile.TemporaryDirectory(prefix="qat-sweep-") as tmp:
+        write_csv(rows, Path(tmp) / f"{spec.name}.csv")
+        write_plot(rows, swept, Path(tmp) / f"{spec.name}.png", f"sweep {spec.name}")
+        parent.log_artifacts(tmp, "comparison")
+    registered = None
+    if best is not None:
+        parent.log_metrics({f"best_{spec.metric}": getattr(best, spec.metric), "best_test_acc": best.test_acc}, step=0)
+        tags = {"best_run_id": best.run_id, "best_run_name": best.name}
+        if spec.register_best:
+            from ..tracking.registry import register_trial_model
+
+            version = register_trial_model(
+                uri, best.run_id, spec.registered_model, run.plan.base.export_prefix,
+                tags={"sweep": spec.name, "bits": best.bits, "mode": best.mode, spec.metric: f"{best.val_acc:.2f}",
+                      "test_acc": f"{best.test_acc:.2f}", "ptq_acc": f"{best.ptq_acc:.2f}"},
+                description=f"best of sweep {spec.name} by {spec.metric}: {best.name}")
+            registered = (spec.registered_model, version)
+            tags["registered_model"] = f"models:/{spec.registered_model}/{version}"
+        parent.set_tags(tags)
+    counts = {o: sum(r.outcome == o for r in rows) for o in {r.outcome for r in rows}}
+    parent.set_tags({OUTCOME_TAG: "finished", **{f"qat.trials_{o}": str(n) for o, n in counts.items()}})
+    parent.finish("FINISHED")
+    return SweepResult(rows, best, registered, format_rows(rows, spec.metric))
+
+
+def best_line(result: SweepResult, metric: str) -> str:
+    b = result.best
+    if b is None:
+        return "no trial finished"
+    gain = "" if math.isnan(b.gain) else f", gain over PTQ {b.gain:+.2f}"
+    return f"best: {b.name} ({metric} {getattr(b, metric):.2f}, test_acc {b.test_acc:.2f}{gain}), run {b.run_id}"

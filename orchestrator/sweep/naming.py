@@ -1,0 +1,49 @@
+"""Readable names for sweep trials, from the trial's config and its sweep point.
+
+``w4a4 lr=1e-3 ep=3 RL``: bit widths, learning rate, epochs and mode (``RL`` = range learning)
+always; any other swept key as ``name=value``; ``#n`` (the trial's number) when a grid point
+repeats (``num_samples > 1``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..train.config import TrialConfig
+
+# Swept keys the fixed part of the name already shows.
+SHOWN = {"quant", "quant.param_bw", "quant.output_bw", "qat", "qat.lr", "qat.epochs", "qat.range_learning"}
+
+
+def short_number(value: Any) -> str:
+    """``0.001`` -> ``1e-3``, ``0.00032`` -> ``3.2e-4``, ``0.05`` -> ``0.05``, ``3`` -> ``3``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if not isinstance(value, float):
+        return str(value)
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    exponent = math.floor(math.log10(abs(value)))
+    if -3 < exponent < 4:
+        return f"{value:.3g}"
+    mantissa = f"{value / 10 ** exponent:.2f}".rstrip("0").rstrip(".")
+    return f"{mantissa}e{exponent}"
+
+
+def bits_label(cfg: TrialConfig) -> str:
+    return f"w{cfg.quant.param_bw}a{cfg.quant.output_bw}"
+
+
+def mode_label(cfg: TrialConfig) -> str:
+    return "RL" if cfg.qat.range_learning else "static"
+
+
+def trial_run_name(cfg: TrialConfig, point: dict[str, Any], number: int | None = None) -> str:
+    parts = [bits_label(cfg), f"lr={short_number(float(cfg.qat.lr))}", f"ep={cfg.qat.epochs}", mode_label(cfg)]
+    for key, value in point.items():
+        if key.lstrip("+~") not in SHOWN:
+            parts.append(f"{key.rsplit('.', 1)[-1]}={short_number(value)}")
+    if number is not None:
+        parts.append(f"#{number}")
+    return " ".join(parts)

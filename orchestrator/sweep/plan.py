@@ -1,0 +1,86 @@
+"""A sweep, checked before Ray starts: its space, settings, base config and every edge point.
+
+``plan_sweep`` composes the base config and, for every value of every swept key (the whole
+grid when it is small), the trial config Hydra would compose, and validates each as a trial;
+errors name the point, the key, the value and what is allowed. Nothing is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..app_config import output_root, trial_config
+from ..train.config import TrialConfig, TrialConfigError
+from .compose import Composer
+from .space import SearchSpace, parse_space, value_text
+from .spec import SweepSpec
+
+
+@dataclass
+class SweepPlan:
+    spec: SweepSpec
+    space: SearchSpace
+    composer: Composer
+    base: TrialConfig
+    root: Path
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.root / "sweeps" / self.spec.name
+
+    @property
+    def total(self) -> int:
+        return self.space.grid_size(self.spec.search) * self.spec.num_samples
+
+    def max_epochs(self) -> int:
+        """The most epochs any trial can train (ASHA's ``max_t``)."""
+        epochs = [self.base.qat.epochs]
+        for d in self.space.dims:
+            if d.key == "qat.epochs":
+                epochs += [int(v) for v in d.edge_values() if isinstance(v, (int, float))]
+        return max(epochs)
+
+
+def sweep_state_exists(sweep_dir: Path) -> bool:
+    return (sweep_dir / "tuner.pkl").exists() or any(sweep_dir.glob("experiment_state-*.json"))
+
+
+def plan_sweep(config_loader, master_config, overrides: list[str]) -> SweepPlan:
+    space = parse_space(overrides, config_loader)
+    composer = Composer(config_loader, master_config)
+    app = composer.compose(space.base)
+    try:
+        spec = SweepSpec(**app["sweep"]).validate()
+    except TypeError as exc:  # an unknown key under sweep (the schema normally catches it first)
+        raise TrialConfigError(f"sweep: {exc}") from None
+    root = output_root(app)
+    base = trial_config(app, root / "sweeps" / spec.name / "trials" / "_base")
+    for point in space.check_points(spec.search):
+        _check(composer, space, point, root)
+    if spec.search == "optuna":
+        _require_module("optuna", "sweep.search=optuna")
+    sweep_dir = root / "sweeps" / spec.name
+    exists = sweep_state_exists(sweep_dir)
+    if exists and not spec.resume:
+        raise TrialConfigError(f"sweep.name={spec.name!r} already exists at {sweep_dir}; pass sweep.resume=true to "
+                               "continue it, or choose another sweep.name")
+    if spec.resume and not exists:
+        raise TrialConfigError(f"sweep.resume=true but there is no sweep {spec.name!r} at {sweep_dir} to resume")
+    return SweepPlan(spec, space, composer, base, root)
+
+
+def _check(composer: Composer, space: SearchSpace, point: dict[str, Any], root: Path) -> None:
+    where = ", ".join(f"{k}={value_text(v)}" for k, v in point.items())
+    try:
+        trial_config(composer.compose(space.overrides(point)), root / "_check").validate()
+    except TrialConfigError as exc:
+        raise TrialConfigError(f"sweep point ({where}): {exc}") from None
+
+
+def _require_module(name: str, what: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise TrialConfigError(f"{what} needs the {name} package; pip install {name}")

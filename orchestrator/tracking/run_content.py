@@ -1,0 +1,92 @@
+"""What a trial's MLflow run holds: which config keys are params, which are tags, its artifacts.
+
+- **Params**: the keys that decide the result (model, data, bit widths, calibration, the QAT
+  recipe, workers) plus every swept key, as the sweep wrote it (``quant=w4a4``). Settings
+  that only apply to another mode are left out (``qat.momentum`` with Adam).
+- **Tags**: paths and ids (output directory, checkpoint, trial id) and the labels the UI
+  filters on (``qat.bits``, ``qat.mode``, ``qat.sweep_name``, ``qat.outcome``).
+- **Metrics**: per epoch ``train_loss``, ``val_acc``, ``lr``, ``epoch_time_s``,
+  ``samples_per_s``; once: ``fp32_acc``, ``ptq_acc``, ``val_samples``, ``test_samples``,
+  ``startup_s`` (and ``worker_start_s``), ``test_acc``.
+- **Artifacts**: ``config.json``; ``export/`` (``.pth``, ``.onnx``, ``.encodings`` and the
+  same encodings as ``.encodings.json``, which the MLflow UI previews); ``summary.txt``
+  (``sim.summary()``: every quantizer, where it sits, its encoding).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..train.config import TrialConfig
+from .mlflow_runs import KIND_TAG, MAX_PARAM_LENGTH
+
+EPOCH_METRICS = ("train_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s")
+FIRST_EPOCH_METRICS = ("startup_s", "worker_start_s", "compile_warmup_s")
+ONE_OFF_METRICS = ("fp32_acc", "ptq_acc", "val_samples", "test_samples")
+OUTCOME_TAG = "qat.outcome"  # finished | stopped_by_scheduler | diverged | failed | interrupted
+
+_ALWAYS = ("model.name", "data.name", "quant.param_bw", "quant.output_bw", "quant.quant_scheme", "quant.per_channel",
+           "quant.fold_batchnorm", "qat.range_learning", "qat.optimizer", "qat.lr", "qat.epochs", "qat.batch_size",
+           "qat.weight_decay", "qat.lr_step_epochs", "qat.lr_gamma", "qat.calibration_batches", "qat.seed",
+           "trainer.num_workers")
+
+
+def _get(cfg: TrialConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[str, str]:
+    """The run's params: the result-deciding keys of ``cfg`` plus the swept ``key=value`` pairs."""
+    keys = list(_ALWAYS)
+    if cfg.quant.quant_scheme == "percentile":
+        keys.append("quant.percentile")
+    if cfg.qat.optimizer == "sgd":
+        keys.append("qat.momentum")
+    if cfg.qat.range_learning:
+        keys += ["qat.learn_weight_encodings", "qat.lsq_grad_scaling"]
+    if cfg.qat.grad_clip_norm is not None:
+        keys.append("qat.grad_clip_norm")
+    if cfg.model._target_:
+        keys.append("model._target_")
+    if cfg.data._target_:
+        keys.append("data._target_")
+    params = {key: _text(_get(cfg, key)) for key in keys}
+    for key, value in (swept or {}).items():
+        params[key.lstrip("+~")] = _text(value)
+    return params
+
+
+def trial_tags(cfg: TrialConfig, launcher: str) -> dict[str, str]:
+    """Labels and paths of the run. ``launcher``: ``in-process``, ``tune-actor`` or ``ray-train``."""
+    tags = {KIND_TAG: "trial", "qat.mode": "range_learning" if cfg.qat.range_learning else "static",
+            "qat.bits": f"w{cfg.quant.param_bw}a{cfg.quant.output_bw}", "qat.param_bw": str(cfg.quant.param_bw),
+            "qat.output_bw": str(cfg.quant.output_bw), "qat.model": cfg.model.name, "qat.data": cfg.data.name,
+            "qat.launcher": launcher, "qat.output_dir": cfg.output_dir}
+    if cfg.model.checkpoint:
+        tags["qat.checkpoint"] = str(cfg.model.checkpoint)
+    if cfg.trainer.storage_path:
+        tags["qat.storage_path"] = str(cfg.trainer.storage_path)
+    return tags
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)[:MAX_PARAM_LENGTH]
+    return str(value)[:MAX_PARAM_LENGTH]
+
+
+def log_export(tracker, export_dir: str | Path, prefix: str, summary: str) -> None:
+    """Log a trial's export directory, its encodings again as JSON, and the sim summary.
+
+    ``tracker``: a ``RunLogger`` or ``BackgroundRunLogger`` (the calls are queued in order)."""
+    export_dir = Path(export_dir)
+    tracker.log_artifacts(export_dir, "export")
+    encodings = export_dir / f"{prefix}.encodings"
+    if encodings.is_file():
+        tracker.log_dict(json.loads(encodings.read_text(encoding="utf-8")), f"export/{prefix}.encodings.json")
+    tracker.log_text(summary, "summary.txt")

@@ -1,0 +1,19 @@
+"""Hydra's real config loader and master config for qat-sweep / qat-train, without running them."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+
+@contextmanager
+def hydra_app(config_name: str = "sweep", overrides: tuple[str, ...] = ()):
+    """``(config_loader, master_config)`` as Hydra hands them to the sweeper (plain overrides only)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from orchestrator.app_config import register_schemas
+
+    register_schemas()
+    with initialize_config_module("orchestrator.conf", version_base="1.3"):
+        master = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+        yield GlobalHydra.instance().config_loader(), master
