@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .sweep.spec import SweepSpec
-from .train.config import TrialConfig, TrialSections
+from .train.config import SECTIONS, TrialConfig, TrialSections
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -58,5 +58,5 @@ def output_root(app: dict[str, Any]) -> Path:
 
 def trial_config(app: dict[str, Any], output_dir: str | Path) -> TrialConfig:
     """The ``TrialConfig`` held by a resolved app config (a plain dict), writing to ``output_dir``."""
-    sections = {k: app[k] for k in ("model", "data", "quant", "qat", "trainer", "tracking")}
+    sections = {k: app[k] for k in SECTIONS}
     return TrialConfig.from_dict({**sections, "output_dir": str(output_dir), "export_prefix": app["export_prefix"]})

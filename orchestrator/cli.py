@@ -37,18 +37,25 @@ def _resolve(cfg: DictConfig) -> dict[str, Any]:
 
 
 def train_summary(result) -> str:
+    """FP32, PTQ and QAT side by side on the test split, every metric of the task, and the
+    change of the primary one against FP32."""
     from .tracking.links import ui_command
+    from .train.builders import task_of
 
-    m = result.metrics
-    fp32, ptq, qat = m["fp32_acc"], m["ptq_acc"], m["test_acc"]
-    cfg = result.config
-    rows = [("fp32_acc  FP32", fp32, None),
-            (f"ptq_acc   PTQ W{cfg.quant.param_bw}A{cfg.quant.output_bw}", ptq, ptq - fp32),
-            (f"test_acc  QAT {cfg.qat.epochs} epoch(s), {'range learning' if cfg.qat.range_learning else 'static'}",
-             qat, qat - fp32)]
+    m, cfg = result.metrics, result.config
+    task = task_of(cfg.task)
+    names = [t.name for t in task.metrics]
+    mode = "range learning" if cfg.qat.range_learning else "static"
+    distill = ", distilled" if cfg.qat.distill.enabled else ""
+    rows = [("FP32", "fp32"), (f"PTQ W{cfg.quant.param_bw}A{cfg.quant.output_bw}", "ptq"),
+            (f"QAT {cfg.qat.epochs} epoch(s), {mode}{distill}", "test")]
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'':{width}}  test set   vs FP32"]
-    lines += [f"{name:{width}}  {acc:7.2f}%   {'' if d is None else f'{d:+.2f}'}" for name, acc, d in rows]
+    header = f"{'test split':{width}}  " + "  ".join(f"{n:>9}" for n in names) + f"  {task.primary + ' vs FP32':>14}"
+    lines = [header]
+    for label, stage in rows:
+        values = "  ".join(f"{m.get(f'{stage}_{n}', float('nan')):9.2f}" for n in names)
+        delta = "" if stage == "fp32" else f"{m[f'{stage}_{task.primary}'] - m[f'fp32_{task.primary}']:+14.2f}"
+        lines.append(f"{label:{width}}  {values}  {delta}")
     lines.append(f"export: {m.get('export_dir')}  (.pth, .onnx, .encodings)")
     lines.append(f"MLflow: run {result.run_id}, experiment '{cfg.tracking.experiment}', {result.tracking_uri}")
     command = ui_command(result.tracking_uri)

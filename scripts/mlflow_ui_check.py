@@ -10,7 +10,8 @@ expands the sweep's parent run and saves a screenshot. Checks, on the rendered p
 
 - the runs table is nested: the trials are hidden under the parent run until it is expanded;
 - every run name is readable (shown whole, as MLflow holds it);
-- the metric columns (``val_acc``, ``test_acc``, ``ptq_acc``, ``fp32_acc``) are there.
+- the metric columns (``val_<m>``, ``test_<m>``, ``ptq_<m>``, ``fp32_<m>`` for the sweep's metric
+  ``m``, e.g. ``val_acc``) are there.
 
 Prints one line per finding; exit status 0 when all hold, 1 otherwise (2: cannot run).
 """
@@ -75,7 +76,7 @@ def check(uri: str, sweep: str, out: Path, experiment: str = "qat") -> list[tupl
     from mlflow import MlflowClient
     from playwright.sync_api import sync_playwright
 
-    from orchestrator.tracking.links import VIEW_METRICS, runs_url
+    from orchestrator.tracking.links import VIEW_STAGES, runs_url
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -83,6 +84,8 @@ def check(uri: str, sweep: str, out: Path, experiment: str = "qat") -> list[tupl
                                                                       f"tags.`qat.sweep_name` = '{sweep}'")
     children = client.search_runs([exp.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    metric = parent.data.params.get("sweep.metric", "val_acc")[len("val_"):]
+    view_metrics = [f"{stage}_{metric}" for stage in VIEW_STAGES]
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server = start_server(uri, port, out / "mlflow-server.log")
@@ -114,8 +117,8 @@ def check(uri: str, sweep: str, out: Path, experiment: str = "qat") -> list[tupl
             findings.append((len(shown) == len(names), f"run names readable: {len(shown)}/{len(names)} shown whole, "
                                                         f"not cut off (e.g. '{names[0]}')"))
             headers = {h.strip() for h in page.get_by_role("columnheader").all_inner_texts()}
-            missing = [m for m in VIEW_METRICS if not any(m in h for h in headers)]
-            findings.append((not missing, f"metric columns: {', '.join(VIEW_METRICS)}"
+            missing = [m for m in view_metrics if not any(m in h for h in headers)]
+            findings.append((not missing, f"metric columns: {', '.join(view_metrics)}"
                                           + (f" (missing: {', '.join(missing)})" if missing else "")))
             context.close()
     finally:

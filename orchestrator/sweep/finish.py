@@ -31,8 +31,8 @@ def finish(run: SweepRun) -> SweepResult:
     spec = run.plan.spec
     uri = run.tracking_uri
     swept = [d.key.lstrip("+~") for d in run.plan.space.dims]
-    sweep = Sweep(spec.name, run.parent_run_id, swept, spec.metric, None)
-    rows = rank(trial_rows(uri, sweep), spec.metric)
+    sweep = Sweep(spec.name, run.parent_run_id, swept, spec.metric, None, spec.mode, spec.tie_on_samples)
+    rows = rank(trial_rows(uri, sweep))
     best = rows[0] if rows and rows[0].finished else None
     parent = RunLogger(uri, run.parent_run_id)
     with tempfile.TemporaryDirectory(prefix="qat-sweep-") as tmp:
@@ -41,15 +41,16 @@ def finish(run: SweepRun) -> SweepResult:
         parent.log_artifacts(tmp, "comparison")
     registered = None
     if best is not None:
-        parent.log_metrics({f"best_{spec.metric}": getattr(best, spec.metric), "best_test_acc": best.test_acc}, step=0)
+        m = sweep.base
+        parent.log_metrics({f"best_val_{m}": best.val, f"best_test_{m}": best.test}, step=0)
         tags = {"best_run_id": best.run_id, "best_run_name": best.name}
         if spec.register_best:
             from ..tracking.registry import register_trial_model
 
             version = register_trial_model(
                 uri, best.run_id, spec.registered_model, run.plan.base.export_prefix,
-                tags={"sweep": spec.name, "bits": best.bits, "mode": best.mode, spec.metric: f"{best.val_acc:.2f}",
-                      "test_acc": f"{best.test_acc:.2f}", "ptq_acc": f"{best.ptq_acc:.2f}"},
+                tags={"sweep": spec.name, "bits": best.bits, "mode": best.mode, f"val_{m}": f"{best.val:.4g}",
+                      f"test_{m}": f"{best.test:.4g}", f"ptq_{m}": f"{best.ptq:.4g}", f"fp32_{m}": f"{best.fp32:.4g}"},
                 description=f"best of sweep {spec.name} by {spec.metric}: {best.name}")
             registered = (spec.registered_model, version)
             tags["registered_model"] = f"models:/{spec.registered_model}/{version}"
@@ -65,4 +66,5 @@ def best_line(result: SweepResult, metric: str) -> str:
     if b is None:
         return "no trial finished"
     gain = "" if math.isnan(b.gain) else f", gain over PTQ {b.gain:+.2f}"
-    return f"best: {b.name} ({metric} {getattr(b, metric):.2f}, test_acc {b.test_acc:.2f}{gain}), run {b.run_id}"
+    return (f"best: {b.name} ({metric} {b.val:.2f}, test_{b.metric} {b.test:.2f}, FP32 {b.fp32:.2f}, "
+            f"PTQ {b.ptq:.2f}{gain}), run {b.run_id}")

@@ -1,8 +1,9 @@
 """Readable names for sweep trials, from the trial's config and its sweep point.
 
-``w4a4 lr=1e-3 ep=3 RL``: bit widths, learning rate, epochs and mode (``RL`` = range learning)
-always; any other swept key as ``name=value``; ``#n`` (the trial's number) when a grid point
-repeats (``num_samples > 1``).
+``w4a4 lr=1e-3 ep=3 RL KD``: bit widths, learning rate, epochs and mode (``RL`` = range learning)
+always, ``KD`` when distilling from the FP32 model; any other swept key as ``name=value`` (the
+last two parts of its dotted key when the last alone is ambiguous, e.g. ``distill.weight``);
+``#n`` (the trial's number) when a grid point repeats (``num_samples > 1``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from typing import Any
 from ..train.config import TrialConfig
 
 # Swept keys the fixed part of the name already shows.
-SHOWN = {"quant", "quant.param_bw", "quant.output_bw", "qat", "qat.lr", "qat.epochs", "qat.range_learning"}
+SHOWN = {"quant", "quant.param_bw", "quant.output_bw", "qat", "qat.lr", "qat.epochs", "qat.range_learning",
+         "qat.distill.enabled"}
 
 
 def short_number(value: Any) -> str:
@@ -41,9 +43,14 @@ def mode_label(cfg: TrialConfig) -> str:
 
 def trial_run_name(cfg: TrialConfig, point: dict[str, Any], number: int | None = None) -> str:
     parts = [bits_label(cfg), f"lr={short_number(float(cfg.qat.lr))}", f"ep={cfg.qat.epochs}", mode_label(cfg)]
+    if cfg.qat.distill.enabled:
+        parts.append("KD")
     for key, value in point.items():
-        if key.lstrip("+~") not in SHOWN:
-            parts.append(f"{key.rsplit('.', 1)[-1]}={short_number(value)}")
+        key = key.lstrip("+~")
+        if key not in SHOWN:
+            words = key.split(".")
+            label = ".".join(words[-2:]) if words[-1] in ("enabled", "weight", "name", "args") else words[-1]
+            parts.append(f"{label}={short_number(value)}")
     if number is not None:
         parts.append(f"#{number}")
     return " ".join(parts)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..app_config import output_root, trial_config
+from ..train.builders import task_of
 from ..train.config import TrialConfig, TrialConfigError
 from .compose import Composer
 from .space import SearchSpace, parse_space, value_text
@@ -57,6 +58,8 @@ def plan_sweep(config_loader, master_config, overrides: list[str]) -> SweepPlan:
         raise TrialConfigError(f"sweep: {exc}") from None
     root = output_root(app)
     base = trial_config(app, root / "sweeps" / spec.name / "trials" / "_base")
+    base.validate()
+    spec.select_metric(task_of(base.task))
     for point in space.check_points(spec.search):
         _check(composer, space, point, root)
     if spec.search == "optuna":

@@ -60,7 +60,7 @@ class SweepProgress(Callback):
 
     def _line(self, event: str, trial, text: str = "", status: str = "") -> None:
         event = f"{event:<9}"
-        if event.startswith("FAILED"):
+        if event.startswith(("FAILED", "DIVERGED")):
             event = paint(event, "red")
         elif event.startswith("finished"):
             event = paint(event, "green")
@@ -115,10 +115,12 @@ class SweepProgress(Callback):
         if status == "finished":
             if isinstance(value, (int, float)) and not math.isnan(value) and self._better(value):
                 self.best = (float(value), self._name(trial))
-            text = f"{self.metric} {value:.2f}  test_acc {last.get('test_acc', math.nan):.2f}"
+            test = "test_" + self.metric[len("val_"):]
+            text = f"{self.metric} {value:.2f}  {test} {last.get(test, math.nan):.2f}"
             self._line("finished", trial, text, self._status(trials, ended=trial))
         elif status == "diverged":
-            self._line("FAILED", trial, "training diverged (non-finite loss)", self._status(trials, ended=trial))
+            reason = str(last.get("error") or "training diverged").replace("training diverged: ", "")
+            self._line("DIVERGED", trial, reason[:160], self._status(trials, ended=trial))
         elif lifecycle.STATE.stopping:
             return  # interrupted: the driver marks it once Tune has stopped
         else:

@@ -78,12 +78,14 @@ def open_parent(plan: SweepPlan, uri: str, experiment: str) -> tuple[str, dict[s
     parent = RunLogger(uri, parent_id)
     if created:
         params = {f"space.{d.key.lstrip('+~')}": d.describe() for d in plan.space.dims}
-        params.update({f"sweep.{k}": str(getattr(spec, k)) for k in ("search", "num_samples", "scheduler", "metric")})
+        params.update({f"sweep.{k}": str(getattr(spec, k))
+                       for k in ("search", "num_samples", "scheduler", "metric", "mode", "tie_on_samples")})
         fixed = {k: v for k, v in trial_params(plan.base).items() if f"space.{k}" not in params}
         parent.log_params({**fixed, **params})
     else:
         parent.delete_tags([OUTCOME_TAG, "best_run_id"])
-    save_sweep_view(uri, ensure_experiment(uri, experiment), spec.name, [d.key.lstrip("+~") for d in plan.space.dims])
+    save_sweep_view(uri, ensure_experiment(uri, experiment), spec.name, [d.key.lstrip("+~") for d in plan.space.dims],
+                    spec.metric[len("val_"):])
     return parent_id, tags
 
 

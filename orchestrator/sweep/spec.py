@@ -14,9 +14,6 @@ from typing import Any, Optional
 
 from ..train.config import TrialConfigError
 
-# Metrics a sweep may select on, with their direction: validation metrics only. Test metrics
-# are reported for every trial and never optimised (selecting on them would leak the test set).
-SELECTION_METRICS = {"val_acc": "max"}
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha", "hyperband")
 
@@ -31,7 +28,10 @@ class SweepSpec:
     runs ``num_samples`` trials chosen by Optuna's TPE sampler.
     ``scheduler``: ``asha`` stops trials whose ``metric`` trails at epoch rungs
     (``grace_period``, ``reduction_factor``); ``hyperband`` is asynchronous HyperBand (ASHA over
-    3 brackets). ``metric``: a validation metric (``val_acc``).
+    3 brackets). ``metric``: the validation metric to select on, ``val_<m>`` for a metric ``m`` of
+    the task (empty: the task's primary one, ``val_acc`` for classification, ``val_ppl`` for
+    language modelling); test metrics are reported for every trial, never optimised (selecting on
+    them would leak the test set). Its direction (``mode``) is the task's.
     ``max_concurrent_trials``: empty means as many as the cluster's CPUs (GPUs with
     ``trainer.use_gpu``) hold. ``trial_driver_cpus``: CPUs reserved for the driver of a
     multi-worker trial (it mostly waits). ``seed``: the search's random seed (draws, TPE).
@@ -44,7 +44,7 @@ class SweepSpec:
     search: str = "grid"
     num_samples: int = 1
     scheduler: str = "none"
-    metric: str = "val_acc"
+    metric: Optional[str] = None
     grace_period: int = 1
     reduction_factor: int = 2
     max_concurrent_trials: Optional[int] = None
@@ -57,7 +57,30 @@ class SweepSpec:
 
     @property
     def mode(self) -> str:
-        return SELECTION_METRICS[self.metric]
+        """``max`` or ``min``: set with the metric by ``select_metric``."""
+        return self.__dict__.get("_mode", "max")
+
+    @property
+    def tie_on_samples(self) -> bool:
+        """The metric is a percentage of samples: differences within one sample are ties."""
+        return self.__dict__.get("_percent", True)
+
+    def select_metric(self, task) -> SweepSpec:
+        """Resolve ``metric`` against ``task`` (an ``orchestrator.tasks.Task``): the task's primary
+        validation metric when empty; else it must be ``val_<m>`` for one of the task's metrics."""
+        names = [m.name for m in task.metrics]
+        allowed = ", ".join(f"val_{n}" for n in names)
+        if self.metric is None:
+            self.metric = f"val_{task.primary}"
+        elif isinstance(self.metric, str) and self.metric.startswith("test_"):
+            raise TrialConfigError(f"sweep.metric={self.metric!r} is not allowed; allowed: {allowed} (test metrics "
+                                   "are reported for every trial, never optimised)")
+        name = self.metric[len("val_"):] if isinstance(self.metric, str) and self.metric.startswith("val_") else None
+        if name not in names:
+            raise TrialConfigError(f"sweep.metric={self.metric!r} is not allowed; allowed: {allowed}")
+        metric = task.metric(name)
+        self.__dict__["_mode"], self.__dict__["_percent"] = metric.mode, metric.percent_of_samples
+        return self
 
     def validate(self) -> SweepSpec:
         def require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -69,10 +92,8 @@ class SweepSpec:
         require(self.search in SEARCHES, "search", self.search, ", ".join(SEARCHES))
         require(_is_int(self.num_samples) and self.num_samples >= 1, "num_samples", self.num_samples, "an integer >= 1")
         require(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, ", ".join(SCHEDULERS))
-        allowed_metrics = ", ".join(SELECTION_METRICS)
-        if isinstance(self.metric, str) and self.metric.startswith("test_"):
-            allowed_metrics += " (test metrics are reported for every trial, never optimised)"
-        require(self.metric in SELECTION_METRICS, "metric", self.metric, allowed_metrics)
+        require(self.metric is None or (isinstance(self.metric, str) and self.metric.startswith(("val_", "test_"))),
+                "metric", self.metric, "empty (the task's primary validation metric) or val_<metric>")
         require(_is_int(self.grace_period) and self.grace_period >= 1, "grace_period", self.grace_period,
                 "an integer >= 1")
         require(_is_int(self.reduction_factor) and self.reduction_factor >= 2, "reduction_factor",

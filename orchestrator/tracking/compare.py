@@ -2,10 +2,12 @@
 
 Everything here reads MLflow (``search_runs``, run data, artifacts), never Tune's files, so a
 comparison works anywhere the tracking server is reachable. One name per metric everywhere
-(MLflow, table, CSV, plot): ``fp32_acc``, ``ptq_acc`` (test accuracy after calibration only),
-``val_acc`` (what sweeps select on), ``test_acc`` (after QAT), ``gain`` = ``test_acc - ptq_acc``.
-A difference of at most one sample (``100 / val_samples`` or ``100 / test_samples`` percent) is a
-tie: tied trials share a rank (``2=``) and a tied gain reads ``tie``.
+(MLflow, table, CSV, plot), for the task metric ``m`` the sweep selected on (``acc``, ``ppl``):
+``fp32_m``, ``ptq_m`` (test split after calibration only), ``val_m`` (what the sweep selected
+on), ``test_m`` (after QAT), and ``gain``: how much QAT improved on PTQ in the metric's good
+direction (``test_acc - ptq_acc``; ``ptq_ppl - test_ppl``). For a percentage of samples
+(accuracy), a difference of at most one sample (``100 / val_samples`` or ``100 / test_samples``)
+is a tie: tied trials share a rank (``2=``) and a tied gain reads ``tie``.
 """
 
 from __future__ import annotations
@@ -30,8 +32,15 @@ class Sweep:
     name: str
     run_id: str
     swept: list[str]  # swept keys, as Hydra overrides name them
-    metric: str
+    metric: str  # the selection metric, "val_<m>"
     best_run_id: str | None
+    mode: str = "max"
+    tie_on_samples: bool = True
+
+    @property
+    def base(self) -> str:
+        """The task metric without its stage: ``val_acc`` -> ``acc``."""
+        return self.metric[len("val_"):] if self.metric.startswith("val_") else self.metric
 
 
 @dataclass
@@ -46,23 +55,31 @@ class TrialRow:
     mode: str
     lr: float
     epochs: int
-    fp32_acc: float
-    ptq_acc: float
-    val_acc: float
-    test_acc: float
+    metric: str  # the task metric compared: "acc", "ppl", ...
+    fp32: float
+    ptq: float
+    val: float
+    test: float
     val_samples: float
     test_samples: float
     wall_s: float
+    higher_is_better: bool = True
+    tie_on_samples: bool = True
     rank: str = ""
     gain_tie: bool = False
 
     @property
     def finished(self) -> bool:
-        return self.status == "FINISHED" and not math.isnan(self.test_acc)
+        return self.status == "FINISHED" and not math.isnan(self.test)
 
     @property
     def gain(self) -> float:
-        return self.test_acc - self.ptq_acc
+        """QAT's improvement over PTQ on the test split, positive when QAT is better."""
+        return self.test - self.ptq if self.higher_is_better else self.ptq - self.test
+
+    def stage(self, stage: str) -> float:
+        """The value at ``stage`` (fp32, ptq, val, test)."""
+        return getattr(self, stage)
 
 
 def find_sweep(uri: str, experiment: str, sweep: str | None) -> Sweep:
@@ -89,7 +106,8 @@ def find_sweep(uri: str, experiment: str, sweep: str | None) -> Sweep:
     params, tags = run.data.params, run.data.tags
     swept = [k[len(SPACE_PREFIX):] for k in params if k.startswith(SPACE_PREFIX)]
     return Sweep(tags.get("qat.sweep_name", run.info.run_id), run.info.run_id, sorted(swept),
-                 params.get("sweep.metric", "val_acc"), tags.get("best_run_id"))
+                 params.get("sweep.metric", "val_acc"), tags.get("best_run_id"), params.get("sweep.mode", "max"),
+                 params.get("sweep.tie_on_samples", "True") == "True")
 
 
 def _metric(run, key: str) -> float:
@@ -103,6 +121,7 @@ def trial_rows(uri: str, sweep: Sweep) -> list[TrialRow]:
     children = retrying(lambda: c.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{sweep.run_id}'", max_results=10_000))
     rows = []
+    m = sweep.base
     for run in children:
         p, t = run.data.params, run.data.tags
         end = run.info.end_time or run.info.start_time
@@ -112,36 +131,42 @@ def trial_rows(uri: str, sweep: Sweep) -> list[TrialRow]:
             point={k: p.get(k.lstrip("+~"), "") for k in sweep.swept},
             bits=t.get("qat.bits", f"w{t.get('qat.param_bw', '?')}a{t.get('qat.output_bw', '?')}"),
             mode=t.get("qat.mode", ""), lr=float(p.get("qat.lr", "nan")), epochs=int(p.get("qat.epochs", "0")),
-            fp32_acc=_metric(run, "fp32_acc"), ptq_acc=_metric(run, "ptq_acc"), val_acc=_metric(run, "val_acc"),
-            test_acc=_metric(run, "test_acc"), val_samples=_metric(run, "val_samples"),
+            metric=m, fp32=_metric(run, f"fp32_{m}"), ptq=_metric(run, f"ptq_{m}"), val=_metric(run, f"val_{m}"),
+            test=_metric(run, f"test_{m}"), val_samples=_metric(run, "val_samples"),
             test_samples=_metric(run, "test_samples"), wall_s=(end - run.info.start_time) / 1000.0,
+            higher_is_better=sweep.mode == "max", tie_on_samples=sweep.tie_on_samples,
         ))
     return rows
 
 
-def one_sample(samples: float) -> float:
-    """One sample's worth of accuracy in percent (0 when the count is unknown)."""
-    return 100.0 / samples if samples and not math.isnan(samples) else 0.0
+def one_sample(samples: float, percent: bool = True) -> float:
+    """One sample's worth of a percentage-of-samples metric (0 when the count is unknown or the
+    metric is not such a percentage)."""
+    return 100.0 / samples if percent and samples and not math.isnan(samples) else 0.0
 
 
-def rank(rows: list[TrialRow], metric: str = "val_acc") -> list[TrialRow]:
-    """Finished trials first, best ``metric`` first; ranks shared within one validation sample;
-    gains within one test sample flagged as ties. Returns the rows sorted (and annotated)."""
+def rank(rows: list[TrialRow], stage: str = "val") -> list[TrialRow]:
+    """Finished trials first, best value at ``stage`` first (the metric's own direction); ranks
+    shared within one validation sample; gains within one test sample flagged as ties. Returns the
+    rows sorted (and annotated)."""
+    def good(r: TrialRow, value: float) -> float:
+        return 0.0 if math.isnan(value) else (value if r.higher_is_better else -value)
+
     def key(r: TrialRow) -> tuple:
-        value = getattr(r, metric)
-        return (not r.finished, math.isnan(value), -(0.0 if math.isnan(value) else value),
-                -(0.0 if math.isnan(r.test_acc) else r.test_acc), r.name)
+        value = r.stage(stage)
+        return (not r.finished, math.isnan(value), -good(r, value), -good(r, r.test), r.name)
 
     ordered = sorted(rows, key=key)
     leader: TrialRow | None = None
     for i, r in enumerate(ordered):
-        r.gain_tie = abs(r.gain) <= one_sample(r.test_samples) + 1e-9 if not math.isnan(r.gain) else False
+        tie = one_sample(r.test_samples, r.tie_on_samples)
+        r.gain_tie = abs(r.gain) <= tie + 1e-9 if not math.isnan(r.gain) and tie > 0 else False
         if not r.finished:
             r.rank = "-"
             continue
-        value = getattr(r, metric)
-        tol = one_sample(r.val_samples) if metric == "val_acc" else one_sample(r.test_samples)
-        if leader is not None and abs(getattr(leader, metric) - value) <= tol + 1e-9:
+        value = r.stage(stage)
+        tol = one_sample(r.val_samples if stage == "val" else r.test_samples, r.tie_on_samples)
+        if leader is not None and abs(leader.stage(stage) - value) <= tol + 1e-9:
             r.rank = f"{leader.rank.rstrip('=')}="
             if not leader.rank.endswith("="):
                 leader.rank += "="
@@ -160,36 +185,47 @@ def gain_text(r: TrialRow) -> str:
     return "tie" if r.gain_tie else _num(r.gain, signed=True)
 
 
-COLUMNS = ("sweep", "rank", "name", "outcome", "bits", "mode", "lr", "epochs", "fp32_acc", "ptq_acc", "val_acc",
-           "test_acc", "gain", "gain_is_tie", "val_samples", "test_samples", "wall_s", "status", "run_id")
+STAGES = ("fp32", "ptq", "val", "test")
+
+
+def columns(metric: str) -> tuple[str, ...]:
+    """The CSV's columns for task metric ``metric``."""
+    return (("sweep", "rank", "name", "outcome", "bits", "mode", "lr", "epochs")
+            + tuple(f"{s}_{metric}" for s in STAGES)
+            + ("gain", "gain_is_tie", "val_samples", "test_samples", "wall_s", "status", "run_id"))
 
 
 def format_rows(rows: list[TrialRow], metric: str = "val_acc") -> str:
-    """A table of ranked rows; a ``sweep`` column when they come from several sweeps."""
+    """A table of ranked rows (``metric``: what they were ranked by, ``val_<m>``); a ``sweep``
+    column when they come from several sweeps."""
     several = len({r.sweep for r in rows}) > 1
-    header = (("sweep",) if several else ()) + ("rank", "trial", "fp32_acc", "ptq_acc", "val_acc", "test_acc",
-                                                "gain", "outcome", "wall s")
-    body = [(((r.sweep,) if several else ()) + (r.rank, r.name, _num(r.fp32_acc), _num(r.ptq_acc), _num(r.val_acc),
-                                               _num(r.test_acc), gain_text(r), r.outcome, f"{r.wall_s:.0f}"))
-            for r in rows]
+    m = rows[0].metric if rows else metric[len("val_"):]
+    header = ((("sweep",) if several else ()) + ("rank", "trial") + tuple(f"{s}_{m}" for s in STAGES)
+              + ("gain", "outcome", "wall s"))
+    body = [(((r.sweep,) if several else ()) + (r.rank, r.name) + tuple(_num(r.stage(s)) for s in STAGES)
+             + (gain_text(r), r.outcome, f"{r.wall_s:.0f}")) for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    legend = (f"ranked by {metric}; '=' ties within one validation sample; gain = test_acc - ptq_acc, "
-              "'tie' within one test sample")
+    better = "test - ptq" if not rows or rows[0].higher_is_better else "ptq - test (lower is better)"
+    ties = rows and rows[0].tie_on_samples
+    legend = (f"ranked by {metric}" + ("; '=' ties within one validation sample" if ties else "")
+              + f"; gain = {better}" + (", 'tie' within one test sample" if ties else ""))
     return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(b) for b in body] + [legend])
 
 
 def write_csv(rows: list[TrialRow], path: str | Path) -> None:
     from ..fileio import atomic_write
 
+    m = rows[0].metric if rows else "acc"
+
     def write(tmp: str) -> None:
         with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS + tuple(sorted({k for r in rows for k in r.point})))
+            w = csv.DictWriter(f, fieldnames=columns(m) + tuple(sorted({k for r in rows for k in r.point})))
             w.writeheader()
             for r in rows:
                 w.writerow({"sweep": r.sweep, "rank": r.rank, "name": r.name, "outcome": r.outcome, "bits": r.bits,
-                            "mode": r.mode, "lr": r.lr, "epochs": r.epochs, "fp32_acc": r.fp32_acc,
-                            "ptq_acc": r.ptq_acc, "val_acc": r.val_acc, "test_acc": r.test_acc, "gain": r.gain,
+                            "mode": r.mode, "lr": r.lr, "epochs": r.epochs,
+                            **{f"{s}_{m}": r.stage(s) for s in STAGES}, "gain": r.gain,
                             "gain_is_tie": r.gain_tie, "val_samples": r.val_samples, "test_samples": r.test_samples,
                             "wall_s": round(r.wall_s, 1), "status": r.status, "run_id": r.run_id, **r.point})
 

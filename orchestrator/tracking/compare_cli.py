@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if uri.startswith("sqlite:") and not Path(uri[len("sqlite:///"):]).exists():
             raise CompareError(f"no MLflow database at {uri}; run qat-sweep first or pass --tracking-uri")
         sweeps = [find_sweep(uri, args.experiment, s) for s in (args.sweep or [None])]
-        rows_by_sweep = {s.name: rank(trial_rows(uri, s), s.metric) for s in sweeps}
+        rows_by_sweep = {s.name: rank(trial_rows(uri, s)) for s in sweeps}
         empty = [s.name for s in sweeps if not rows_by_sweep[s.name]]
         if empty:
             raise CompareError(f"sweep {empty[0]!r} has no trial runs yet")
@@ -66,5 +66,5 @@ def main(argv: list[str] | None = None) -> int:
             print("error: no finished trial to export", file=sys.stderr)
             return 2
         path = download_export(uri, best.run_id, args.export_best)
-        print(f"best trial {best.name} ({sweeps[0].metric} {best.val_acc:.2f}): export downloaded to {path}")
+        print(f"best trial {best.name} ({sweeps[0].metric} {best.val:.2f}): export downloaded to {path}")
     return 0

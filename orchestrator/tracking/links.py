@@ -19,7 +19,7 @@ from urllib.parse import quote, urlencode
 from .mlflow_runs import client, is_sqlite, retrying
 
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
-VIEW_METRICS = ("val_acc", "test_acc", "ptq_acc", "fp32_acc")
+VIEW_STAGES = ("val", "test", "ptq", "fp32")  # the view's metric columns: <stage>_<the sweep's metric>
 RUN_NAME_COLUMN = "attributes.`Run Name`"
 
 DEFAULT_UI = "http://127.0.0.1:5000"
@@ -45,16 +45,18 @@ def view_key(sweep_name: str) -> str:
     return f"qat-sweep-{sweep_name}"
 
 
-def save_sweep_view(uri: str, experiment_id: str, sweep_name: str, swept: list[str]) -> str:
-    """Save the sweep's runs-table view in the experiment (the UI's shared-view tag); its key."""
-    columns = [f"metrics.`{m}`" for m in VIEW_METRICS] + [f"params.`{k}`" for k in swept] + ["tags.`qat.outcome`"]
+def save_sweep_view(uri: str, experiment_id: str, sweep_name: str, swept: list[str], metric: str = "acc") -> str:
+    """Save the sweep's runs-table view in the experiment (the UI's shared-view tag); its key.
+    ``metric``: the task metric shown at every stage (``acc``: ``val_acc``, ``test_acc``, ...)."""
+    metrics = [f"{stage}_{metric}" for stage in VIEW_STAGES]
+    columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{k}`" for k in swept] + ["tags.`qat.outcome`"]
     state = {
         "searchFilter": f"tags.`qat.sweep_name` = '{sweep_name}'",
         "selectedColumns": columns,
         # the grid's own column ids: selection box, name, start time (with nesting), duration, ours
         "columnOrder": ["0", RUN_NAME_COLUMN, "runDateAndNestInfo", "duration", *columns],
         # trial names whole (indented under their parent), accuracies to their last digit
-        "columnWidths": {RUN_NAME_COLUMN: 320, **{f"metrics.`{m}`": 140 for m in VIEW_METRICS}},
+        "columnWidths": {RUN_NAME_COLUMN: 320, **{f"metrics.`{m}`": 140 for m in metrics}},
     }
     key = view_key(sweep_name)
     retrying(lambda: client(uri).set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + key, json.dumps(state)))

@@ -9,8 +9,9 @@ widest first), the ``qat`` group or ``qat.range_learning`` -> ``mode``, other ke
   the first other one; numeric x is log-scaled for ``lr`` (or a >= 20x spread);
 - **facets**: one panel per combination of the remaining dimensions, one row per sweep when
   several are compared;
-- y is ``test_acc``; each panel also shows ``ptq_acc`` at each x (grey, PTQ per group) and the
-  FP32 accuracy (dashed), so QAT's gain over PTQ and its gap to FP32 read directly.
+- y is the test value of the sweep's metric (``test_acc``, ``test_ppl``); each panel also shows
+  the PTQ value at each x (grey, PTQ per group) and the FP32 value (dashed), so QAT's gain over
+  PTQ and its gap to FP32 read directly.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _categories(rows: list[TrialRow], dim: str) -> list:
 
 
 def write_plot(rows: list[TrialRow], swept: list[str], path: str | Path, title: str) -> Layout:
-    """Plot finished trials (``test_acc``) of one or more sweeps; returns the layout used."""
+    """Plot finished trials (their ``test_<metric>``) of one or more sweeps; returns the layout used."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,8 +131,9 @@ def write_plot(rows: list[TrialRow], swept: list[str], path: str | Path, title: 
             ax.set_title(", ".join(f"{d}={_short(v)}" for d, v in zip(lay.facets, key)), fontsize=9)
     for ax in list(axes.flat)[len(keys):]:
         ax.set_visible(False)
+    metric = rows[0].metric if rows else "acc"
     for ax in axes[:, 0]:
-        ax.set_ylabel("test_acc (%)")
+        ax.set_ylabel(f"test_{metric}" + (" (%)" if rows and rows[0].tie_on_samples else ""))
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
@@ -156,20 +158,20 @@ def _draw_panel(ax, members: list[TrialRow], lay: Layout, categories: list, hues
         if not group:
             continue
         offset = (i - (len(hues) - 1) / 2) * spread
-        xs, ys = [position(r, offset) for r in group], [r.test_acc for r in group]
+        xs, ys = [position(r, offset) for r in group], [r.test for r in group]
         one_per_x = len({value(r, lay.x) for r in group}) == len(group)
         ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="-" if one_per_x else "none",
                 label=f"QAT {hue}" if hue else "QAT", zorder=3)
     by_x: dict = defaultdict(list)
     for r in members:
-        if not math.isnan(r.ptq_acc):
-            by_x[value(r, lay.x)].append(r.ptq_acc)
+        if not math.isnan(r.ptq):
+            by_x[value(r, lay.x)].append(r.ptq)
     if by_x:
         order = sorted(by_x, key=(lambda v: v) if lay.numeric_x else categories.index)
         xs = [(float(v) if lay.numeric_x else categories.index(v)) for v in order]
         ax.plot(xs, [sum(by_x[v]) / len(by_x[v]) for v in order], color="dimgray", marker="x", markersize=8,
                 markeredgewidth=1.5, linestyle=":", label="PTQ (calibration only)", zorder=4)
-    fp32 = [r.fp32_acc for r in members if not math.isnan(r.fp32_acc)]
+    fp32 = [r.fp32 for r in members if not math.isnan(r.fp32)]
     if fp32:  # under the other series, its value written at the right edge
         level = sum(fp32) / len(fp32)
         ax.axhline(level, color="black", linestyle="--", linewidth=0.8, label="FP32", zorder=1)

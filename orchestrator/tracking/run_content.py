@@ -5,9 +5,11 @@
   that only apply to another mode are left out (``qat.momentum`` with Adam).
 - **Tags**: paths and ids (output directory, checkpoint, trial id) and the labels the UI
   filters on (``qat.bits``, ``qat.mode``, ``qat.sweep_name``, ``qat.outcome``).
-- **Metrics**: per epoch ``train_loss``, ``val_acc``, ``lr``, ``epoch_time_s``,
-  ``samples_per_s``; once: ``fp32_acc``, ``ptq_acc``, ``val_samples``, ``test_samples``,
-  ``startup_s`` (and ``worker_start_s``), ``test_acc``.
+- **Metrics**, named ``<stage>_<metric>`` for every metric of the task (classification: ``acc``,
+  ``top5``; language modelling: ``loss``, ``ppl``): per epoch ``train_loss`` (the task loss;
+  ``train_distill_loss`` beside it when distilling), ``val_<metric>``, ``lr``, ``epoch_time_s``,
+  ``samples_per_s``; once: ``fp32_<metric>``, ``ptq_<metric>``, ``val_samples``,
+  ``test_samples``, ``startup_s`` (and ``worker_start_s``), ``test_<metric>``.
 - **Artifacts**: ``config.json``; ``export/`` (``.pth``, ``.onnx``, ``.encodings`` and the
   same encodings as ``.encodings.json``, which the MLflow UI previews); ``summary.txt``
   (``sim.summary()``: every quantizer, where it sits, its encoding).
@@ -22,15 +24,20 @@ from typing import Any
 from ..train.config import TrialConfig
 from .mlflow_runs import KIND_TAG, MAX_PARAM_LENGTH
 
-EPOCH_METRICS = ("train_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s")
+EPOCH_METRICS = ("train_loss", "train_distill_loss", "lr", "epoch_time_s", "samples_per_s")
 FIRST_EPOCH_METRICS = ("startup_s", "worker_start_s", "compile_warmup_s")
-ONE_OFF_METRICS = ("fp32_acc", "ptq_acc", "val_samples", "test_samples")
 OUTCOME_TAG = "qat.outcome"  # finished | stopped_by_scheduler | diverged | failed | interrupted
 
-_ALWAYS = ("model.name", "data.name", "quant.param_bw", "quant.output_bw", "quant.quant_scheme", "quant.per_channel",
-           "quant.fold_batchnorm", "qat.range_learning", "qat.optimizer", "qat.lr", "qat.epochs", "qat.batch_size",
-           "qat.weight_decay", "qat.lr_step_epochs", "qat.lr_gamma", "qat.calibration_batches", "qat.seed",
+_ALWAYS = ("model.name", "data.name", "task.name", "quant.param_bw", "quant.output_bw", "quant.quant_scheme",
+           "quant.per_channel", "quant.fold_batchnorm", "qat.range_learning", "qat.optimizer", "qat.lr", "qat.epochs", "qat.batch_size",
+           "qat.weight_decay", "qat.schedule", "qat.calibration_batches", "qat.distill.enabled", "qat.seed",
            "trainer.num_workers")
+
+
+def epoch_metric_keys(task) -> tuple[str, ...]:
+    """The metrics logged per epoch (MLflow step = epoch) for ``task``: the fixed ones plus
+    ``val_<metric>`` for every metric of the task."""
+    return EPOCH_METRICS + FIRST_EPOCH_METRICS + tuple(f"val_{m.name}" for m in task.metrics)
 
 
 def _get(cfg: TrialConfig, dotted: str) -> Any:
@@ -48,13 +55,19 @@ def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[
     if cfg.qat.optimizer == "sgd":
         keys.append("qat.momentum")
     if cfg.qat.range_learning:
-        keys += ["qat.learn_weight_encodings", "qat.lsq_grad_scaling"]
+        keys += ["qat.encoding_lr", "qat.learn_weight_encodings", "qat.lsq_grad_scaling"]
+    if cfg.qat.schedule == "step":
+        keys += ["qat.lr_step_epochs", "qat.lr_gamma"]
+    if cfg.qat.distill.enabled:
+        keys += ["qat.distill.temperature", "qat.distill.weight", "qat.distill.task_weight"]
     if cfg.qat.grad_clip_norm is not None:
         keys.append("qat.grad_clip_norm")
     if cfg.model._target_:
         keys.append("model._target_")
     if cfg.data._target_:
         keys.append("data._target_")
+    if cfg.task._target_:
+        keys.append("task._target_")
     params = {key: _text(_get(cfg, key)) for key in keys}
     for key, value in (swept or {}).items():
         params[key.lstrip("+~")] = _text(value)
@@ -66,6 +79,7 @@ def trial_tags(cfg: TrialConfig, launcher: str) -> dict[str, str]:
     tags = {KIND_TAG: "trial", "qat.mode": "range_learning" if cfg.qat.range_learning else "static",
             "qat.bits": f"w{cfg.quant.param_bw}a{cfg.quant.output_bw}", "qat.param_bw": str(cfg.quant.param_bw),
             "qat.output_bw": str(cfg.quant.output_bw), "qat.model": cfg.model.name, "qat.data": cfg.data.name,
+            "qat.task": cfg.task.name,
             "qat.launcher": launcher, "qat.output_dir": cfg.output_dir}
     if cfg.model.checkpoint:
         tags["qat.checkpoint"] = str(cfg.model.checkpoint)

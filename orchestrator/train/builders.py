@@ -1,16 +1,18 @@
-"""Building a trial's data and pretrained model from its config."""
+"""Building a trial's data, task and pretrained model from its config."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..tasks import TASKS, Task, build_task
 from ..zoo.datasets import DataSplits
-from ..zoo.pretrained import PretrainRecipe, load_checkpoint, pretrained_baseline
+from ..zoo.pretrained import CheckpointError, PretrainRecipe, load_checkpoint, pretrained_baseline
 from ..zoo.registry import DATASETS, MODELS, RegistryError, resolve
-from .config import DataSpec, ModelSpec, TrialConfigError
+from .config import DataSpec, ModelSpec, TaskSpec, TrialConfigError
 
 
 def build_data(spec: DataSpec) -> DataSplits:
@@ -19,47 +21,97 @@ def build_data(spec: DataSpec) -> DataSplits:
         builder = resolve("data", spec.name, spec._target_, DATASETS)
     except RegistryError as exc:
         raise TrialConfigError(str(exc)) from None
-    data = builder(**spec.args)
+    try:
+        data = builder(**spec.args)
+    except TypeError as exc:
+        raise TrialConfigError(f"data.args={spec.args!r} do not fit {spec._target_ or spec.name!r}: {exc}") from None
     if not isinstance(data, DataSplits):
         raise TrialConfigError(f"data builder {spec._target_ or spec.name!r} returned {type(data).__name__}, "
                                "expected orchestrator.zoo.datasets.DataSplits")
     return data
 
 
+def task_of(spec: TaskSpec) -> Task:
+    """The trial's ``Task`` (built-in by name, or ``_target_(**args)``)."""
+    try:
+        return build_task(spec.name, spec._target_, spec.args)
+    except RegistryError as exc:
+        raise TrialConfigError(str(exc)) from None
+
+
+def _accepted(builder: Any, names: list[str]) -> set[str]:
+    """Which of ``names`` the callable ``builder`` takes as named parameters."""
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {n for n in names if n in params and params[n].kind in kinds}
+
+
 def new_model(spec: ModelSpec, data: DataSplits) -> nn.Module:
-    """An untrained model instance; ``num_classes`` comes from the data unless ``args`` sets it."""
+    """An untrained model instance: ``model.args``, plus the data's ``model_args`` (``num_classes``,
+    ``vocab_size``, ...) that the builder names and ``model.args`` does not set."""
     try:
         builder = resolve("model", spec.name, spec._target_, MODELS)
     except RegistryError as exc:
         raise TrialConfigError(str(exc)) from None
     args = dict(spec.args)
-    if spec._target_ is None:
-        args.setdefault("num_classes", data.num_classes)
-    return builder(**args)
+    for name in _accepted(builder, list(data.model_args)):
+        args.setdefault(name, data.model_args[name])
+    try:
+        return builder(**args)
+    except TypeError as exc:
+        raise TrialConfigError(f"model.args={spec.args!r} do not fit {spec._target_ or spec.name!r}: {exc}") from None
 
 
-def _identity(spec: ModelSpec, data_spec: DataSpec) -> dict[str, Any]:
-    return {"model": spec.name, "model_target": spec._target_, "model_args": spec.args,
-            "data": data_spec.name, "data_target": data_spec._target_, "data_args": data_spec.args}
+def _with_defaults(kind: str, name: str, target: str | None, args: dict[str, Any], table: dict) -> dict[str, Any]:
+    """``args`` completed with the builder's own defaults, so that a changed default (more samples,
+    a wider model) is a different baseline, not a stale cache hit."""
+    try:
+        bound = inspect.signature(resolve(kind, name, target, table)).bind_partial(**args)
+    except (RegistryError, TypeError, ValueError):
+        return dict(args)
+    bound.apply_defaults()
+    return {k: v for k, v in bound.arguments.items() if not isinstance(v, dict) or k in args}
 
 
-def pretrained_path(spec: ModelSpec, data_spec: DataSpec, data: DataSplits, log=print) -> tuple[str, dict]:
-    """The FP32 checkpoint for the trial: ``spec.checkpoint``, or the cached baseline (trained once)."""
+def _identity(spec: ModelSpec, data_spec: DataSpec, task_spec: TaskSpec) -> dict[str, Any]:
+    return {"model": spec.name, "model_target": spec._target_,
+            "model_args": _with_defaults("model", spec.name, spec._target_, spec.args, MODELS),
+            "data": data_spec.name, "data_target": data_spec._target_,
+            "data_args": _with_defaults("data", data_spec.name, data_spec._target_, data_spec.args, DATASETS),
+            "task": task_spec.name, "task_target": task_spec._target_,
+            "task_args": _with_defaults("task", task_spec.name, task_spec._target_, task_spec.args, TASKS)}
+
+
+def pretrained_path(spec: ModelSpec, data_spec: DataSpec, task_spec: TaskSpec, data: DataSplits,
+                    log=print) -> tuple[str, dict]:
+    """The FP32 checkpoint for the trial: ``spec.checkpoint``, or the cached baseline (trained once
+    with the trial's task and the ``pretrain_*`` recipe)."""
     if spec.checkpoint:
         path = Path(spec.checkpoint).expanduser().resolve()
         if not path.is_file():
             raise TrialConfigError(f"model.checkpoint={spec.checkpoint!r}: no such file")
         return str(path), {}
-    recipe = PretrainRecipe(spec.pretrain_epochs, spec.pretrain_lr, spec.pretrain_batch_size)
-    path, meta = pretrained_baseline(lambda: new_model(spec, data), data, _identity(spec, data_spec), recipe,
-                                     spec.cache_dir, log=log)
+    from .pretrain import train_fp32
+
+    task = task_of(task_spec)
+    recipe = PretrainRecipe(spec.pretrain_epochs, spec.pretrain_lr, spec.pretrain_batch_size,
+                            spec.pretrain_weight_decay)
+    path, meta = pretrained_baseline(lambda: new_model(spec, data),
+                                     lambda model: train_fp32(model, data, task, recipe, workers=data_spec.loader_workers),
+                                     _identity(spec, data_spec, task_spec), recipe, spec.cache_dir, log=log)
     return str(path), meta
 
 
 def load_pretrained(spec: ModelSpec, data: DataSplits, checkpoint: str) -> nn.Module:
     """A model built from ``spec`` holding the weights of ``checkpoint``, in eval mode."""
     model = new_model(spec, data)
-    state, _ = load_checkpoint(checkpoint)
+    try:
+        state, _ = load_checkpoint(checkpoint)
+    except CheckpointError as exc:
+        raise TrialConfigError(f"model.checkpoint: {exc}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

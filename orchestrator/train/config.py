@@ -9,13 +9,16 @@ the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..quant import QuantConfig, QuantConfigError
+from ..tasks.registry import TASKS
 from ..zoo.registry import DATASETS, MODELS, RegistryError, check_name
 
 OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "constant")
 
 
 class TrialConfigError(ValueError):
@@ -35,6 +38,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_finite(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+# A learning rate above this is a typo, not a recipe (Adam's steps are ~lr; SGD's lr * gradient).
+MAX_LR = 10.0
+
+
 @dataclass
 class ModelSpec:
     """The pretrained model. Built-in ``name`` or a user class at ``_target_`` (dotted path).
@@ -43,37 +54,58 @@ class ModelSpec:
     trained once with the ``pretrain_*`` recipe and cached under ``cache_dir``.
     """
 
-    name: str = "digits_cnn"
+    name: str = "mnist1d_cnn"
     _target_: Optional[str] = None
     args: dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None
-    pretrain_epochs: int = 15
+    pretrain_epochs: int = 150
     pretrain_lr: float = 3e-3
     pretrain_batch_size: int = 64
+    pretrain_weight_decay: float = 0.0
     cache_dir: Optional[str] = None
 
     def validate(self) -> None:
         _require(isinstance(self.name, str) and bool(self.name), "model.name", self.name, "a non-empty name")
         _require(_is_int(self.pretrain_epochs) and self.pretrain_epochs >= 1, "model.pretrain_epochs",
                  self.pretrain_epochs, "an integer >= 1")
-        _require(_is_number(self.pretrain_lr) and self.pretrain_lr > 0, "model.pretrain_lr", self.pretrain_lr, "a number > 0")
+        _require(_is_finite(self.pretrain_lr) and self.pretrain_lr > 0, "model.pretrain_lr", self.pretrain_lr, "a number > 0")
         _require(_is_int(self.pretrain_batch_size) and self.pretrain_batch_size >= 1, "model.pretrain_batch_size",
                  self.pretrain_batch_size, "an integer >= 1")
+        _require(_is_finite(self.pretrain_weight_decay) and self.pretrain_weight_decay >= 0,
+                 "model.pretrain_weight_decay", self.pretrain_weight_decay, "a number >= 0")
 
 
 @dataclass
 class DataSpec:
-    """The dataset: built-in ``name`` (digits, synthetic) or a builder at ``_target_``.
-
-    A ``_target_`` builder is called with ``args`` and returns a ``DataSplits``.
+    """The dataset: built-in ``name`` (mnist1d, digits, synthetic, majority_tokens, markov_text) or
+    a builder at ``_target_``, called with ``args``, returning ``orchestrator.zoo.datasets.DataSplits``
+    (train/val/test ``Dataset``s, map-style or iterable, and an optional ``collate_fn``).
+    ``loader_workers``: ``DataLoader`` worker processes per rank (0: load in the training process).
     """
 
-    name: str = "digits"
+    name: str = "mnist1d"
+    _target_: Optional[str] = None
+    args: dict[str, Any] = field(default_factory=dict)
+    loader_workers: int = 0
+
+    def validate(self) -> None:
+        _require(isinstance(self.name, str) and bool(self.name), "data.name", self.name, "a non-empty name")
+        _require(_is_int(self.loader_workers) and self.loader_workers >= 0, "data.loader_workers",
+                 self.loader_workers, "an integer >= 0")
+
+
+@dataclass
+class TaskSpec:
+    """What is learned: built-in ``name`` (classification, language_modeling) or a ``Task`` class at
+    ``_target_`` (``orchestrator.tasks.Task``), constructed with ``args``. The task owns the loss,
+    the metrics (logged as ``fp32_<m>``, ``ptq_<m>``, ``val_<m>``, ``test_<m>``) and the batch layout."""
+
+    name: str = "classification"
     _target_: Optional[str] = None
     args: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _require(isinstance(self.name, str) and bool(self.name), "data.name", self.name, "a non-empty name")
+        _require(isinstance(self.name, str) and bool(self.name), "task.name", self.name, "a non-empty name")
 
 
 @dataclass
@@ -93,10 +125,34 @@ class QuantSpec:
 
 
 @dataclass
-class QatSpec:
-    """The QAT fine-tuning: mode, optimizer, step schedule, batch sizes.
+class DistillSpec:
+    """Knowledge distillation from the FP32 model (the teacher, run without gradients on every
+    rank): loss = ``task_weight`` * task loss + ``weight`` * ``T^2 KL(p_teacher || p_student)`` at
+    temperature ``T`` = ``temperature`` (Hinton et al. 2015; ``tasks/base.py``)."""
 
-    ``lr`` is divided by ``lr_gamma`` every ``lr_step_epochs`` epochs. ``batch_size`` is the
+    enabled: bool = False
+    temperature: float = 2.0
+    weight: float = 0.5
+    task_weight: float = 0.5
+
+    def validate(self) -> None:
+        _require(isinstance(self.enabled, bool), "qat.distill.enabled", self.enabled, "true or false")
+        _require(_is_finite(self.temperature) and self.temperature > 0, "qat.distill.temperature", self.temperature,
+                 "a finite number > 0")
+        _require(_is_finite(self.weight) and self.weight >= 0, "qat.distill.weight", self.weight,
+                 "a finite number >= 0")
+        _require(_is_finite(self.task_weight) and self.task_weight >= 0, "qat.distill.task_weight",
+                 self.task_weight, "a finite number >= 0")
+        _require(not self.enabled or self.weight + self.task_weight > 0, "qat.distill.weight", self.weight,
+                 "weight + task_weight > 0")
+
+
+@dataclass
+class QatSpec:
+    """The QAT fine-tuning: mode, optimizer, learning-rate schedule, batch sizes, distillation.
+
+    ``schedule``: ``cosine`` anneals ``lr`` towards 0 over ``epochs`` (stepped per epoch), ``step``
+    divides it by ``lr_gamma`` every ``lr_step_epochs`` epochs, ``constant`` keeps it. ``batch_size`` is the
     global batch, split evenly across workers (each gets ``batch_size // num_workers``).
     ``encoding_lr``: learning rate of the trained encodings (range learning), in their own
     optimizer group without weight decay, stepped down with ``lr``. Scales are learned as
@@ -111,7 +167,8 @@ class QatSpec:
     encoding_lr: float = 1e-2
     momentum: float = 0.9
     weight_decay: float = 0.0
-    epochs: int = 3
+    epochs: int = 10
+    schedule: str = "cosine"
     lr_step_epochs: int = 2
     lr_gamma: float = 10.0
     batch_size: int = 64
@@ -119,25 +176,28 @@ class QatSpec:
     eval_batch_size: int = 512
     grad_clip_norm: Optional[float] = None
     seed: int = 0
+    distill: DistillSpec = field(default_factory=DistillSpec)
 
     def validate(self) -> None:
         _require(self.optimizer in OPTIMIZERS, "qat.optimizer", self.optimizer, ", ".join(OPTIMIZERS))
-        _require(_is_number(self.lr) and self.lr > 0, "qat.lr", self.lr, "a number > 0")
-        _require(_is_number(self.encoding_lr) and self.encoding_lr > 0, "qat.encoding_lr", self.encoding_lr,
-                 "a number > 0")
-        _require(_is_number(self.momentum) and 0 <= self.momentum < 1, "qat.momentum", self.momentum, "a number in [0, 1)")
-        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "qat.weight_decay", self.weight_decay,
+        _require(_is_finite(self.lr) and 0 < self.lr <= MAX_LR, "qat.lr", self.lr, f"a finite number in (0, {MAX_LR:g}]")
+        _require(_is_finite(self.encoding_lr) and 0 < self.encoding_lr <= MAX_LR, "qat.encoding_lr",
+                 self.encoding_lr, f"a finite number in (0, {MAX_LR:g}]")
+        _require(self.schedule in SCHEDULES, "qat.schedule", self.schedule, ", ".join(SCHEDULES))
+        self.distill.validate()
+        _require(_is_finite(self.momentum) and 0 <= self.momentum < 1, "qat.momentum", self.momentum, "a number in [0, 1)")
+        _require(_is_finite(self.weight_decay) and self.weight_decay >= 0, "qat.weight_decay", self.weight_decay,
                  "a number >= 0")
         _require(_is_int(self.epochs) and self.epochs >= 0, "qat.epochs", self.epochs, "an integer >= 0 (0: PTQ only)")
         _require(_is_int(self.lr_step_epochs) and self.lr_step_epochs >= 1, "qat.lr_step_epochs",
                  self.lr_step_epochs, "an integer >= 1")
-        _require(_is_number(self.lr_gamma) and self.lr_gamma >= 1, "qat.lr_gamma", self.lr_gamma, "a number >= 1")
+        _require(_is_finite(self.lr_gamma) and self.lr_gamma >= 1, "qat.lr_gamma", self.lr_gamma, "a number >= 1")
         _require(_is_int(self.batch_size) and self.batch_size >= 1, "qat.batch_size", self.batch_size, "an integer >= 1")
         _require(_is_int(self.calibration_batches) and self.calibration_batches >= 1, "qat.calibration_batches",
                  self.calibration_batches, "an integer >= 1")
         _require(_is_int(self.eval_batch_size) and self.eval_batch_size >= 1, "qat.eval_batch_size",
                  self.eval_batch_size, "an integer >= 1")
-        _require(self.grad_clip_norm is None or (_is_number(self.grad_clip_norm) and self.grad_clip_norm > 0),
+        _require(self.grad_clip_norm is None or (_is_finite(self.grad_clip_norm) and self.grad_clip_norm > 0),
                  "qat.grad_clip_norm", self.grad_clip_norm, "null or a number > 0")
         _require(_is_int(self.seed), "qat.seed", self.seed, "an integer")
 
@@ -176,9 +236,9 @@ class TrainerSpec:
     def validate(self) -> None:
         _require(_is_int(self.num_workers) and self.num_workers >= 0, "trainer.num_workers", self.num_workers,
                  "an integer >= 0 (0: in-process, no Ray)")
-        _require(_is_number(self.cpus_per_worker) and self.cpus_per_worker > 0, "trainer.cpus_per_worker",
+        _require(_is_finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "trainer.cpus_per_worker",
                  self.cpus_per_worker, "a number > 0")
-        _require(_is_number(self.gpus_per_worker) and self.gpus_per_worker > 0, "trainer.gpus_per_worker",
+        _require(_is_finite(self.gpus_per_worker) and self.gpus_per_worker > 0, "trainer.gpus_per_worker",
                  self.gpus_per_worker, "a number > 0")
         _require(_is_int(self.max_failures) and self.max_failures >= -1, "trainer.max_failures", self.max_failures,
                  "an integer >= 0, or -1 for unlimited")
@@ -213,8 +273,8 @@ class TrackingSpec:
                  "a non-empty name")
 
 
-SECTIONS = {"model": ModelSpec, "data": DataSpec, "quant": QuantSpec, "qat": QatSpec, "trainer": TrainerSpec,
-            "tracking": TrackingSpec}
+SECTIONS = {"model": ModelSpec, "data": DataSpec, "task": TaskSpec, "quant": QuantSpec, "qat": QatSpec,
+            "trainer": TrainerSpec, "tracking": TrackingSpec}
 QAT_QUANT_FIELDS = ("range_learning", "learn_weight_encodings", "lsq_grad_scaling")
 
 
@@ -224,6 +284,7 @@ class TrialSections:
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
+    task: TaskSpec = field(default_factory=TaskSpec)
     quant: QuantSpec = field(default_factory=QuantSpec)
     qat: QatSpec = field(default_factory=QatSpec)
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
@@ -243,6 +304,7 @@ class TrialConfig(TrialSections):
         try:
             check_name("model", self.model.name, self.model._target_, MODELS)
             check_name("data", self.data.name, self.data._target_, DATASETS)
+            check_name("task", self.task.name, self.task._target_, TASKS)
         except RegistryError as exc:
             raise TrialConfigError(str(exc)) from None
         self.quant_config()

@@ -19,7 +19,7 @@ from typing import Any
 from ..tracking.mlflow_runs import TRIAL_ID_TAG, RunLogger, default_tracking_uri, find_or_create_run
 from ..tracking.run_content import OUTCOME_TAG, trial_params, trial_tags
 from ..tracking.system_metrics import system_metrics
-from .builders import build_data, pretrained_path
+from .builders import build_data, load_pretrained, pretrained_path, task_of
 from .config import TrialConfig
 
 
@@ -64,8 +64,10 @@ def prepare(cfg: TrialConfig, log=print) -> TrialConfig:
         cfg.tracking.run_name = default_run_name(cfg)
     if cfg.trainer.storage_path and "://" not in cfg.trainer.storage_path:
         cfg.trainer.storage_path = str(Path(cfg.trainer.storage_path).expanduser().resolve())
+    task_of(cfg.task)  # a task that cannot be built fails here, before any run exists
     data = build_data(cfg.data)
-    cfg.model.checkpoint, _ = pretrained_path(cfg.model, cfg.data, data, log=log)
+    cfg.model.checkpoint, _ = pretrained_path(cfg.model, cfg.data, cfg.task, data, log=log)
+    load_pretrained(cfg.model, data, cfg.model.checkpoint)  # the checkpoint fits the model
     return cfg
 
 

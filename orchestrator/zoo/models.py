@@ -1,4 +1,5 @@
-"""Built-in models: ``digits_cnn`` (8x8x1 digits) and ``resnet_cifar`` (ResNet-20 style, 32x32x3)."""
+"""Built-in torch models: ``mnist1d_cnn`` (MNIST-1D), ``digits_cnn`` (8x8x1 digits) and ``resnet_cifar``
+(ResNet-20 style, 32x32x3). The ``transformers`` ones are in ``hf_models.py``."""
 
 from __future__ import annotations
 
@@ -89,3 +90,28 @@ class ResNetCifar(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Mnist1dCNN(nn.Module):
+    """Three strided Conv1d-ReLU layers and a linear classifier for MNIST-1D (Greydanus 2020's
+    ``ConvBase``, ``width`` channels). Input ``[N, 1, 40]``, output logits ``[N, num_classes]``;
+    the sequence shrinks 40 -> 20 -> 10 -> 5."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64, length: int = 40) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, width, 5, stride=2, padding=2)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv1d(width, width, 3, stride=2, padding=1)
+        self.relu2 = nn.ReLU()
+        self.conv3 = nn.Conv1d(width, width, 3, stride=2, padding=1)
+        self.relu3 = nn.ReLU()
+        out_length = length
+        for _ in range(3):
+            out_length = (out_length + 1) // 2
+        self.fc = nn.Linear(width * out_length, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu1(self.conv1(x))
+        x = self.relu2(self.conv2(x))
+        x = self.relu3(self.conv3(x))
+        return self.fc(torch.flatten(x, 1))

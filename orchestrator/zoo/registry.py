@@ -6,15 +6,21 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from . import datasets, models
+from . import datasets, hf_models, mnist1d, models, token_data
 
 MODELS: dict[str, Callable[..., Any]] = {
+    "mnist1d_cnn": models.Mnist1dCNN,
     "digits_cnn": models.DigitsCNN,
     "resnet_cifar": models.ResNetCifar,
+    "bert_tiny": hf_models.bert_tiny,
+    "gpt2_tiny": hf_models.gpt2_tiny,
 }
 DATASETS: dict[str, Callable[..., Any]] = {
+    "mnist1d": mnist1d.mnist1d,
     "digits": datasets.digits,
     "synthetic": datasets.synthetic,
+    "majority_tokens": token_data.majority_tokens,
+    "markov_text": token_data.markov_text,
 }
 
 

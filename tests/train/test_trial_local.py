@@ -20,8 +20,8 @@ def test_pretrained_baseline_is_real_and_cached(tmp_path, baseline_cache):
     cfg = trial_config(tmp_path, baseline_cache, **{"trainer.num_workers": 0, "qat.epochs": 0})
     first = run_trial(cfg)
     state, meta = load_checkpoint(first.config.model.checkpoint)
-    assert meta["fp32_test_acc"] >= 98.5
-    assert first.metrics["fp32_acc"] == pytest.approx(meta["fp32_test_acc"])
+    assert meta["fp32_test"]["acc"] >= 98.5
+    assert first.metrics["fp32_acc"] == pytest.approx(meta["fp32_test"]["acc"])
     mtime = __import__("os").path.getmtime(first.config.model.checkpoint)
     second = run_trial(trial_config(tmp_path, baseline_cache, name="again", **{"trainer.num_workers": 0, "qat.epochs": 0}))
     assert second.config.model.checkpoint == first.config.model.checkpoint
@@ -31,7 +31,7 @@ def test_pretrained_baseline_is_real_and_cached(tmp_path, baseline_cache):
 def test_in_process_trial_logs_everything_to_mlflow(tmp_path, baseline_cache):
     cfg = trial_config(tmp_path, baseline_cache, **{"trainer.num_workers": 0, "qat.epochs": 3,
                                                      "quant.param_bw": 4, "quant.output_bw": 4,
-                                                     "qat.range_learning": True})
+                                                     "qat.range_learning": True, "qat.schedule": "step"})
     result = run_trial(cfg)
     m = result.metrics
     assert m["status"] == "finished" and m["test_acc"] >= m["fp32_acc"] - 1.5
@@ -48,7 +48,7 @@ def test_in_process_trial_logs_everything_to_mlflow(tmp_path, baseline_cache):
     assert tags["qat.trial_id"] == result.config.tracking.trial_id
     for key in METRICS:
         assert key in run.data.metrics, key
-    for key in ("train_loss", "val_acc", "lr", "epoch_time_s", "samples_per_s"):
+    for key in ("train_loss", "val_acc", "val_top5", "lr", "epoch_time_s", "samples_per_s"):
         assert [h.step for h in client.get_metric_history(result.run_id, key)] == [0, 1, 2], key
     lrs = [h.value for h in client.get_metric_history(result.run_id, "lr")]
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-4])  # divided by gamma=10 every 2 epochs
@@ -56,7 +56,8 @@ def test_in_process_trial_logs_everything_to_mlflow(tmp_path, baseline_cache):
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "export")}
     assert artifacts == {"export/model.pth", "export/model.onnx", "export/model.encodings",
                          "export/model.encodings.json"}
-    for key in ("fp32_acc", "ptq_acc", "test_acc", "val_samples", "test_samples"):
+    for key in ("fp32_acc", "fp32_top5", "ptq_acc", "ptq_top5", "test_acc", "test_top5", "val_samples",
+                "test_samples"):
         assert len(client.get_metric_history(result.run_id, key)) == 1, key  # logged once
     assert tags["qat.launcher"] == "in-process" and tags["qat.outcome"] == "finished"
     assert tags["qat.output_dir"] == str(tmp_path / "trial") and "output_dir" not in params
@@ -67,31 +68,47 @@ def test_in_process_trial_logs_everything_to_mlflow(tmp_path, baseline_cache):
     assert TrialConfig.from_dict(config).qat.range_learning is True
 
 
-def test_divergence_stops_the_trial_and_marks_the_run_failed(tmp_path, baseline_cache):
+def test_a_model_left_at_chance_is_a_diverged_trial_not_a_finished_one(tmp_path, baseline_cache):
     # Quantization keeps even absurd weights finite (encodings clamp every activation; learned
-    # scales are floored), so SGD at 1e30 does not produce NaN: the loss explodes instead.
-    cfg = trial_config(tmp_path, baseline_cache, **{"trainer.num_workers": 0, "qat.optimizer": "sgd",
-                                                     "qat.lr": 1e30, "qat.epochs": 3, "qat.range_learning": True,
-                                                     "qat.learn_weight_encodings": True})
-    with pytest.raises(TrialFailed, match=r"training diverged: mean training loss \S+ at epoch 0 is more than 3x "
-                                          r"that of a uniform guess \(qat.lr=1e\+30"):
+    # scales are floored), so Adam at lr=1 does not produce NaN: the accuracy collapses instead.
+    cfg = trial_config(tmp_path, baseline_cache, **{"trainer.num_workers": 0, "qat.lr": 1.0, "qat.epochs": 2,
+                                                     "qat.range_learning": True})
+    with pytest.raises(TrialFailed, match=r"training diverged: val_acc \S+ is no better than a random guess after 2 "
+                                          r"epoch\(s\) \(FP32: \S+; qat.lr=1.0\); lower qat.lr"):
         run_trial(cfg)
     client = MlflowClient(cfg.tracking.uri)
     exp = client.get_experiment_by_name("qat")
     (run,) = client.search_runs([exp.experiment_id])
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED" and run.data.tags["qat.outcome"] == "diverged"
+    assert not (tmp_path / "trial" / "export").exists()  # nothing exported from a broken model
+
+
+def test_divergence_rules():
+    from orchestrator.tasks import Classification, LanguageModeling
+    from orchestrator.train.divergence import exploded_loss, stayed_at_chance
+
+    assert exploded_loss(7.0, 2.3) and not exploded_loss(6.8, 2.3) and exploded_loss(float("nan"), 2.3)
+    assert not exploded_loss(1e9, None)  # a user task without a uniform-guess reference
+    clf = Classification()
+    assert stayed_at_chance(clf, 10, {"acc": 95.0}, {"acc": 10.3})
+    assert not stayed_at_chance(clf, 10, {"acc": 95.0}, {"acc": 30.0})
+    assert not stayed_at_chance(clf, 10, {"acc": 12.0}, {"acc": 10.0})  # the FP32 model is near chance itself
+    lm = LanguageModeling()  # perplexity: lower is better, chance = vocabulary size
+    assert stayed_at_chance(lm, 64, {"ppl": 3.5, "loss": 1.25}, {"ppl": 63.0, "loss": 4.14})
+    assert not stayed_at_chance(lm, 64, {"ppl": 3.5, "loss": 1.25}, {"ppl": 5.0, "loss": 1.6})
 
 
 def test_in_process_trial_resumes_from_its_checkpoint(tmp_path, baseline_cache):
-    """A trial stopped after its epoch-1 checkpoint continues at epoch 2 in the same MLflow run."""
-    overrides = {"trainer.num_workers": 0, "qat.epochs": 3}
+    """A trial stopped after its epoch-1 checkpoint continues at epoch 2 in the same MLflow run.
+    (The cut run is a 2-epoch trial: the step schedule's rates do not depend on the epoch count.)"""
+    overrides = {"trainer.num_workers": 0, "qat.epochs": 3, "qat.schedule": "step"}
     full = run_trial(trial_config(tmp_path, baseline_cache, name="full", **overrides))
 
     cut = trial_config(tmp_path, baseline_cache, name="cut", **{**overrides, "qat.epochs": 2})
     first = run_trial(cut)
     ckpt_dir = tmp_path / "cut" / "checkpoints"
     last = sorted(ckpt_dir.glob("epoch_*.pt"))[-1]
-    state = torch.load(last, weights_only=False)
+    state = torch.load(last, weights_only=True)
     del state["final"]  # as if the process died right after the epoch-1 checkpoint
     torch.save(state, last)
     resumed = run_trial(trial_config(tmp_path, baseline_cache, name="cut", **overrides))
@@ -108,10 +125,17 @@ def test_in_process_trial_resumes_from_its_checkpoint(tmp_path, baseline_cache):
     ("quant.param_bw", 0, r"quant.param_bw=0 is not a supported bit width; allowed: an integer from 2 to 16"),
     ("quant.quant_scheme", "kl", r"quant.quant_scheme='kl' is not known; allowed: min_max, sqnr, percentile"),
     ("qat.optimizer", "lamb", r"qat.optimizer='lamb' is not allowed; allowed: sgd, adam"),
-    ("qat.lr", 0.0, r"qat.lr=0.0 is not allowed; allowed: a number > 0"),
+    ("qat.lr", 0.0, r"qat.lr=0.0 is not allowed; allowed: a finite number in \(0, 10\]"),
+    ("qat.lr", float("inf"), r"qat.lr=inf is not allowed; allowed: a finite number in \(0, 10\]"),
+    ("qat.lr", 1e6, r"qat.lr=1000000.0 is not allowed"),
+    ("qat.distill.temperature", 0, r"qat.distill.temperature=0 is not allowed; allowed: a finite number > 0"),
+    ("task.name", "detection", r"task.name='detection' is not a built-in task; allowed: classification, "
+                               r"language_modeling"),
     ("trainer.num_workers", -1, r"trainer.num_workers=-1 is not allowed"),
-    ("model.name", "vgg", r"model.name='vgg' is not a built-in model; allowed: digits_cnn, resnet_cifar"),
-    ("data.name", "cifar", r"data.name='cifar' is not a built-in data; allowed: digits, synthetic"),
+    ("model.name", "vgg", r"model.name='vgg' is not a built-in model; allowed: mnist1d_cnn, digits_cnn, "
+                          r"resnet_cifar, bert_tiny, gpt2_tiny"),
+    ("data.name", "cifar", r"data.name='cifar' is not a built-in data; allowed: mnist1d, digits, synthetic, "
+                           r"majority_tokens, markov_text"),
 ])
 def test_invalid_values_are_rejected_before_anything_runs(tmp_path, baseline_cache, key, value, message):
     cfg = trial_config(tmp_path, baseline_cache, **{key: value})

@@ -1,0 +1,87 @@
+"""A user's own data and task, as ``data._target_`` / ``task._target_`` name them in the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from orchestrator.tasks import Metric, Task
+from orchestrator.zoo.datasets import DataSplits
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<name>.npy`` images (float32 ``[1, 8, 8]``), read from disk when asked for:
+    nothing is loaded when the dataset is built (torchvision's ImageFolder layout)."""
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.files = [(f, i) for i, c in enumerate(self.classes) for f in sorted((root / c).glob("*.npy"))]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.files[i]
+        return torch.from_numpy(np.load(path)), label
+
+
+def image_folders(root: str) -> DataSplits:
+    """``root/{train,val,test}/<class>/*.npy``."""
+    splits = {s: ImageFolder(Path(root) / s) for s in ("train", "val", "test")}
+    return DataSplits(splits["train"], splits["val"], splits["test"],
+                      model_args={"num_classes": len(splits["train"].classes)})
+
+
+class SumRegression(Task):
+    """Predict the sum of a sample's inputs: mean squared error, metrics ``mse`` (primary) and ``mae``,
+    both lower-is-better. Batches ``(x, y)`` with ``y`` float ``[N]``; the model outputs ``[N, 1]``."""
+
+    primary = "mse"
+    metrics = (Metric("mse", "min"), Metric("mae", "min"))
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def inputs(self, batch):
+        return batch[0]
+
+    def targets(self, batch):
+        return batch[1] * self.scale
+
+    def loss(self, logits, targets):
+        return nn.functional.mse_loss(logits.squeeze(-1), targets)
+
+    def metric_sums(self, logits, targets):
+        err = logits.squeeze(-1) - targets
+        return {"sq": (err ** 2).sum(), "abs": err.abs().sum(), "n": float(targets.numel())}
+
+    def compute_metrics(self, sums):
+        n = max(sums["n"], 1.0)
+        return {"mse": sums["sq"] / n, "mae": sums["abs"] / n}
+
+    def uniform_loss(self, logits):
+        return None
+
+
+def sums_data(n: int = 1024, features: int = 8, seed: int = 0) -> DataSplits:
+    g = torch.Generator().manual_seed(seed)
+
+    def split(k: int):
+        x = torch.rand(k, features, generator=g)
+        return torch.utils.data.TensorDataset(x, x.sum(1))
+
+    return DataSplits(split(n), split(256), split(256), model_args={"in_features": features})
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features: int = 8, hidden: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.net(x)
