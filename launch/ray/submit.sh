@@ -28,7 +28,18 @@ for key in ("QAT_CACHE_DIR",):
 print(json.dumps({"env_vars": env, "excludes": [".venv", "outputs", "multirun", "*.db", ".git", "mlartifacts"]}))
 PY
 )
-wait_flag=()
-[ "${QAT_SUBMIT_NO_WAIT:-0}" = 1 ] && wait_flag=(--no-wait)
-exec ray job submit --address "$head" --working-dir "$repo" --runtime-env-json "$env_json" "${wait_flag[@]}" \
-  -- qat-sweep tracking=server "$@"
+# Right after `ray start` the head's job agent may not have registered yet ("No available agent to
+# submit job"): submission is retried for up to ~30 s, then the job's logs are followed to its end.
+submit=(ray job submit --address "$head" --working-dir "$repo" --runtime-env-json "$env_json" --no-wait
+        -- qat-sweep tracking=server "$@")
+for attempt in $(seq 1 10); do
+  if out=$("${submit[@]}" 2>&1); then break; fi
+  if [ "$attempt" -lt 10 ] && grep -q "No available agent" <<<"$out"; then sleep 3; continue; fi
+  printf '%s\n' "$out" >&2
+  exit 1
+done
+printf '%s\n' "$out"
+id=$(grep -o "raysubmit_[A-Za-z0-9]*" <<<"$out" | head -n 1)
+[ "${QAT_SUBMIT_NO_WAIT:-0}" = 1 ] && exit 0
+ray job logs --address "$head" --follow "$id"   # ends with the job's status ("Job '...' succeeded")
+ray job status --address "$head" "$id" 2>&1 | grep -q "Job '$id' succeeded"   # the exit status: 0 on success

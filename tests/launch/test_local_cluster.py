@@ -158,7 +158,8 @@ def test_sweep_submitted_to_a_two_node_cluster_lands_in_mlflow_server(two_node_r
     out = tmp_path / "shared-outputs"  # "shared storage": one filesystem for both nodes here
     submit = subprocess.run(
         [str(REPO / "launch" / "ray" / "submit.sh"), two_node_ray["dashboard"], f"paths.root={out}",
-         "sweep.name=cluster", "qat.lr=0.001,0.0003", "qat.epochs=1", "qat.range_learning=false", "trainer.num_workers=2",
+         "sweep.name=cluster", "qat.lr=0.001,0.0003", "qat.epochs=1", "qat.range_learning=false",
+         "qat.distill.enabled=false", "trainer.num_workers=2",
          f"trainer.storage_path={out / 'ray'}"],
         env=env, capture_output=True, text=True, timeout=900)
     assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-2000:]
