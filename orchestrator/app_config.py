@@ -8,12 +8,14 @@ type-checked and unknown keys are rejected. Values are checked again, semantical
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fileio import check_writable_dir
 from .sweep.spec import SweepSpec
-from .train.config import SECTIONS, TrialConfig, TrialSections
+from .train.config import SECTIONS, TrialConfig, TrialConfigError, TrialSections
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -52,8 +54,29 @@ def register_schemas() -> None:
     _registered = True
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,:=+-]*")
+
+
 def output_root(app: dict[str, Any]) -> Path:
-    return Path(app["paths"]["root"]).expanduser().resolve()
+    """``paths.root``, absolute; it must be (or be creatable as) a writable directory."""
+    root = Path(app["paths"]["root"]).expanduser().resolve()
+    try:
+        check_writable_dir(root, "paths.root")
+    except ValueError as exc:
+        raise TrialConfigError(str(exc)) from None
+    return root
+
+
+def check_run_name(root: Path, name: Any) -> Path:
+    """``<root>/train/<name>``: ``name`` is one plain path component (no ``/``, no ``..``), so a run
+    can never write outside ``paths.root``."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name:
+        raise TrialConfigError(f"name={name!r} is not allowed; allowed: letters, digits and _ . , : = + - "
+                               "(one directory name under paths.root/train)")
+    run_dir = (root / "train" / name).resolve()
+    if not run_dir.is_relative_to(root):  # a symbolic link out of the root
+        raise TrialConfigError(f"name={name!r}: {run_dir} is outside paths.root={str(root)!r}")
+    return run_dir
 
 
 def trial_config(app: dict[str, Any], output_dir: str | Path) -> TrialConfig:

@@ -15,8 +15,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .app_config import output_root, register_schemas, trial_config
-from .console import fail, quiet_libraries
+from .app_config import check_run_name, output_root, register_schemas, trial_config
+from .console import fail, fail_unexpected, quiet_libraries
 
 register_schemas()
 
@@ -71,10 +71,11 @@ def _train_app(cfg: DictConfig) -> None:
     from .tracking.mlflow_runs import default_tracking_uri
     from .train.launcher import TrialFailed, run_trial
 
-    root = output_root(app)
     errors = _config_errors()
     try:
-        trial = trial_config(app, root / "train" / app["name"])
+        root = output_root(app)
+        run_dir = check_run_name(root, app["name"])
+        trial = trial_config(app, run_dir)
         if not trial.tracking.uri:
             trial.tracking.uri = default_tracking_uri(root)
         trial.tracking.run_name = trial.tracking.run_name or app["name"]
@@ -83,6 +84,10 @@ def _train_app(cfg: DictConfig) -> None:
         fail(exc)
     except TrialFailed as exc:
         fail(exc, status=1)
+    except KeyboardInterrupt:
+        fail("qat-train interrupted; run the same command again to resume from the last checkpoint", status=130)
+    except Exception as exc:  # a full disk, a tracking store that died mid-run, ...
+        fail_unexpected(exc, f"qat-train {app['name']}")
     print(train_summary(result), flush=True)
 
 
@@ -93,11 +98,43 @@ def _sweep_app(cfg: DictConfig) -> None:
     fail("qat-sweep always sweeps: leave hydra.mode at MULTIRUN (use qat-train for a single trial)")
 
 
+# Flags after which Hydra prints something and exits: nothing to check first.
+HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
+                    "--version")
+
+
+def check_overrides(config_name: str, argv: list[str]) -> None:
+    """Compose the config with the command line's plain overrides (sweeps left to the sweeper)
+    before Hydra runs, so that Hydra's own refusals (an unknown key, a wrong type, a missing config
+    group option) end as one ``error:`` line with exit status 2, not Hydra's multi-line report."""
+    if any(a.split("=", 1)[0] in HYDRA_INFO_FLAGS for a in argv):
+        return
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .sweep.space import one_line
+
+    lines = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(lines)
+    except Exception as exc:  # Hydra's grammar
+        fail(one_line(exc))
+    plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()
+             and not o.get_key_element().startswith("hydra")]
+    try:
+        with initialize_config_module("orchestrator.conf", version_base="1.3"):
+            compose(config_name, overrides=plain)
+    except Exception as exc:
+        fail(one_line(exc))
+
+
 def train_main() -> None:
+    check_overrides("train", sys.argv[1:])
     _train_app()
 
 
 def sweep_main() -> None:
+    check_overrides("sweep", sys.argv[1:])
     _sweep_app()
 
 

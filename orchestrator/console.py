@@ -61,3 +61,24 @@ def fail(message: Any, status: int = 2) -> NoReturn:
     text = " ".join(str(message).split("\n")).strip()
     print(f"error: {text}", file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def debugging() -> bool:
+    """``QAT_DEBUG=1``: tracebacks of unexpected errors (otherwise one line)."""
+    return os.environ.get("QAT_DEBUG", "") not in ("", "0")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def fail_unexpected(exc: BaseException, what: str, status: int = 1) -> NoReturn:
+    """An error no check foresaw (a full disk, a dying server): one line naming ``what`` failed and
+    why, the traceback too with ``QAT_DEBUG=1``, exit ``status``."""
+    if debugging():
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    hint = "" if debugging() else " (QAT_DEBUG=1 shows the traceback)"
+    fail(f"{what} failed: {first_line(exc)}{hint}", status=status)

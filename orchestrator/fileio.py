@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +21,23 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, Exception) and _disk_full(exc, path.parent):
+            raise OSError(errno.ENOSPC, f"No space left on device: cannot write {path} "
+                                        f"({shutil.disk_usage(path.parent).free} bytes free there)") from exc
         raise
+
+
+def _disk_full(exc: Exception, where: Path) -> bool:
+    """The write failed for want of space (writers such as ``torch.save`` report it in their own words)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(where).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -37,3 +52,30 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """Raise ``ValueError`` (one line naming ``key``) unless ``path`` is, or can be created as, a
+    writable directory. Probed for real (permission bits say nothing to root, nor about read-only
+    mounts or a full disk): what the probe creates is removed again."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{key}={str(path)!r} is a file, not a directory")
+    created: list[Path] = []
+    try:
+        missing = [p for p in [path, *path.parents] if not p.exists()]
+        for p in reversed(missing):
+            p.mkdir()
+            created.append(p)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".qat-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{key}={str(path)!r} is not writable ({exc.strerror or exc}); choose another "
+                         "directory") from None
+    finally:
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                pass

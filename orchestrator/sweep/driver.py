@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..console import fail, quiet_libraries
+from ..console import fail, fail_unexpected, first_line, quiet_libraries
 from ..train.config import TrialConfigError
 from . import lifecycle
 
@@ -40,39 +40,62 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
     print(f"sweep {spec.name}: {plan.total} trial(s), {spec.search} search over {dims or 'no swept key'}"
           f"{'' if spec.scheduler == 'none' else f', {spec.scheduler} early stopping'}"
           f"{' (resuming)' if spec.resume else ''}", flush=True)
-    from .runner import fit, mark_interrupted, shutdown_ray, start
+    from .runner import close_unfinished, mark_interrupted, shutdown_ray
 
-    run = None
     try:
-        try:
-            run, tuner = start(plan)
-        except errors as exc:
-            fail(exc)
-        _links(run, f"started in {time.time() - started:.0f}s; {run.concurrency} trial(s) at a time")
-        from ..tracking.system_metrics import system_metrics
-        from .progress import CLOCK
-
-        CLOCK["start"] = started
-        with system_metrics(run.tracking_uri, run.parent_run_id):
-            fit(run, tuner)
-        if run.interrupted:
-            cut = mark_interrupted(run)
-            shutdown_ray()
-            print(f"sweep {spec.name} interrupted: {cut} trial(s) cut short, marked KILLED in MLflow with the parent "
-                  f"run; finished trials are kept.\nresume with: {lifecycle.resume_command(spec.name)}", flush=True)
-            sys.exit(lifecycle.STATE.exit_status)
-        from .finish import best_line, finish
-
-        result = finish(run)
+        _sweep(plan, started, errors)
     except KeyboardInterrupt:  # a signal before or after Tune's run, or a second one
-        if run is not None:
-            mark_interrupted(run)
+        if RUN["run"] is not None:
+            mark_interrupted(RUN["run"])
         from .plan import sweep_state_exists
 
         again = (f"resume with: {lifecycle.resume_command(spec.name)}" if sweep_state_exists(plan.sweep_dir)
                  else "nothing ran yet: run the same command again")
         print(f"sweep {spec.name} interrupted.\n{again}", flush=True)
         sys.exit(lifecycle.STATE.exit_status)
+    except Exception as exc:  # a full disk, a dead tracking server, Tune's own state unreadable, ...
+        run = RUN["run"]
+        if run is not None:
+            try:
+                close_unfinished(run, "FAILED", "failed", f"the sweep driver failed: {first_line(exc)}")
+            except Exception:  # the tracking store itself may be what failed
+                pass
+        try:
+            shutdown_ray()
+        except Exception:
+            pass
+        fail_unexpected(exc, f"sweep {spec.name}")
+
+
+RUN: dict = {"run": None}  # the started sweep, for the error paths of run_from_hydra
+
+
+def _sweep(plan, started: float, errors) -> None:
+    """Start, fit and finish the planned sweep; on success print its table and links."""
+    from .runner import fit, mark_interrupted, shutdown_ray, start
+
+    spec = plan.spec
+    try:
+        run, tuner = start(plan)
+    except errors as exc:
+        fail(exc)
+    RUN["run"] = run
+    _links(run, f"started in {time.time() - started:.0f}s; {run.concurrency} trial(s) at a time")
+    from ..tracking.system_metrics import system_metrics
+    from .progress import CLOCK
+
+    CLOCK["start"] = started
+    with system_metrics(run.tracking_uri, run.parent_run_id):
+        fit(run, tuner)
+    if run.interrupted:
+        cut = mark_interrupted(run)
+        shutdown_ray()
+        print(f"sweep {spec.name} interrupted: {cut} trial(s) cut short, marked KILLED in MLflow with the parent "
+              f"run; finished trials are kept.\nresume with: {lifecycle.resume_command(spec.name)}", flush=True)
+        sys.exit(lifecycle.STATE.exit_status)
+    from .finish import best_line, finish
+
+    result = finish(run)
     shutdown_ray()
     print(f"\nsweep {spec.name}: {len(result.rows)} trial(s) in {time.time() - started:.0f}s")
     print(result.table)

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..tracking.compare import Sweep, TrialRow, format_rows, rank, trial_rows, write_csv
 from ..tracking.mlflow_runs import RunLogger
 from ..tracking.plot import write_plot
-from ..tracking.run_content import OUTCOME_TAG
+from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG
 from .runner import SweepRun
 
 
@@ -56,8 +56,13 @@ def finish(run: SweepRun) -> SweepResult:
             tags["registered_model"] = f"models:/{spec.registered_model}/{version}"
         parent.set_tags(tags)
     counts = {o: sum(r.outcome == o for r in rows) for o in {r.outcome for r in rows}}
-    parent.set_tags({OUTCOME_TAG: "finished", **{f"qat.trials_{o}": str(n) for o, n in counts.items()}})
-    parent.finish("FINISHED")
+    tags = {f"qat.trials_{o}": str(n) for o, n in counts.items()}
+    if best is None:  # nothing to show for the sweep: it failed
+        parent.set_tags({OUTCOME_TAG: "failed", FAILURE_REASON_TAG: "no trial finished", **tags})
+        parent.finish("FAILED")
+    else:
+        parent.set_tags({OUTCOME_TAG: "finished", **tags})
+        parent.finish("FINISHED")
     return SweepResult(rows, best, registered, format_rows(rows, spec.metric))
 
 

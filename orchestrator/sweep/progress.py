@@ -22,7 +22,7 @@ from ray.tune import Callback
 
 from ..console import paint
 from ..tracking.mlflow_runs import TRIAL_ID_TAG, RunLogger, ensure_experiment, find_run
-from ..tracking.run_content import OUTCOME_TAG
+from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG
 from . import lifecycle
 from .compose import Composer
 from .space import SearchSpace
@@ -150,10 +150,11 @@ class SweepProgress(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         if lifecycle.STATE.stopping:
             return
-        self._line("FAILED", trial, _error_line(trial), self._status(trials, ended=trial, ended_as="ERROR"))
+        reason = _error_line(trial)
+        self._line("FAILED", trial, reason, self._status(trials, ended=trial, ended_as="ERROR"))
         child = self._child(trial)
         if child is not None and child.status() == "RUNNING":
-            child.set_tags({OUTCOME_TAG: "failed"})
+            child.set_tags({OUTCOME_TAG: "failed", FAILURE_REASON_TAG: reason})
             child.finish("FAILED")
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..tracking.links import save_sweep_view
 from ..tracking.mlflow_runs import KIND_TAG, SWEEP_ID_TAG, RunLogger, ensure_experiment, find_or_create_run
-from ..tracking.run_content import OUTCOME_TAG, trial_params
+from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG, trial_params
 from ..tracking.source import source_tags
 from ..train.launcher import prepare
 from . import lifecycle
@@ -83,7 +83,7 @@ def open_parent(plan: SweepPlan, uri: str, experiment: str) -> tuple[str, dict[s
         fixed = {k: v for k, v in trial_params(plan.base).items() if f"space.{k}" not in params}
         parent.log_params({**fixed, **params})
     else:
-        parent.delete_tags([OUTCOME_TAG, "best_run_id"])
+        parent.delete_tags([OUTCOME_TAG, FAILURE_REASON_TAG, "best_run_id"])
     save_sweep_view(uri, ensure_experiment(uri, experiment), spec.name, [d.key.lstrip("+~") for d in plan.space.dims],
                     spec.metric[len("val_"):])
     return parent_id, tags
@@ -94,7 +94,7 @@ def start(plan: SweepPlan, log=print) -> tuple[SweepRun, object]:
     run's description and the Tuner to fit."""
     from ray import tune
 
-    from ..train.ray_launcher import check_fits, dashboard_url, ensure_ray
+    from ..train.ray_launcher import check_fits, check_local_capacity, dashboard_url, ensure_ray
 
     spec = plan.spec
     base = copy.deepcopy(plan.base)
@@ -104,6 +104,7 @@ def start(plan: SweepPlan, log=print) -> tuple[SweepRun, object]:
         base.tracking.uri = default_tracking_uri(plan.root)
     base = prepare(base, log=log)  # trains/caches the FP32 baseline once, before any trial starts
     plan.base = base
+    check_local_capacity(base.trainer, extra_cpus=0.0 if in_actor(base) else spec.trial_driver_cpus)
     uri, experiment = base.tracking.uri, base.tracking.experiment
     # MLflow's store setup (a new SQLite database migrates its schema, ~2 s) runs while Ray starts.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-parent") as pool:
@@ -129,9 +130,13 @@ def start(plan: SweepPlan, log=print) -> tuple[SweepRun, object]:
             return run, tuner
         return run, _new_tuner(plan, trainable, ctx, concurrency)
     except BaseException as exc:  # refused (resources) or interrupted before Tune ran: close the parent
+        from ..console import first_line
+
+        interrupted = isinstance(exc, KeyboardInterrupt)
         parent_run = RunLogger(uri, parent_id)
-        parent_run.set_tags({OUTCOME_TAG: "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"})
-        parent_run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        parent_run.set_tags({OUTCOME_TAG: "interrupted" if interrupted else "failed",
+                             FAILURE_REASON_TAG: "interrupted before any trial ran" if interrupted else first_line(exc)})
+        parent_run.finish("KILLED" if interrupted else "FAILED")
         raise
 
 
@@ -172,19 +177,26 @@ def fit(run: SweepRun, tuner) -> None:
 def mark_interrupted(run: SweepRun) -> int:
     """Every child run still RUNNING and the parent: KILLED, ``qat.outcome=interrupted``.
     Returns how many trials were cut short."""
+    return close_unfinished(run, "KILLED", "interrupted", "the sweep was interrupted (SIGINT/SIGTERM)")
+
+
+def close_unfinished(run: SweepRun, status: str, outcome: str, reason: str) -> int:
+    """Every child run still RUNNING and the parent end with ``status`` (KILLED or FAILED),
+    ``qat.outcome`` and ``qat.failure_reason``. Returns how many trials were cut short."""
     from ..tracking.mlflow_runs import PARENT_TAG, client, retrying
 
     c = client(run.tracking_uri)
     children = retrying(lambda: c.search_runs([run.experiment_id],
                                               filter_string=f"tags.`{PARENT_TAG}` = '{run.parent_run_id}' "
                                                             "and attributes.status = 'RUNNING'"))
+    tags = {OUTCOME_TAG: outcome, FAILURE_REASON_TAG: reason[:5000]}
     for child in children:
         logger = RunLogger(run.tracking_uri, child.info.run_id)
-        logger.set_tags({OUTCOME_TAG: "interrupted"})
-        logger.finish("KILLED")
+        logger.set_tags(tags)
+        logger.finish(status)
     parent = RunLogger(run.tracking_uri, run.parent_run_id)
-    parent.set_tags({OUTCOME_TAG: "interrupted"})
-    parent.finish("KILLED")
+    parent.set_tags(tags)
+    parent.finish(status)
     return len(children)
 
 

@@ -17,6 +17,7 @@ from ..console import quiet_libraries
 from .compare import CompareError, download_export, find_sweep, format_rows, rank, trial_rows, write_csv
 from .mlflow_runs import default_tracking_uri
 from .plot import write_plot
+from .preflight import TrackingUnavailable, check_tracking
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if uri.startswith("sqlite:") and not Path(uri[len("sqlite:///"):]).exists():
             raise CompareError(f"no MLflow database at {uri}; run qat-sweep first or pass --tracking-uri")
+        check_tracking(uri, key="--tracking-uri")
         sweeps = [find_sweep(uri, args.experiment, s) for s in (args.sweep or [None])]
         rows_by_sweep = {s.name: rank(trial_rows(uri, s)) for s in sweeps}
         empty = [s.name for s in sweeps if not rows_by_sweep[s.name]]
         if empty:
             raise CompareError(f"sweep {empty[0]!r} has no trial runs yet")
-    except CompareError as exc:
+    except (CompareError, TrackingUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     label = "_".join(s.name for s in sweeps)

@@ -27,6 +27,7 @@ from .mlflow_runs import KIND_TAG, MAX_PARAM_LENGTH
 EPOCH_METRICS = ("train_loss", "train_distill_loss", "lr", "epoch_time_s", "samples_per_s")
 FIRST_EPOCH_METRICS = ("startup_s", "worker_start_s", "compile_warmup_s")
 OUTCOME_TAG = "qat.outcome"  # finished | stopped_by_scheduler | diverged | failed | interrupted
+FAILURE_REASON_TAG = "qat.failure_reason"  # why a run ended FAILED or KILLED, one line
 
 _ALWAYS = ("model.name", "data.name", "task.name", "quant.param_bw", "quant.output_bw", "quant.quant_scheme",
            "quant.per_channel", "quant.fold_batchnorm", "qat.range_learning", "qat.optimizer", "qat.lr", "qat.epochs", "qat.batch_size",

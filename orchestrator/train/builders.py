@@ -96,6 +96,7 @@ def pretrained_path(spec: ModelSpec, data_spec: DataSpec, task_spec: TaskSpec, d
         return str(path), {}
     from .pretrain import train_fp32
 
+    new_model(spec, data)  # its arguments fit, before any training starts
     task = task_of(task_spec)
     recipe = PretrainRecipe(spec.pretrain_epochs, spec.pretrain_lr, spec.pretrain_batch_size,
                             spec.pretrain_weight_decay)

@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from ..tracking.mlflow_runs import TRIAL_ID_TAG, RunLogger, default_tracking_uri, find_or_create_run
-from ..tracking.run_content import OUTCOME_TAG, trial_params, trial_tags
+from ..tracking.preflight import TrackingUnavailable, check_tracking
+from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG, trial_params, trial_tags
 from ..tracking.system_metrics import system_metrics
 from .builders import build_data, load_pretrained, pretrained_path, task_of
-from .config import TrialConfig
+from .config import TrialConfig, TrialConfigError
 
 
 class TrialFailed(RuntimeError):
@@ -64,11 +65,26 @@ def prepare(cfg: TrialConfig, log=print) -> TrialConfig:
         cfg.tracking.run_name = default_run_name(cfg)
     if cfg.trainer.storage_path and "://" not in cfg.trainer.storage_path:
         cfg.trainer.storage_path = str(Path(cfg.trainer.storage_path).expanduser().resolve())
+    try:
+        check_tracking(cfg.tracking.uri)
+    except TrackingUnavailable as exc:
+        raise TrialConfigError(str(exc)) from None
     task_of(cfg.task)  # a task that cannot be built fails here, before any run exists
     data = build_data(cfg.data)
     cfg.model.checkpoint, _ = pretrained_path(cfg.model, cfg.data, cfg.task, data, log=log)
-    load_pretrained(cfg.model, data, cfg.model.checkpoint)  # the checkpoint fits the model
+    model = load_pretrained(cfg.model, data, cfg.model.checkpoint)  # the checkpoint fits the model
+    check_leaf_modules(cfg, model)
     return cfg
+
+
+def check_leaf_modules(cfg: TrialConfig, model) -> None:
+    """Every ``quant.leaf_modules`` name is a submodule of the model."""
+    names = {name for name, _ in model.named_modules() if name}
+    for leaf in cfg.quant.leaf_modules:
+        if leaf not in names:
+            shown = ", ".join(sorted(names)[:12]) + (", ..." if len(names) > 12 else "")
+            raise TrialConfigError(f"quant.leaf_modules: {leaf!r} is not a submodule of model {cfg.model.name!r}; "
+                                   f"its submodules: {shown}")
 
 
 LAUNCHERS = ("in-process", "tune-actor", "ray-train")
@@ -96,7 +112,7 @@ def start_run(cfg: TrialConfig, launcher: str, swept: dict[str, Any] | None = No
         logger.log_params(trial_params(cfg, swept))
         logger.log_dict(cfg.to_dict(), "config.json")
     else:
-        logger.delete_tags([OUTCOME_TAG])
+        logger.delete_tags([OUTCOME_TAG, FAILURE_REASON_TAG])
     return run_id
 
 
@@ -113,8 +129,9 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
     cfg = prepare(cfg, log=log)
     launcher = launcher_for(cfg, in_actor)
     if launcher == "ray-train":
-        from .ray_launcher import check_fits, ensure_ray
+        from .ray_launcher import check_fits, check_local_capacity, ensure_ray
 
+        check_local_capacity(cfg.trainer)
         check_fits(cfg.trainer, ensure_ray(cfg.trainer.ray_address))
     run_id = start_run(cfg, launcher, swept, extra_tags)
     tracker = RunLogger(cfg.tracking.uri, run_id)
@@ -126,7 +143,7 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
         # The final report carries the trial's status. The run is closed before it goes out: a
         # sweep's scheduler or Tune itself may stop the trial right at that report.
         if "status" in metrics and not closed:
-            closed.append(_close(tracker, metrics["status"]))
+            closed.append(_close(tracker, metrics["status"], metrics.get("error")))
         if on_report is not None:
             on_report(metrics)
 
@@ -141,14 +158,15 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
 
                 metrics = qat_worker(payload, on_report=report)
         except KeyboardInterrupt:
-            _end(tracker, "KILLED", "interrupted")
+            _end(tracker, "KILLED", "interrupted", "interrupted (SIGINT)")
             raise
         except Exception as exc:
-            _end(tracker, "FAILED", "failed")
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+            _end(tracker, "FAILED", "failed", reason)
             raise TrialFailed(f"trial {cfg.tracking.run_name} failed: {_first_line(exc)}") from exc
     status = metrics.get("status")
     if not closed:
-        _close(tracker, status)
+        _close(tracker, status, metrics.get("error"))
     if status != "finished":
         raise TrialFailed(metrics.get("error") or f"trial ended with status {status!r}", status=status)
     return TrialResult("finished", metrics, run_id, cfg.tracking.uri, cfg.output_dir, cfg)
@@ -161,15 +179,24 @@ def run_outcome(status: str | None) -> tuple[str, str]:
     return "FAILED", "diverged" if status == "diverged" else "failed"
 
 
-def _close(tracker: RunLogger, status: str | None) -> str:
+def _close(tracker: RunLogger, status: str | None, reason: str | None = None) -> str:
     mlflow_status, outcome = run_outcome(status)
-    _end(tracker, mlflow_status, outcome)
+    _end(tracker, mlflow_status, outcome, reason if mlflow_status != "FINISHED" else None)
     return outcome
 
 
-def _end(tracker: RunLogger, status: str, outcome: str) -> None:
-    tracker.set_tags({OUTCOME_TAG: outcome})
-    tracker.finish(status)
+def _end(tracker: RunLogger, status: str, outcome: str, reason: str | None = None) -> None:
+    """Close the run with ``status`` and its labels; on a failing path a broken tracking store must
+    not hide the trial's own error, so closing is best effort there."""
+    tags = {OUTCOME_TAG: outcome}
+    if reason:
+        tags[FAILURE_REASON_TAG] = reason[:5000]
+    try:
+        tracker.set_tags(tags)
+        tracker.finish(status)
+    except Exception:
+        if status == "FINISHED":
+            raise
 
 
 def _first_line(exc: BaseException) -> str:

@@ -40,19 +40,43 @@ def ensure_ray(address: str | None, num_cpus: int | None = None, log_to_driver: 
         return False
     # A local Ray starts its dashboard (localhost only, ray[default]): it serves the State API
     # that Ray Train's placement-group cleaner polls; without it that cleaner warns every few seconds.
-    kwargs: dict[str, Any] = {"logging_level": "WARNING" if log_to_driver else "ERROR",
-                              "log_to_driver": log_to_driver}
+    kwargs: dict[str, Any] = {"logging_level": "ERROR", "log_to_driver": log_to_driver}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         kwargs["address"] = address
     else:
         kwargs["address"] = "local"  # never attach by accident to another process's local Ray
+        # advertised on loopback only (the dashboard and agents then listen there too)
+        kwargs["_node_ip_address"] = "127.0.0.1"
         if num_cpus is not None:
             kwargs["num_cpus"] = num_cpus
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
+        secure_local_token()
     _context = ray.init(**kwargs)
     return kwargs["address"] == "local"
+
+
+def secure_local_token() -> None:
+    """The token of a local Ray's token authentication (on by default in Ray 2.60, which writes
+    ``~/.ray/auth_token`` with the umask's permissions, 0644): created ``0600``, or tightened to it,
+    before Ray reads it. Nothing when the user set ``RAY_AUTH_MODE`` or ``RAY_AUTH_TOKEN``."""
+    if os.environ.get("RAY_AUTH_MODE") or os.environ.get("RAY_AUTH_TOKEN"):
+        return
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not path.exists():
+        import secrets
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o600)
 
 
 def dashboard_url() -> str | None:
@@ -61,6 +85,32 @@ def dashboard_url() -> str | None:
     if not url:
         return None
     return url if "://" in url else f"http://{url}"
+
+
+def check_local_capacity(trainer, extra_cpus: float = 0.0) -> None:
+    """Before a local Ray starts: fail now, in a second, if one trial's workers need more CPUs (GPUs)
+    than this machine has. Nothing to check when joining a cluster (its autoscaler may add nodes)
+    or when Ray is already up (``check_fits`` asks it)."""
+    import sys
+
+    from .config import TrialConfigError
+
+    ray = sys.modules.get("ray")
+    if trainer.num_workers == 0 or trainer.ray_address or os.environ.get("RAY_ADDRESS") or (
+            ray is not None and ray.is_initialized()):
+        return
+    if trainer.use_gpu:
+        import torch
+
+        need, have, kind, key = trainer.num_workers * trainer.gpus_per_worker, torch.cuda.device_count(), "GPU", \
+            "gpus_per_worker"
+    else:
+        need, have, kind, key = (trainer.num_workers * trainer.cpus_per_worker + extra_cpus, os.cpu_count() or 1,
+                                 "CPU", "cpus_per_worker")
+    if need > have + 1e-9:
+        raise TrialConfigError(
+            f"trainer.num_workers={trainer.num_workers} x trainer.{key} needs {need:g} {kind}(s) per trial but this "
+            f"machine has {have:g}; lower trainer.num_workers or trainer.{key}, or set trainer.ray_address")
 
 
 def check_fits(trainer, local: bool, extra_cpus: float = 0.0) -> None:

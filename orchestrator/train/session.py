@@ -4,11 +4,18 @@ A session tells the workflow its rank, world size and device, hands it the last 
 state (or None) and takes per-epoch reports. Checkpoint *state* is a dict of tensors and
 plain values (model + quantizer state, optimizer, scheduler, epoch, history); only rank 0's
 state is persisted.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
+containers only, so a file planted on shared storage cannot run code in a worker. A file that
+would need more (a pickled object) is refused with ``CheckpointRefused``; a torn or truncated
+one (an interrupted upload) is skipped for the next older checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import socket
 import tempfile
 from collections.abc import Callable
@@ -20,6 +27,39 @@ import torch
 from ..fileio import atomic_write
 
 STATE_FILE = "trial_state.pt"
+
+
+class CheckpointRefused(RuntimeError):
+    """A checkpoint that holds more than tensors and plain values: it is not loaded."""
+
+
+class CheckpointUnreadable(RuntimeError):
+    """A torn, truncated or corrupt checkpoint file."""
+
+
+def load_state(source: str | Path | bytes, where: str) -> dict[str, Any]:
+    """A checkpoint state from a file path or its bytes, read with ``weights_only=True``.
+    ``where`` names it in errors."""
+    try:
+        obj = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
+                         weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        global_line = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)
+        if global_line is not None:  # a class or function to import and call: what a code-carrying pickle needs
+            raise CheckpointRefused(f"checkpoint {where} was refused: it asks to import and call Python objects "
+                                    f"({global_line[:160]}); only tensors and plain values are loaded, delete it "
+                                    "if you did not write it") from None
+        detail = next((line for line in lines if line.startswith(("Unsupported", "invalid load key"))), "not a pickle")
+        raise CheckpointUnreadable(f"checkpoint {where} is not a PyTorch checkpoint file ({detail})") from None
+    except EOFError:
+        raise CheckpointUnreadable(f"checkpoint {where} is empty or truncated") from None
+    except (RuntimeError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointUnreadable(f"checkpoint {where} is not readable: {first[:200]}") from None
+    if not isinstance(obj, dict) or "epoch" not in obj:
+        raise CheckpointUnreadable(f"checkpoint {where} is not a trial checkpoint (no epoch)")
+    return obj
 
 
 class Session(Protocol):
@@ -51,8 +91,13 @@ class LocalSession:
         return sorted(self.dir.glob("epoch_*.pt"))
 
     def load_state(self) -> dict[str, Any] | None:
-        files = self._files()
-        return torch.load(files[-1], map_location="cpu", weights_only=False) if files else None
+        """The newest readable checkpoint (torn ones skipped); ``CheckpointRefused`` on a planted one."""
+        for path in reversed(self._files()):
+            try:
+                return load_state(path, str(path))
+            except CheckpointUnreadable:
+                continue
+        return None
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
         """Persist ``state`` (if any), then pass ``metrics`` to ``on_report`` (e.g. Ray Tune)."""
@@ -82,10 +127,9 @@ def newest_state_in(root: str) -> dict[str, Any] | None:
 
     Ray Train 2.60 hands a restarted worker group no checkpoint when the worker failure is
     noticed before the controller consumed the last report; the checkpoint is on storage
-    all the same. Torn uploads (unreadable files) are skipped.
+    all the same. Torn uploads (unreadable files) are skipped; a file holding pickled objects
+    raises ``CheckpointRefused``.
     """
-    import io
-
     import pyarrow.fs as pafs
 
     try:
@@ -98,8 +142,12 @@ def newest_state_in(root: str) -> dict[str, Any] | None:
     for d in dirs:
         try:
             with fs.open_input_stream(f"{d}/{STATE_FILE}") as f:
-                return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)
-        except Exception:  # missing or torn: try the next older checkpoint
+                data = f.read()
+        except OSError:  # missing: try the next older checkpoint
+            continue
+        try:
+            return load_state(data, f"{d}/{STATE_FILE}")
+        except CheckpointUnreadable:  # torn: try the next older checkpoint
             continue
     return None
 
@@ -133,7 +181,7 @@ class RaySession:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
-            return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+            return load_state(os.path.join(d, STATE_FILE), checkpoint.path)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
         """Every rank must call this (it is a barrier); only rank 0 passes ``state``."""

@@ -83,10 +83,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except Exception as exc:  # pickle/zip errors, EOF, code-carrying pickles (UnpicklingError)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path} is not a readable PyTorch state_dict file "
-                              f"(torch.load with weights_only=True: {type(exc).__name__}: {first[:200]})") from None
+    except EOFError:
+        raise CheckpointError(f"{path} is empty or truncated") from None
+    except Exception as exc:  # pickle/zip errors, code-carrying pickles (UnpicklingError)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        planted = next((line for line in lines if "GLOBAL" in line), None)
+        if planted:
+            raise CheckpointError(f"{path} was refused: it asks to import and call Python objects ({planted[:160]}); "
+                                  "a state_dict holds tensors only") from None
+        detail = next((line for line in lines if line.startswith(("Unsupported", "invalid load key"))),
+                      (lines or [type(exc).__name__])[0])
+        raise CheckpointError(f"{path} is not a PyTorch state_dict file ({detail[:160]})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         return obj["state_dict"], dict(obj.get("meta", {}))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

@@ -16,7 +16,8 @@ def load_all(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all((LAUNCH / name).read_text()) if d is not None]
 
 
-@pytest.mark.parametrize("script", ["mlflow-server.sh", "ray/submit.sh", "slurm/qat-sweep.sbatch"])
+@pytest.mark.parametrize("script", ["mlflow-server.sh", "mlflow-worker-user.sh", "ray/submit.sh",
+                                    "slurm/qat-sweep.sbatch"])
 def test_shell_scripts_parse(script):
     proc = subprocess.run(["bash", "-n", str(LAUNCH / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -47,12 +48,13 @@ def test_kuberay_rayjob():
     assert spec["entrypoint"].startswith("qat-sweep ") and "trainer=gpu" in spec["entrypoint"]
     assert "storage_path=/mnt/shared" in spec["entrypoint"]
     cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}  # KubeRay makes the token, pods and submitter get it
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
     for pod in pods:
         for c in pod["spec"]["containers"]:
             env = {e["name"]: e for e in c["env"]}
-            assert env["RAY_AUTH_MODE"]["value"] == "token"
-            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
+            assert "RAY_AUTH_TOKEN" not in env  # the operator's, not a second one of ours
+            assert env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["name"] == "qat-mlflow-client"
             assert "secretKeyRef" in env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]
         assert any(v.get("persistentVolumeClaim") for v in pod["spec"]["volumes"])
     gpu = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
