@@ -119,18 +119,22 @@ def two_node_ray():
     # the job's working_dir under the other node's driver); short: Ray's unix socket paths < 108 bytes.
     temp_dirs = [tempfile.mkdtemp(prefix="qr-", dir="/tmp") for _ in range(2)]
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
+    # Every node's agents on free ports: another Ray on this machine (an earlier test's) may hold the defaults,
+    # and a head whose job agent cannot bind answers every submission "No available agent".
+    def agent_ports() -> list[str]:
+        return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+                f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
     code, output, sid = start_in_session(
         [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dirs[0]}",
-         '--resources={"node_a": 1}', *common], env)
+         '--resources={"node_a": 1}', *common, *agent_ports()], env)
     sessions = [sid]
     try:
         assert code == 0, output[-2000:]
-        ports = [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                 f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
         code, output, sid = start_in_session(
             [str(BIN / "ray"), "start", f"--address=127.0.0.1:{gcs}", '--resources={"node_b": 1}',
-             f"--temp-dir={temp_dirs[1]}", *common, *ports],
+             f"--temp-dir={temp_dirs[1]}", *common, *agent_ports()],
             env)
         sessions.append(sid)
         assert code == 0, output[-2000:]
