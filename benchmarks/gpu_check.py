@@ -8,7 +8,8 @@
    STE, LSQ encoding gradients), per tensor and per channel, 2 / 8 / 16 bits.
 2. Compile: for each model and mode, the graph count and breaks (``torch._dynamo.explain``), the
    compiled forward against eager (max abs difference), the cosine of every parameter's compiled
-   gradient with the eager one (weights and encodings; issue 10 asks >= 0.9999), and that new
+   gradient with the eager one (weights and encodings; issue 10 asks >= 0.9999; gradients below
+   1e-6 of the largest, zero but for rounding, are left out), and that new
    encodings and optimizer steps never recompile.
 Prints one table per part; exits 1 when a criterion fails.
 """
@@ -112,8 +113,11 @@ def check_compile() -> list[tuple]:
 
             eager_out, eager = grads(sim.model)
             compiled_out, compiled = grads(torch.compile(sim.model, fullgraph=True))
+            # gradients that are zero in exact arithmetic (BERT's key biases: softmax ignores a constant
+            # shift) hold rounding noise only; their cosine means nothing
+            floor = 1e-6 * max(float(g.norm()) for g in eager.values())
             cosines = [float(F.cosine_similarity(compiled[n].flatten().double(), g.flatten().double(), dim=0))
-                       for n, g in eager.items() if g.norm() > 0 and n in compiled]
+                       for n, g in eager.items() if float(g.norm()) > floor and n in compiled]
             learned = [n for n in eager if n.endswith(("log_scale", ".offset"))]
             worst = min(cosines) if cosines else float("nan")
             rows.append((name, mode, explained.graph_count, explained.graph_break_count,
