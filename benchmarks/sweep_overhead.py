@@ -5,8 +5,8 @@
 Runs real ``qat-sweep`` commands on a fresh output directory each (the FP32 baseline cache is
 shared and warmed first, so no run pays for training it):
 
-- ``default``: the default sweep (8 trials: lr x epochs x mode, W4A4 digits), one worker per
-  trial, trained inside the Tune trial actors;
+- ``default``: the default sweep (8 trials of 15 epochs: lr x mode x distillation, W4A4
+  MNIST-1D), one worker per trial, trained inside the Tune trial actors;
 - ``smoke``: ``sweep=smoke`` (2 trials, 1 epoch);
 - ``ddp``: ``sweep=smoke trainer.num_workers=2`` (each trial a 2-worker Ray Train DDP group).
 
@@ -110,7 +110,7 @@ def main() -> None:
             rows.append((name, " ".join(SCENARIOS[name]) or "(none)", r["trials"], f"{r['wall']:.0f}",
                          f"{r['first_line']:.1f}", f"{r['first_trial']:.1f}", _fmt(r["cold"]), _fmt(r["warm"]),
                          f"{100 * r['busy']:.0f}%"))
-    print(f"sweep_overhead: qat-sweep, digits_cnn W4A4; {machine()}")
+    print(f"sweep_overhead: qat-sweep, mnist1d_cnn W4A4 on MNIST-1D; {machine()}")
     print(table(("sweep", "overrides", "trials", "wall s", "1st line s", "1st trial s", "startup_s fresh actor",
                  "startup_s reused actor", "cores busy"), rows))
 

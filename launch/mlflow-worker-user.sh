@@ -18,6 +18,7 @@ import os
 import sys
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.server.auth.client import AuthServiceClient
 
 user, experiment = sys.argv[1], sys.argv[2]
@@ -26,12 +27,20 @@ auth = AuthServiceClient(uri)
 try:
     auth.get_user(user)
     print(f"user {user} exists")
-except Exception:
+except MlflowException as exc:
+    if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        raise
     auth.create_user(user, os.environ["QAT_WORKER_PASSWORD"])
     print(f"created user {user} (not an admin)")
 client = MlflowClient(uri)
 exp = client.get_experiment_by_name(experiment)
 exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-auth.grant_user_permission(user, "experiment", exp_id, "EDIT")
+try:
+    auth.grant_user_permission(user, "experiment", exp_id, "EDIT")
+except MlflowException as exc:  # a second run: the permission is there; make sure it is EDIT
+    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+        raise
+    auth.revoke_user_permission(user, "experiment", exp_id)
+    auth.grant_user_permission(user, "experiment", exp_id, "EDIT")
 print(f"{user}: EDIT on experiment {experiment} ({exp_id}); nothing else")
 PY

@@ -98,16 +98,18 @@ def _sweep_app(cfg: DictConfig) -> None:
     fail("qat-sweep always sweeps: leave hydra.mode at MULTIRUN (use qat-train for a single trial)")
 
 
-# Flags after which Hydra prints something and exits: nothing to check first.
-HYDRA_INFO_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
-                    "--version")
+# Flags after which Hydra prints something and exits, or that choose another config: Hydra alone
+# handles those command lines.
+HYDRA_OWN_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
+                   "--version", "--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd",
+                   "--experimental-rerun")
 
 
 def check_overrides(config_name: str, argv: list[str]) -> None:
     """Compose the config with the command line's plain overrides (sweeps left to the sweeper)
     before Hydra runs, so that Hydra's own refusals (an unknown key, a wrong type, a missing config
     group option) end as one ``error:`` line with exit status 2, not Hydra's multi-line report."""
-    if any(a.split("=", 1)[0] in HYDRA_INFO_FLAGS for a in argv):
+    if any(a.split("=", 1)[0] in HYDRA_OWN_FLAGS for a in argv):
         return
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -31,9 +31,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
 
 
 def _disk_full(exc: Exception, where: Path) -> bool:
-    """The write failed for want of space (writers such as ``torch.save`` report it in their own words)."""
+    """The write failed for want of space: an ``OSError`` saying so, or an I/O error in a writer's
+    own words (``torch.save``'s zip writer raises ``RuntimeError``) on a file system that is full."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
     try:
         return shutil.disk_usage(where).free < 1024 * 1024
     except OSError:

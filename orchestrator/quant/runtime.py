@@ -207,13 +207,23 @@ def _sequential_getitem(self: nn.Module, idx: int | slice) -> nn.Module:
     return nn.Sequential(*layers[idx]) if isinstance(idx, slice) else layers[idx]
 
 
+def _own_copy(fn):
+    """``fn`` with a code object of its own. ``torch.compile`` keeps compiled graphs, and its limit of
+    8 recompilations, per code object: with one shared ``root_forward`` every further sim in a
+    process (a reused Tune actor, a benchmark) recompiles it, and past the limit Dynamo silently
+    runs it eagerly."""
+    import types
+
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
 def make_root_class(cls: type) -> type:
     """A subclass of the model's class whose ``forward`` is ``root_forward`` (``isinstance`` still holds).
 
     An ``nn.Sequential`` root iterates over its children in ``forward``: its subclass iterates,
     counts and indexes only the model's own layers, never the quantizer holders added to it.
     """
-    attrs = {"forward": root_forward, "__module__": cls.__module__, "_qsim_float_class": cls}
+    attrs = {"forward": _own_copy(root_forward), "__module__": cls.__module__, "_qsim_float_class": cls}
     if issubclass(cls, nn.Sequential):
         attrs.update(__iter__=lambda self: iter(_layers(self)), __len__=lambda self: len(_layers(self)),
                      __getitem__=_sequential_getitem)

@@ -42,6 +42,7 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
           f"{' (resuming)' if spec.resume else ''}", flush=True)
     from .runner import close_unfinished, mark_interrupted, shutdown_ray
 
+    RUN["run"] = None
     try:
         _sweep(plan, started, errors)
     except KeyboardInterrupt:  # a signal before or after Tune's run, or a second one
@@ -67,7 +68,7 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
         fail_unexpected(exc, f"sweep {spec.name}")
 
 
-RUN: dict = {"run": None}  # the started sweep, for the error paths of run_from_hydra
+RUN: dict = {"run": None}  # the started sweep until its end is recorded, for the error paths of run_from_hydra
 
 
 def _sweep(plan, started: float, errors) -> None:
@@ -96,6 +97,7 @@ def _sweep(plan, started: float, errors) -> None:
     from .finish import best_line, finish
 
     result = finish(run)
+    RUN["run"] = None  # recorded: nothing after this point may relabel it
     shutdown_ray()
     print(f"\nsweep {spec.name}: {len(result.rows)} trial(s) in {time.time() - started:.0f}s")
     print(result.table)

@@ -1,8 +1,9 @@
 """Readable names for sweep trials, from the trial's config and its sweep point.
 
 ``w4a4 lr=1e-3 ep=3 RL KD``: bit widths, learning rate, epochs and mode (``RL`` = range learning)
-always, ``KD`` when distilling from the FP32 model; any other swept key as ``name=value`` (the
-last two parts of its dotted key when the last alone is ambiguous, e.g. ``distill.weight``);
+always, ``KD`` when distilling from the FP32 model; any other swept key as ``name=value`` (its
+last part, or its last two for the generic words ``enabled``, ``weight``, ``name``, ``args``:
+``distill.weight``);
 ``#n`` (the trial's number) when a grid point repeats (``num_samples > 1``).
 """
 

@@ -77,6 +77,8 @@ class BackgroundRunLogger:
                     args = self._still_missing(logger, *args)
                     if not args[0]:
                         return None
+                if method == "__call__":
+                    return args[0](logger)
                 return getattr(logger, method)(*args)
             except Exception as exc:
                 if not transient(exc):
@@ -120,6 +122,11 @@ class BackgroundRunLogger:
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         self._submit("log_artifacts", local_dir, artifact_path)
+
+    def run(self, fn) -> None:
+        """Queue ``fn(run_logger)``: several calls that belong together, in order with the rest. It
+        is retried whole through an outage, so it must be idempotent (check before writing)."""
+        self._submit("__call__", fn)
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps of metric ``key`` in MLflow, after every write queued before this call."""

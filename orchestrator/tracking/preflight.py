@@ -22,14 +22,23 @@ class TrackingUnavailable(ValueError):
 
 
 def scheme(uri: str) -> str:
-    head = uri.split("://", 1)[0] if "://" in uri else ""
-    return head.split("+", 1)[0]  # postgresql+psycopg://... -> postgresql
+    """``sqlite``, ``http``, ... (``postgresql+psycopg`` -> ``postgresql``); ``""`` for a plain path."""
+    from urllib.parse import urlparse
+
+    if uri == "databricks" or uri.startswith("databricks-uc"):
+        return "databricks"
+    return urlparse(uri).scheme.split("+", 1)[0]
 
 
 def check_tracking(uri: str, key: str = "tracking.uri", timeout: float = TIMEOUT_S) -> None:
     """Raise ``TrackingUnavailable`` unless ``uri`` names a reachable MLflow store: a known scheme;
     a server that answers ``/health`` within ``timeout`` seconds; a SQLite file that can be created."""
     kind = scheme(uri)
+    if kind == "" and uri.strip():  # a plain path: MLflow's file store, which MLflow 3 refuses unless allowed
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise TrackingUnavailable(f"{key}={uri!r}: MLflow 3 refuses a file store (a plain path) unless "
+                                      "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:////abs/path/mlflow.db instead")
+        return
     if kind not in SCHEMES:
         raise TrackingUnavailable(f"{key}={uri!r} is not a tracking URI MLflow can use; allowed: "
                                   "sqlite:////abs/path/mlflow.db, http(s)://host:port of an mlflow server, "

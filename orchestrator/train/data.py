@@ -3,8 +3,9 @@
 - **Training**: a map-style dataset is shuffled and sharded by ``DistributedSampler`` (seeded,
   reshuffled every epoch; it repeats a few samples so every rank gets as many). An iterable
   dataset is read in its own order, rank ``r`` of ``w`` (and, inside it, loader worker ``k`` of
-  ``K``) taking every ``w*K``-th sample; ranks may then run out at different steps (the train
-  loop joins them).
+  ``K``) keeping every ``w*K``-th sample; ranks may then run out at different steps (the train
+  loop joins them). Such a dataset must yield the whole stream in every reader (not split itself
+  by ``get_worker_info()``): each reader iterates all of it and keeps its share.
 - **Evaluation** is exact: rank ``r`` reads samples ``r, r+w, r+2w, ...`` with nothing padded or
   dropped, so the all-reduced sums count every sample exactly once.
 - **Calibration** batches come from the training split, the same on every rank: a seeded
@@ -30,7 +31,8 @@ def is_iterable(dataset: Dataset) -> bool:
 
 class ShardedIterable(IterableDataset):
     """Samples ``i`` of an iterable ``dataset`` with ``i % (world * K) == rank * K + k`` in loader
-    worker ``k`` of ``K`` (``K = 1`` without workers): each sample read by exactly one reader."""
+    worker ``k`` of ``K`` (``K = 1`` without workers): each sample kept by exactly one reader, each
+    reader iterating the whole stream (the dataset must not split itself by worker)."""
 
     def __init__(self, dataset: IterableDataset, rank: int, world: int) -> None:
         self.dataset, self.rank, self.world = dataset, rank, world
@@ -54,19 +56,23 @@ class StridedSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _loader(dataset: Dataset, batch_size: int, collate_fn, workers: int, device: torch.device, **kw) -> DataLoader:
+def _loader(dataset: Dataset, batch_size: int, collate_fn, workers: int, device: torch.device,
+            keep_workers: bool = True, **kw) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0, **kw)
+                      pin_memory=device.type == "cuda", persistent_workers=keep_workers and workers > 0, **kw)
 
 
 def train_loader(dataset: Dataset, batch_size: int, rank: int, world: int, seed: int, device: torch.device,
                  collate_fn: Callable | None = None, workers: int = 0) -> tuple[DataLoader, Sampler | None]:
     """The training loader of rank ``rank`` (``batch_size`` per rank) and its ``DistributedSampler``
     (None for an iterable dataset), whose ``set_epoch`` reshuffles."""
+    # Persistent workers keep the dataset as it was when they started: not for one whose own
+    # set_epoch reshuffles it (its loader starts fresh workers every epoch).
+    keep = not callable(getattr(dataset, "set_epoch", None))
     if is_iterable(dataset):
-        return _loader(ShardedIterable(dataset, rank, world), batch_size, collate_fn, workers, device), None
+        return _loader(ShardedIterable(dataset, rank, world), batch_size, collate_fn, workers, device, keep), None
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    return _loader(dataset, batch_size, collate_fn, workers, device, sampler=sampler), sampler
+    return _loader(dataset, batch_size, collate_fn, workers, device, keep, sampler=sampler), sampler
 
 
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, world: int, device: torch.device,

@@ -48,8 +48,9 @@ class EpochResult:
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
                 task: Task, device: torch.device, *, clip: float | None = None, distill: Distillation | None = None,
                 kill_at_step: int | None = None, warmup_steps: int = 0, uneven: bool = False) -> EpochResult:
-    """One pass over ``loader``; stops at the first step with a non-finite gradient norm (every
-    rank sees the same all-reduced gradients, so every rank stops at the same step).
+    """One pass over ``loader``; stops at the first step with a non-finite gradient norm (with
+    even shards every rank sees the same all-reduced gradients and stops at the same step; the
+    caller decides on all-reduced results either way).
 
     ``uneven``: ranks may run out of batches at different steps (iterable data); DDP's ``join``
     lets the ranks still training go on alone. The first ``warmup_steps`` steps are timed apart.

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from ..fileio import atomic_write
+from ..zoo.pretrained import load_failure
 
 STATE_FILE = "trial_state.pt"
 
@@ -44,13 +45,11 @@ def load_state(source: str | Path | bytes, where: str) -> dict[str, Any]:
         obj = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
                          weights_only=True)
     except pickle.UnpicklingError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        global_line = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)
-        if global_line is not None:  # a class or function to import and call: what a code-carrying pickle needs
+        planted, detail = load_failure(exc)
+        if planted is not None:  # a class or function to import and call: what a code-carrying pickle needs
             raise CheckpointRefused(f"checkpoint {where} was refused: it asks to import and call Python objects "
-                                    f"({global_line[:160]}); only tensors and plain values are loaded, delete it "
-                                    "if you did not write it") from None
-        detail = next((line for line in lines if line.startswith(("Unsupported", "invalid load key"))), "not a pickle")
+                                    f"({planted}); only tensors and plain values are loaded, delete it if you "
+                                    "did not write it") from None
         raise CheckpointUnreadable(f"checkpoint {where} is not a PyTorch checkpoint file ({detail})") from None
     except EOFError:
         raise CheckpointUnreadable(f"checkpoint {where} is empty or truncated") from None
@@ -181,7 +180,10 @@ class RaySession:
         if checkpoint is None:
             return None
         with checkpoint.as_directory() as d:
-            return load_state(os.path.join(d, STATE_FILE), checkpoint.path)
+            try:
+                return load_state(os.path.join(d, STATE_FILE), checkpoint.path)
+            except CheckpointUnreadable:  # torn, as newest_state_in treats it: start over
+                return None
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
         """Every rank must call this (it is a barrier); only rank 0 passes ``state``."""

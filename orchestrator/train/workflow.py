@@ -131,6 +131,11 @@ def run_workflow(cfg: TrialConfig, session: Session, run_id: str | None,
     return final
 
 
+def _stage(state: dict[str, Any], stage: str) -> dict[str, float]:
+    """A checkpoint's FP32 or PTQ metrics (checkpoints written before tasks held ``<stage>_acc`` only)."""
+    return state[stage] if stage in state else {"acc": state[f"{stage}_acc"]}
+
+
 class Trial:
     """The state one rank of a trial works on; ``run`` is the five steps."""
 
@@ -174,7 +179,7 @@ class Trial:
             self.start_epoch, history = 0, []
         else:
             sim.model.load_state_dict(state["model"])
-            self.fp32, self.ptq, extra = state["fp32"], state["ptq"], {}
+            self.fp32, self.ptq, extra = _stage(state, "fp32"), _stage(state, "ptq"), {}
             self.start_epoch, history = state["epoch"] + 1, state["history"]
             self.log(f"resumed from the checkpoint of epoch {state['epoch']}")
             self.relog(history)
@@ -212,14 +217,19 @@ class Trial:
         return fp32, ptq, extra
 
     def relog(self, history: list[dict[str, Any]]) -> None:
-        """Epochs checkpointed before a crash but never logged reach MLflow now."""
+        """Epochs checkpointed before a crash but never logged reach MLflow: on the writer thread,
+        so that an MLflow outage at resume does not hold rank 0 while the other ranks wait."""
         if self.tracker is None:
             return
-        keys = epoch_metric_keys(self.task)
-        logged = self.tracker.logged_steps(f"val_{self.task.primary}")
-        for entry in history:
-            if entry["epoch"] not in logged:
-                self.tracker.log_metrics({k: v for k, v in entry.items() if k in keys}, step=entry["epoch"])
+        keys, primary = epoch_metric_keys(self.task), f"val_{self.task.primary}"
+
+        def log_missing(logger) -> None:
+            logged = logger.logged_steps(primary)
+            for entry in history:
+                if entry["epoch"] not in logged:
+                    logger.log_metrics({k: v for k, v in entry.items() if k in keys}, step=entry["epoch"])
+
+        self.tracker.run(log_missing)
 
     def checkpoint(self, sim, optimizer, scheduler, epoch: int, history: list,
                    final: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -280,18 +290,24 @@ class Trial:
             result = train_epoch(train_model, loader, optimizer, params, task, device, clip=qat.grad_clip_norm,
                                  distill=distill, kill_at_step=kill_at, warmup_steps=warmup,
                                  uneven=is_iterable(data.train))
-            if result.diverged_step is not None:
-                return diverged(epoch, f"training diverged: non-finite loss/gradients at epoch {epoch}, step "
-                                       f"{result.diverged_step} (qat.lr={qat.lr}, qat.optimizer={qat.optimizer}); "
-                                       "lower qat.lr or set qat.grad_clip_norm")
-            loss_sum, distill_sum, samples = all_reduce_sum([result.loss_sum, result.distill_sum, result.samples],
-                                                            device)
+            # every decision on all-reduced values: with uneven (iterable) data the ranks run different
+            # numbers of steps, and one may diverge at a step the others never take
+            (loss_sum, distill_sum, samples, diverged_ranks, uniform_sum, uniform_ranks, train_seconds,
+             timed_samples) = all_reduce_sum(
+                [result.loss_sum, result.distill_sum, result.samples, float(result.diverged_step is not None),
+                 result.uniform_loss or 0.0, float(result.uniform_loss is not None), result.seconds,
+                 result.timed_samples], device)
+            if diverged_ranks:
+                where = f", step {result.diverged_step}" if result.diverged_step is not None else ""
+                return diverged(epoch, f"training diverged: non-finite loss/gradients at epoch {epoch}{where} "
+                                       f"(qat.lr={qat.lr}, qat.optimizer={qat.optimizer}); lower qat.lr or set "
+                                       "qat.grad_clip_norm")
             mean_loss = loss_sum / max(samples, 1)
-            if exploded_loss(mean_loss, result.uniform_loss):  # all-reduced: identical on every rank
+            uniform = uniform_sum / uniform_ranks if uniform_ranks else None
+            if exploded_loss(mean_loss, uniform):
                 return diverged(epoch, f"training diverged: mean training loss {mean_loss:.3g} at epoch {epoch} is "
                                        f"more than {EXPLODED_LOSS_FACTOR:g}x that of a uniform guess (qat.lr={qat.lr}, "
                                        f"qat.optimizer={qat.optimizer}); lower qat.lr or set qat.grad_clip_norm")
-            train_seconds, timed_samples = all_reduce_sum([result.seconds, result.timed_samples], device)
             train_seconds = max(train_seconds / self.world, 1e-9)
             val = self.evaluate(sim.model, "val")
             scheduler.step()
@@ -331,7 +347,7 @@ class Trial:
             self.log(final["error"])
         elif self.rank == 0:
             export_dir = Path(cfg.output_dir) / "export"
-            paths = sim.export(str(export_dir), cfg.export_prefix, head(to_device(self.dummy, torch.device("cpu")), 2))
+            paths = sim.export(str(export_dir), cfg.export_prefix, to_device(self.dummy, torch.device("cpu")))
             final["export_dir"] = str(export_dir)
             final.update({f"export_{kind}": p for kind, p in paths.items()})
             if self.tracker is not None:

@@ -76,6 +76,17 @@ def pretrained_baseline(make_model: Callable[[], nn.Module], train: Callable[[nn
     return path, load_checkpoint(path)[1]
 
 
+def load_failure(exc: BaseException) -> tuple[str | None, str]:
+    """Why ``torch.load(weights_only=True)`` failed: ``(the GLOBAL it refused, or None; a one-line
+    detail)``. A GLOBAL is a class or function the file asks to import and call: what a
+    code-carrying (planted) pickle needs; anything else is a damaged or foreign file."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    planted = next((line for line in lines if "GLOBAL" in line or "Unsupported global" in line), None)
+    detail = next((line for line in lines if line.startswith(("Unsupported", "invalid load key"))),
+                  (lines or [type(exc).__name__])[0])
+    return (planted[:160] if planted else None), detail[:160]
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, meta)`` of a baseline file, or of a plain ``state_dict`` file (meta empty).
     Read with ``weights_only=True``: a file that would run code when unpickled is refused."""
@@ -86,14 +97,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     except EOFError:
         raise CheckpointError(f"{path} is empty or truncated") from None
     except Exception as exc:  # pickle/zip errors, code-carrying pickles (UnpicklingError)
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        planted = next((line for line in lines if "GLOBAL" in line), None)
+        planted, detail = load_failure(exc)
         if planted:
-            raise CheckpointError(f"{path} was refused: it asks to import and call Python objects ({planted[:160]}); "
+            raise CheckpointError(f"{path} was refused: it asks to import and call Python objects ({planted}); "
                                   "a state_dict holds tensors only") from None
-        detail = next((line for line in lines if line.startswith(("Unsupported", "invalid load key"))),
-                      (lines or [type(exc).__name__])[0])
-        raise CheckpointError(f"{path} is not a PyTorch state_dict file ({detail[:160]})") from None
+        raise CheckpointError(f"{path} is not a PyTorch state_dict file ({detail})") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         return obj["state_dict"], dict(obj.get("meta", {}))
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

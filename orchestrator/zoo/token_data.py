@@ -27,8 +27,8 @@ PAD = 0
 
 
 def pad_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids`` (and ``labels`` of the same length, with -100) to the longest sample;
-    ``attention_mask`` marks the real tokens. Scalar entries are stacked."""
+    """Right-pad ``input_ids`` to the longest sample (and sequence ``labels`` with -100, not scored);
+    ``attention_mask`` marks the real tokens. Scalar ``labels`` are stacked."""
     longest = max(int(s["input_ids"].numel()) for s in samples)
     n = len(samples)
     ids = torch.full((n, longest), PAD, dtype=torch.long)
@@ -43,7 +43,10 @@ def pad_collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
         if labels[0].dim() == 0:
             batch["labels"] = torch.stack(labels)
         else:
-            batch["labels"] = ids.masked_fill(mask == 0, -100)
+            padded = torch.full((n, longest), -100, dtype=torch.long)
+            for i, label in enumerate(labels):
+                padded[i, :label.numel()] = label
+            batch["labels"] = padded
     return batch
 
 

@@ -109,3 +109,19 @@ def test_changing_encodings_and_training_steps_never_recompile(mode):
             for q in sim.activation_quantizers().values():
                 q.set_encoding(q.scale * (1.0 + 0.1 * step), q.offset)
     assert len(compiles) == 1, f"{len(compiles)} compilations for one model"
+
+
+def test_every_sim_in_a_process_compiles_as_its_own_graph():
+    """Dynamo's compiled graphs and its recompile limit (8) belong to a code object: each sim's root
+    forward has its own, so the ninth sim of a process (a reused Tune actor) is compiled too."""
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    for _ in range(10):
+        model, args, kwargs, y, calib = _digits()
+        sim = _sim(model, args, kwargs, calib)
+        torch.compile(sim.model, backend=counting_backend, fullgraph=True)(*args, **kwargs)
+    assert len(compiles) == 10
