@@ -9,8 +9,11 @@ KILLED, prints the command that resumes it and exits 130 (SIGINT) or 143 (SIGTER
 
 from __future__ import annotations
 
+import errno
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from ..console import fail, fail_unexpected, first_line, quiet_libraries
 from ..train.config import TrialConfigError
@@ -55,6 +58,9 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
         print(f"sweep {spec.name} interrupted.\n{again}", flush=True)
         sys.exit(lifecycle.STATE.exit_status)
     except Exception as exc:  # a full disk, a dead tracking server, Tune's own state unreadable, ...
+        if disk_full(plan.root):  # Tune then fails reading its own truncated state, in its own words
+            exc = OSError(errno.ENOSPC, f"No space left on device under paths.root={str(plan.root)!r} "
+                                        f"(then {first_line(exc)})")
         run = RUN["run"]
         if run is not None:
             try:
@@ -66,6 +72,13 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
         except Exception:
             pass
         fail_unexpected(exc, f"sweep {spec.name}")
+
+
+def disk_full(root: Path) -> bool:
+    try:
+        return shutil.disk_usage(root).free < 1024 * 1024
+    except OSError:
+        return False
 
 
 RUN: dict = {"run": None}  # the started sweep until its end is recorded, for the error paths of run_from_hydra
