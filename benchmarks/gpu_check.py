@@ -52,8 +52,12 @@ def check_kernels() -> list[tuple]:
             grad_ok = (np.array_equal(gx, gx_ref)
                        and np.allclose(gs, gs_ref, rtol=1e-4, atol=1e-5 * (abs(gs_ref).max() + 1e-12))
                        and np.allclose(go, go_ref, rtol=1e-4, atol=1e-5 * (abs(go_ref).max() + 1e-12)))
+            y, inside = torch.ops.qat.quantize_dequantize_with_mask(xc, sc, oc, qmax, a)
+            masked = torch.ops.qat.mask_gradient(g.to(DEVICE), inside).cpu().numpy()
+            mask_ok = (inside.dtype == torch.bool and np.array_equal(y.cpu().numpy(), fwd)
+                       and np.array_equal(masked, gx_ref))
             rows.append((str(tuple(shape)), str(axis), bw, "bit-exact" if fwd_ok else "DIFFERS",
-                         "ok" if grad_ok else "DIFFERS"))
+                         "ok" if grad_ok else "DIFFERS", "ok" if mask_ok else "DIFFERS"))
     return rows
 
 
@@ -179,7 +183,7 @@ def main() -> int:
         return 2
     print(f"gpu_check on {DEVICE}: fake-quant kernel {kernels.backend()}; {machine()}")
     kernel_rows = check_kernels() if "--skip-kernels" not in sys.argv else []
-    print(table(("shape", "axis", "bits", "forward vs contract", "backward vs contract"), kernel_rows))
+    print(table(("shape", "axis", "bits", "forward vs contract", "backward vs contract", "masked fwd+bwd"), kernel_rows))
     compile_rows = check_compile()
     print(table(("model", "numerics", "mode", "graphs", "breaks", "max |compiled - eager| fwd", "grads",
                  "min cosine", f"< {COSINE_MIN}", "worst (its norm)", "verdict"), compile_rows))

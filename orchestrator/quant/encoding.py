@@ -86,6 +86,6 @@ def symmetric_from_range(
     SCALE_FLOOR). Shapes: ``[C]`` in, ``[C]`` out.
     """
     half = 1 << (bitwidth - 1)
-    scale = torch.maximum(rmax.float() / (half - 1), -rmin.float() / half)
-    scale = torch.clamp(scale, min=SCALE_FLOOR)
+    scale = torch.maximum(rmax.float() / (half - 1), rmin.float() / -half)  # = -min / half, one op fewer
+    scale = scale.clamp_(min=SCALE_FLOOR)
     return scale, torch.full_like(scale, float(-half))

@@ -17,7 +17,7 @@ import torch
 
 from orchestrator.quant import kernels
 from orchestrator.quant.fake_quant import fake_quantize
-from orchestrator.quant.kernels import _backward_aten, _forward_aten
+from orchestrator.quant.kernels import _backward_aten, _forward_aten, _forward_mask_aten, _mask_gradient_aten
 
 CASES = [((5000,), None), ((64, 3, 7, 7), 0), ((8, 16, 5, 5), 1), ((4, 6, 33), 2), ((33, 17), 1), ((7,), 0)]
 BITS = (2, 4, 8, 16)
@@ -101,6 +101,52 @@ def test_gradients_follow_the_clipped_ste_and_lsq_on_every_backend(shape, axis, 
             f"{name}: offset gradient"
 
 
+@pytest.mark.parametrize("shape,axis", CASES)
+@pytest.mark.parametrize("bitwidth", (2, 8))
+def test_the_masked_forward_and_its_gradient_follow_the_contract_on_every_backend(shape, axis, bitwidth):
+    """``quantize_dequantize_with_mask`` gives the forward and the STE's mask; ``mask_gradient``
+    the clipped-STE input gradient from that mask: the fixed-encoding path autograd takes."""
+    x, scale, offset, qmax = case_tensors(shape, axis, bitwidth, seed=3)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    expected, _ = reference(x, scale, offset, qmax, axis)
+    gx_ref, _, _ = reference_grads(grad, x, scale, offset, qmax, axis, 1.0)
+    a = -1 if axis is None else axis
+    backends = {"C++ kernel": (torch.ops.qat.quantize_dequantize_with_mask, torch.ops.qat.mask_gradient),
+                "ATen ops": (_forward_mask_aten, _mask_gradient_aten)}
+    for name, (forward, gradient) in backends.items():
+        y, inside = forward(x, scale, offset, qmax, a)
+        assert inside.dtype == torch.bool and inside.shape == x.shape, name
+        assert np.array_equal(y.numpy(), expected), f"{name}: forward"
+        gx = gradient(grad, inside).numpy()
+        assert np.array_equal(gx, gx_ref) and not np.signbit(gx[gx == 0]).any(), f"{name}: gradient (+0 outside)"
+
+
+def test_fixed_encodings_save_a_one_byte_mask_for_backward_not_the_input():
+    """Memory: with fixed encodings autograd keeps 1 byte per element (the mask), not x's 4."""
+    x, scale, offset, qmax = case_tensors((64, 3, 7, 7), None, 8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fake_quantize(x.clone().requires_grad_(), scale, offset, qmax, None)
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.bool, x.shape)]
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fake_quantize(x.clone().requires_grad_(), scale.clone().requires_grad_(), offset, qmax, None)
+    assert torch.float32 in [t.dtype for t in saved], "learned encodings need x for their gradients"
+    with torch.no_grad():
+        assert torch.equal(fake_quantize(x, scale, offset, qmax, None), y)
+
+
+def test_the_mask_gradient_follows_any_gradient_layout():
+    """Autograd may hand the backward a gradient whose strides differ from the saved mask's."""
+    x = torch.randn(4, 8, 5, 5) * 4
+    scale, offset = torch.tensor([0.02]), torch.tensor([-128.0])
+    _, inside = torch.ops.qat.quantize_dequantize_with_mask(x, scale, offset, 255, -1)
+    grad = torch.randn(4, 8, 5, 5).to(memory_format=torch.channels_last)
+    out = torch.ops.qat.mask_gradient(grad, inside)
+    assert out.stride() == grad.stride()
+    assert torch.equal(out, torch.where(inside, grad, 0.0))
+
+
 def test_encoding_gradients_are_skipped_when_nothing_needs_them():
     x, scale, offset, qmax = case_tensors((64, 3, 7, 7), 0, 8)
     xr = x.clone().requires_grad_()
@@ -126,14 +172,22 @@ def test_triton_kernels_match_the_contract_under_the_interpreter():
         import sys, numpy as np, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_kernels import CASES, case_tensors, reference, reference_grads
+        from orchestrator.quant import kernels
         from orchestrator.quant.kernels import triton_kernels as tk
+        kernels.backend()
         bad = []
         for shape, axis in CASES:
             for bw in (2, 8, 16):
                 x, s, o, qmax = case_tensors(shape, axis, bw)
                 a = -1 if axis is None else axis
-                if not np.array_equal(tk.forward(x, s, o, qmax, a, 1.0).numpy(), reference(x, s, o, qmax, axis)[0]):
+                expected, r = reference(x, s, o, qmax, axis)
+                if not np.array_equal(tk.forward(x, s, o, qmax, a, 1.0).numpy(), expected):
                     bad.append(("forward", shape, axis, bw))
+                y, inside = tk.forward_with_mask(x, s, o, qmax, a)
+                gx_masked = torch.ops.qat.mask_gradient(torch.ones(shape), inside).numpy()
+                if not (np.array_equal(y.numpy(), expected) and inside.dtype == torch.bool
+                        and np.array_equal(gx_masked, reference_grads(torch.ones(shape), x, s, o, qmax, axis, 1.0)[0])):
+                    bad.append(("forward with mask", shape, axis, bw))
                 g = torch.randn(shape)
                 gx_ref, gs_ref, go_ref = reference_grads(g, x, s, o, qmax, axis, 0.5)
                 gx, _, _ = tk.backward(g, x, s, o, qmax, a, 0.5, False)
@@ -143,6 +197,13 @@ def test_triton_kernels_match_the_contract_under_the_interpreter():
                 ok = ok and np.allclose(go.numpy(), go_ref, rtol=1e-4, atol=1e-5 * (abs(go_ref).max() + 1e-12))
                 if not ok:
                     bad.append(("backward", shape, axis, bw))
+        x = torch.randn(4, 8, 5, 5).to(memory_format=torch.channels_last)  # per channel on a channels-last tensor
+        s, o = torch.rand(8) * 0.1 + 0.01, torch.zeros(8)
+        y, inside = tk.forward_with_mask(x, s, o, 255, 1)
+        y_ref, inside_ref = torch.ops.qat.quantize_dequantize_with_mask(x.contiguous(), s, o, 255, 1)
+        if not (y.stride() == inside.stride() == x.stride() and inside.dtype == torch.bool
+                and torch.equal(y, y_ref) and torch.equal(inside, inside_ref)):
+            bad.append(("forward with mask, channels last",))
         print("BAD", bad)
         sys.exit(1 if bad else 0)
     """)

@@ -11,6 +11,12 @@
 //                            m*grad*(clamp(r) - x/s) + (1-m)*grad*clamp(r) (no cancellation),
 //                            grad_offset[c] = gf * s * sum(grad * (1 - m))     (sums over channel c)
 //
+//   qat::quantize_dequantize_with_mask(x, scale, offset, qmax, axis) -> (x_hat, inside)
+//       the forward, plus a bool tensor: where round(x/s) lies in [o, o + qmax] (the STE's mask)
+//   qat::mask_gradient(grad, inside) -> grad where inside, else 0
+//       with fixed encodings autograd saves the 1-byte mask instead of x (4 bytes) and the
+//       backward is one select: less memory and no division in the backward pass.
+//
 //   qat::quantize_dequantize_learned(x, log_scale, log_floor, offset, qmax, axis, grad_factor, learn_offset)
 //       the same with s = exp(clamp(log_scale, log_floor, log(SCALE_CEIL))) and, when learn_offset,
 //       o = clamp(round(offset), -qmax, 0): range learning in one call. Gradients: d/dlog_scale =
@@ -26,7 +32,12 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -101,7 +112,7 @@ bool flat_ok(const at::Tensor& t, int64_t channels) { return channels == 1 && t.
 
 at::Tensor in_layout_of(const at::Tensor& like, const at::Tensor& result) {
   if (result.strides() == like.strides()) return result;
-  at::Tensor out = at::empty_like(like);
+  at::Tensor out = at::empty_like(like, result.options());
   out.copy_(result);
   return out;
 }
@@ -122,6 +133,117 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const
     qdq_forward_run(xp, yp, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
   });
   return in_layout_of(x_in, y);
+}
+
+
+// Mask bytes (0/1) from a vector compare mask and back, with the instruction set the build targets.
+#if defined(CPU_CAPABILITY_AVX512)
+inline void store_mask(uint8_t* m, const Vec& keep) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(m), _mm_maskz_set1_epi8(_mm512_movepi32_mask(_mm512_castps_si512(keep)), 1));
+}
+inline Vec select_by_mask(const uint8_t* m, const Vec& g) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
+  return _mm512_maskz_mov_ps(_mm_test_epi8_mask(b, b), g);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void store_mask(uint8_t* m, const Vec& keep) {
+  const uint64_t bits = static_cast<uint64_t>(_mm256_movemask_ps(keep));
+  uint64_t bytes = 0;
+  for (int k = 0; k < 8; ++k) bytes |= ((bits >> k) & 1u) << (8 * k);
+  std::memcpy(m, &bytes, 8);
+}
+inline Vec select_by_mask(const uint8_t* m, const Vec& g) {
+  const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+  return _mm256_and_ps(g, _mm256_castsi256_ps(_mm256_cmpgt_epi32(wide, _mm256_setzero_si256())));
+}
+#else
+inline void store_mask(uint8_t* m, const Vec& keep) {
+  float lanes[Vec::size()];
+  keep.store(lanes);
+  for (int k = 0; k < Vec::size(); ++k) {
+    uint32_t b;
+    std::memcpy(&b, &lanes[k], 4);
+    m[k] = b != 0;
+  }
+}
+inline Vec select_by_mask(const uint8_t* m, const Vec& g) {
+  float lanes[Vec::size()];
+  g.store(lanes);
+  for (int k = 0; k < Vec::size(); ++k) lanes[k] = m[k] ? lanes[k] : 0.f;
+  return Vec::loadu(lanes);
+}
+#endif
+
+// Forward that also writes the STE's mask (1 where round(x/s) is on the grid, else 0).
+void qdq_forward_mask_run(const float* x, float* y, uint8_t* m, int64_t b, int64_t e, float s, float lo, float hi) {
+  const Vec vs(s), vlo(lo), vhi(hi);
+  int64_t i = b;
+  for (; i + Vec::size() <= e; i += Vec::size()) {
+    Vec r = (Vec::loadu(x + i) / vs).round();
+    (at::vec::clamp(r, vlo, vhi) * vs).store(y + i);
+    store_mask(m + i, (r >= vlo) & (r <= vhi));
+  }
+  for (; i < e; ++i) {
+    const float r = round_half_even(x[i] / s);
+    y[i] = std::min(std::max(r, lo), hi) * s;
+    m[i] = r >= lo && r <= hi;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_mask_aten(const at::Tensor& x, const at::Tensor& scale,
+                                                     const at::Tensor& offset, int64_t qmax, int64_t axis) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  at::Tensor s = scale, o = offset;
+  if (scale.numel() > 1) {
+    shape[axis < 0 ? axis + x.dim() : axis] = -1;
+    s = scale.reshape(shape);
+    o = offset.reshape(shape);
+  }
+  s = s.to(x.scalar_type());
+  o = o.to(x.scalar_type());
+  at::Tensor r = at::round(at::div(x, s)), hi = o + qmax;
+  at::Tensor y = at::mul(at::minimum(at::maximum(r, o), hi), s);
+  return {in_layout_of(x, y), in_layout_of(x, at::logical_and(at::ge(r, o), at::le(r, hi)))};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_mask_cpu(const at::Tensor& x_in, const at::Tensor& scale_in,
+                                                    const at::Tensor& offset_in, int64_t qmax, int64_t axis) {
+  if (x_in.scalar_type() != at::kFloat) return forward_mask_aten(x_in, scale_in, offset_in, qmax, axis);
+  const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
+  const bool flat = flat_ok(x_in, scale.numel());
+  const at::Tensor x = flat ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty_like(x), mask = at::empty_like(x, x.options().dtype(at::kBool));
+  const Layout l = layout_of(x, scale.numel(), axis);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  uint8_t* mp = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
+  const float* sp = scale.data_ptr<float>();
+  const float* op = offset.data_ptr<float>();
+  for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
+    qdq_forward_mask_run(xp, yp, mp, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
+  });
+  return {in_layout_of(x_in, y), in_layout_of(x_in, mask)};
+}
+
+// grad where the mask is set, else +0; the result has grad's layout (the fake kernel's empty_like(grad)).
+at::Tensor mask_gradient_aten(const at::Tensor& grad, const at::Tensor& mask) {
+  return in_layout_of(grad, at::where(mask, grad, at::scalar_tensor(0, grad.options())));
+}
+
+at::Tensor mask_gradient_cpu(const at::Tensor& grad, const at::Tensor& mask) {
+  if (grad.scalar_type() != at::kFloat || grad.strides() != mask.strides() || grad.sizes() != mask.sizes() ||
+      !grad.is_non_overlapping_and_dense())
+    return mask_gradient_aten(grad, mask);
+  at::Tensor out = at::empty_like(grad);
+  const float* gp = grad.data_ptr<float>();
+  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  float* outp = out.data_ptr<float>();
+  at::parallel_for(0, grad.numel(), kGrain, [&](int64_t b, int64_t e) {
+    int64_t i = b;
+    for (; i + Vec::size() <= e; i += Vec::size()) select_by_mask(mp + i, Vec::loadu(gp + i)).store(outp + i);
+    for (; i < e; ++i) outp[i] = mp[i] ? gp[i] : 0.f;
+  });
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_aten(const at::Tensor& grad, const at::Tensor& x,
@@ -265,11 +387,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& g
   return op.call(g, x, s, o, qmax, axis, gf, encoding_grads);
 }
 
+std::tuple<at::Tensor, at::Tensor> call_forward_mask(const at::Tensor& x, const at::Tensor& s, const at::Tensor& o,
+                                                     int64_t qmax, int64_t axis) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::quantize_dequantize_with_mask", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, int64_t, int64_t)>();
+  return op.call(x, s, o, qmax, axis);
+}
+
+at::Tensor call_mask_gradient(const at::Tensor& grad, const at::Tensor& mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::mask_gradient", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad, mask);
+}
+
+// Fixed encodings (no gradient wanted for scale/offset): save the 1-byte mask, not x.
 class QuantizeDequantizeFunction : public torch::autograd::Function<QuantizeDequantizeFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
-                            const at::Tensor& offset, int64_t qmax, int64_t axis, double gf) {
+                            const at::Tensor& offset, int64_t qmax, int64_t axis, double gf, bool grad_mode) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    const bool masked = !(scale.requires_grad() || offset.requires_grad());
+    ctx->saved_data["masked"] = masked;
+    if (masked) {
+      if (!(grad_mode && x.requires_grad())) return call_forward(x, scale, offset, qmax, axis, gf);
+      auto [y, inside] = call_forward_mask(x, scale, offset, qmax, axis);
+      ctx->save_for_backward({inside});
+      return y;
+    }
     ctx->save_for_backward({x, scale, offset});
     ctx->saved_data["qmax"] = qmax;
     ctx->saved_data["axis"] = axis;
@@ -280,17 +427,22 @@ class QuantizeDequantizeFunction : public torch::autograd::Function<QuantizeDequ
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
+    if (ctx->saved_data["masked"].toBool()) {
+      // CPU: the vectorized kernel. Elsewhere one at::where, which torch.compile can fuse into its neighbours.
+      at::Tensor gx = grads[0].is_cpu() ? call_mask_gradient(grads[0], saved[0]) : mask_gradient_aten(grads[0], saved[0]);
+      return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     const bool encoding_grads = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     auto [gx, gs, go] = call_backward(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["qmax"].toInt(),
                                       ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(),
                                       encoding_grads);
-    return {gx, gs, go, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gx, gs, go, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor forward_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
                             int64_t axis, double gf) {
-  return QuantizeDequantizeFunction::apply(x, scale, offset, qmax, axis, gf);
+  return QuantizeDequantizeFunction::apply(x, scale, offset, qmax, axis, gf, at::GradMode::is_enabled());
 }
 
 at::Tensor forward_composite(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
@@ -353,6 +505,8 @@ TORCH_LIBRARY(qat, m) {
   m.def("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmax, int axis, float grad_factor) -> Tensor");
   m.def("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, int axis, "
         "float grad_factor, bool encoding_grads) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_dequantize_with_mask(Tensor x, Tensor scale, Tensor offset, int qmax, int axis) -> (Tensor, Tensor)");
+  m.def("mask_gradient(Tensor grad, Tensor mask) -> Tensor");
   m.def("quantize_dequantize_learned(Tensor x, Tensor log_scale, Tensor log_floor, Tensor offset, int qmax, int axis, "
         "float grad_factor, bool learn_offset) -> Tensor");
 }
@@ -360,11 +514,15 @@ TORCH_LIBRARY(qat, m) {
 TORCH_LIBRARY_IMPL(qat, CPU, m) {
   m.impl("quantize_dequantize", &forward_cpu);
   m.impl("quantize_dequantize_backward", &backward_cpu);
+  m.impl("quantize_dequantize_with_mask", &forward_mask_cpu);
+  m.impl("mask_gradient", &mask_gradient_cpu);
 }
 
 TORCH_LIBRARY_IMPL(qat, CompositeExplicitAutograd, m) {
   m.impl("quantize_dequantize", &forward_composite);
   m.impl("quantize_dequantize_backward", &backward_aten);
+  m.impl("quantize_dequantize_with_mask", &forward_mask_aten);
+  m.impl("mask_gradient", &mask_gradient_aten);
   m.impl("quantize_dequantize_learned", &learned_composite);
 }
 

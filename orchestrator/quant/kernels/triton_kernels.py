@@ -8,8 +8,9 @@ tensors, which is how the tests check them on machines without a GPU.
 
 Layout: ``x`` contiguous, seen as rows of ``inner`` elements that share one channel
 (``channel = row % C``; per tensor: ``C = 1``). Forward and the plain backward are elementwise.
-The backward with encoding gradients gives each row one program that writes its partial sums,
-reduced afterwards in a fixed order: deterministic, no atomics.
+The forward can also write the STE's mask (``quantize_dequantize_with_mask``). The backward with
+encoding gradients gives each row one program that writes its partial sums, which a second
+kernel reduces per channel in a fixed order: deterministic, no atomics.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ if triton is not None:
         return tl.where(up, f + 1.0, f)
 
     @triton.jit
-    def _forward_kernel(x_ptr, y_ptr, s_ptr, o_ptr, n, inner, channels, qmax, BLOCK_SIZE: tl.constexpr):
+    def _forward_kernel(x_ptr, y_ptr, m_ptr, s_ptr, o_ptr, n, inner, channels, qmax, BLOCK_SIZE: tl.constexpr,
+                        WITH_MASK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
         c = (offs // inner) % channels
@@ -50,6 +52,8 @@ if triton is not None:
         r = _round_half_even(tl.div_rn(x, s))
         y = tl.minimum(tl.maximum(r, lo), lo + qmax) * s
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if WITH_MASK:
+            tl.store(m_ptr + offs, ((r >= lo) & (r <= lo + qmax)).to(tl.int8), mask=mask)
 
     @triton.jit
     def _backward_kernel(g_ptr, x_ptr, gx_ptr, s_ptr, o_ptr, n, inner, channels, qmax, BLOCK_SIZE: tl.constexpr):
@@ -90,6 +94,20 @@ if triton is not None:
         tl.store(ps_ptr + row, tl.sum(acc_s, axis=0))
         tl.store(po_ptr + row, tl.sum(acc_o, axis=0))
 
+    @triton.jit
+    def _finish_kernel(ps_ptr, po_ptr, s_ptr, gs_ptr, go_ptr, rows, channels, grad_factor, BLOCK_SIZE: tl.constexpr):
+        """Channel ``c``'s encoding gradients from the partial sums of its rows ``c, c + C, ...``, in
+        float64 and a fixed order; the offset's times ``s``; both times ``grad_factor``."""
+        c = tl.program_id(0)
+        acc_s = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
+        acc_o = tl.zeros([BLOCK_SIZE], dtype=tl.float64)
+        for k in range(0, rows, BLOCK_SIZE * channels):
+            r = c + k + tl.arange(0, BLOCK_SIZE) * channels
+            acc_s += tl.load(ps_ptr + r, mask=r < rows, other=0.0).to(tl.float64)
+            acc_o += tl.load(po_ptr + r, mask=r < rows, other=0.0).to(tl.float64)
+        tl.store(gs_ptr + c, (tl.sum(acc_s, axis=0) * grad_factor).to(tl.float32))
+        tl.store(go_ptr + c, (tl.sum(acc_o, axis=0) * tl.load(s_ptr + c).to(tl.float64) * grad_factor).to(tl.float32))
+
 
 def _rows(x: torch.Tensor, scale: torch.Tensor, axis: int) -> tuple[int, int]:
     """``(inner, channels)``: elements per run of one channel, and the channel count."""
@@ -120,7 +138,7 @@ def _flat(t: torch.Tensor, scale: torch.Tensor) -> bool:
 
 def _in_layout_of(like: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """``result`` with ``like``'s layout (what the fake kernel promises: ``empty_like``)."""
-    return result if result.stride() == like.stride() else torch.empty_like(like).copy_(result)
+    return result if result.stride() == like.stride() else torch.empty_like(like, dtype=result.dtype).copy_(result)
 
 
 def forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
@@ -132,8 +150,24 @@ def forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax:
         return _in_layout_of(x_in, y)
     inner, channels = _rows(x, scale, axis)
     s, o = scale.float().contiguous(), offset.float().contiguous()
-    _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, s, o, n, inner, channels, float(qmax), BLOCK_SIZE=BLOCK)
+    _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, y, s, o, n, inner, channels, float(qmax), BLOCK_SIZE=BLOCK,
+                                              WITH_MASK=False)
     return _in_layout_of(x_in, y)
+
+
+def forward_with_mask(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
+                      axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward and the STE's mask (bool, True where ``round(x / s)`` is on the grid)."""
+    x = x_in if _flat(x_in, scale) else x_in.contiguous()
+    y = torch.empty_like(x)
+    inside = torch.empty_like(x, dtype=torch.bool)
+    n = x.numel()
+    if n:
+        inner, channels = _rows(x, scale, axis)
+        s, o = scale.float().contiguous(), offset.float().contiguous()
+        _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, inside.view(torch.int8), s, o, n, inner, channels,
+                                                  float(qmax), BLOCK_SIZE=BLOCK, WITH_MASK=True)
+    return _in_layout_of(x_in, y), _in_layout_of(x_in, inside)
 
 
 def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
@@ -156,8 +190,8 @@ def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, off
     po = torch.empty(rows, device=x.device, dtype=torch.float32)
     _backward_encoding_kernel[(rows,)](grad, x, gx, s, o, ps, po, row_len, n, channels, float(qmax),
                                        BLOCK_SIZE=BLOCK)
-    gs = ps.double().reshape(-1, channels).sum(0) * grad_factor
-    go = po.double().reshape(-1, channels).sum(0) * s.double() * grad_factor
+    gs, go = torch.empty_like(s), torch.empty_like(s)
+    _finish_kernel[(channels,)](ps, po, s, gs, go, rows, channels, float(grad_factor), BLOCK_SIZE=256)
     return _in_layout_of(x_in, gx), gs.to(scale.dtype).reshape(scale.shape), go.to(offset.dtype).reshape(offset.shape)
 
 
@@ -167,4 +201,5 @@ def register() -> bool:
         return False
     torch.library.register_kernel("qat::quantize_dequantize", "cuda", forward)
     torch.library.register_kernel("qat::quantize_dequantize_backward", "cuda", backward)
+    torch.library.register_kernel("qat::quantize_dequantize_with_mask", "cuda", forward_with_mask)
     return True
