@@ -213,6 +213,41 @@ def test_triton_kernels_match_the_contract_under_the_interpreter():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
+def test_the_kernel_built_for_other_instruction_sets_follows_the_contract(capability):
+    """The C++ kernel has AVX-512, AVX2 and portable code paths (the mask bytes above all);
+    ``ATEN_CPU_CAPABILITY`` makes torch, and so the build, target a smaller set on this machine."""
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, torch
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_kernels import CASES, case_tensors, reference, reference_grads
+        from orchestrator.quant import kernels
+        from orchestrator.quant.fake_quant import fake_quantize
+        assert kernels.backend() == "cpp" and torch.backends.cpu.get_cpu_capability() == {capability!r}
+        bad = []
+        for shape, axis in CASES:
+            for bw in (2, 8):
+                x, s, o, qmax = case_tensors(shape, axis, bw)
+                g = torch.randn(shape)
+                expected, _ = reference(x, s, o, qmax, axis)
+                gx_ref, gs_ref, _ = reference_grads(g, x, s, o, qmax, axis, 1.0)
+                xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+                fake_quantize(xr, sr, o, qmax, axis).backward(g)
+                y, inside = torch.ops.qat.quantize_dequantize_with_mask(x, s, o, qmax, -1 if axis is None else axis)
+                ok = (np.array_equal(y.numpy(), expected) and np.array_equal(xr.grad.numpy(), gx_ref)
+                      and np.array_equal(torch.ops.qat.mask_gradient(g, inside).numpy(), gx_ref)
+                      and np.allclose(sr.grad.numpy(), gs_ref, rtol=1e-4, atol=1e-5 * (abs(gs_ref).max() + 1e-12)))
+                if not ok:
+                    bad.append((shape, axis, bw))
+        print("BAD", bad)
+        sys.exit(1 if bad else 0)
+    """)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability.lower()}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.slow
 def test_the_aten_definition_serves_a_whole_simulation_when_the_kernel_is_off():
     """``QAT_FAKE_QUANT_KERNEL=python``: the op defined from Python trains and compiles the same way."""
     script = textwrap.dedent("""

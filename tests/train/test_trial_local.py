@@ -121,6 +121,25 @@ def test_in_process_trial_resumes_from_its_checkpoint(tmp_path, baseline_cache):
     assert all(torch.equal(a[k], b[k]) for k in a)  # same result as the uninterrupted run
 
 
+@pytest.mark.slow
+def test_a_compiled_trial_trains_like_the_eager_one(tmp_path, baseline_cache):
+    """``trainer.compile=true``: the compiled sim trains (its losses follow the eager trial's), and the
+    compilation is reported apart (``compile_warmup_s``), not counted in ``samples_per_s``."""
+    overrides = {"trainer.num_workers": 0, "qat.epochs": 2, "qat.range_learning": True}
+    eager = run_trial(trial_config(tmp_path, baseline_cache, name="eager", **overrides))
+    compiled = run_trial(trial_config(tmp_path, baseline_cache, name="compiled", **overrides,
+                                      **{"trainer.compile": True}))
+    client = MlflowClient(compiled.tracking_uri)
+    losses = {name: [h.value for h in client.get_metric_history(r.run_id, "train_loss")]
+              for name, r in (("eager", eager), ("compiled", compiled))}
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3), losses
+    assert compiled.metrics["status"] == "finished"
+    assert abs(compiled.metrics["test_acc"] - eager.metrics["test_acc"]) <= 1.0
+    warmup = client.get_metric_history(compiled.run_id, "compile_warmup_s")
+    assert len(warmup) == 1 and warmup[0].value > 0
+    assert not client.get_metric_history(eager.run_id, "compile_warmup_s")
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("quant.param_bw", 0, r"quant.param_bw=0 is not a supported bit width; allowed: an integer from 2 to 16"),
     ("quant.quant_scheme", "kl", r"quant.quant_scheme='kl' is not known; allowed: min_max, sqnr, percentile"),
