@@ -50,6 +50,23 @@ def test_killed_worker_resumes_from_checkpoint_without_doubling_epochs(two_worke
 
 
 @pytest.mark.slow
+def test_a_compiled_ddp_trial_trains_like_the_eager_one(two_worker_run, baseline_cache):
+    """``trainer.compile=true`` on 2 workers compiles the DDP-wrapped sim.model (DDP's graph splits
+    at its buckets, the fused op inside): the same losses as the eager DDP trial, compile time apart."""
+    tmp, eager = two_worker_run
+    cfg = trial_config(tmp, baseline_cache, name="compiled",
+                       **{"trainer.num_workers": 2, "qat.epochs": 3, "quant.param_bw": 4, "quant.output_bw": 4,
+                          "trainer.compile": True})
+    compiled = run_trial(cfg)
+    assert compiled.metrics["status"] == "finished"
+    client = MlflowClient(compiled.tracking_uri)
+    losses = [[h.value for h in client.get_metric_history(r.run_id, "train_loss")] for r in (eager, compiled)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3), losses
+    assert abs(compiled.metrics["test_acc"] - eager.metrics["test_acc"]) <= 1.0
+    assert client.get_metric_history(compiled.run_id, "compile_warmup_s")[0].value > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,range_learning,max_drop", [(8, False, 0.3), (4, False, 1.0), (4, True, 1.0)])
 def test_digits_qat_accuracy_with_two_gloo_workers(tmp_path, baseline_cache, ray_local, bits, range_learning,
                                                    max_drop):

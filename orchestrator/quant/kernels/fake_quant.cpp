@@ -78,64 +78,6 @@ void for_each_run(const Layout& l, F&& f) {
 
 inline float round_half_even(float v) { return std::nearbyint(v); }
 
-void qdq_forward_run(const float* x, float* y, int64_t b, int64_t e, float s, float lo, float hi) {
-  const Vec vs(s), vlo(lo), vhi(hi);
-  int64_t i = b;
-  for (; i + Vec::size() <= e; i += Vec::size()) {
-    Vec r = (Vec::loadu(x + i) / vs).round();
-    (at::vec::clamp(r, vlo, vhi) * vs).store(y + i);
-  }
-  for (; i < e; ++i) y[i] = std::min(std::max(round_half_even(x[i] / s), lo), hi) * s;
-}
-
-at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
-                       int64_t qmax, int64_t axis, double grad_factor);
-
-at::Tensor forward_aten(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
-                        int64_t axis) {
-  std::vector<int64_t> shape(x.dim(), 1);
-  at::Tensor s = scale, o = offset;
-  if (scale.numel() > 1) {
-    shape[axis < 0 ? axis + x.dim() : axis] = -1;
-    s = scale.reshape(shape);
-    o = offset.reshape(shape);
-  }
-  s = s.to(x.scalar_type());
-  o = o.to(x.scalar_type());
-  return at::mul(at::minimum(at::maximum(at::round(at::div(x, s)), o), o + qmax), s);
-}
-
-// The output has x's layout (empty_like: what the fake kernel promises torch.compile, channels-last
-// included). One encoding: any dense layout is processed as flat memory. Per channel: computed on a
-// contiguous copy, then copied into that layout when it differs.
-bool flat_ok(const at::Tensor& t, int64_t channels) { return channels == 1 && t.is_non_overlapping_and_dense(); }
-
-at::Tensor in_layout_of(const at::Tensor& like, const at::Tensor& result) {
-  if (result.strides() == like.strides()) return result;
-  at::Tensor out = at::empty_like(like, result.options());
-  out.copy_(result);
-  return out;
-}
-
-at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
-                       int64_t qmax, int64_t axis, double grad_factor) {
-  if (x_in.scalar_type() != at::kFloat) return forward_aten(x_in, scale_in, offset_in, qmax, axis);
-  const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
-  const bool flat = flat_ok(x_in, scale.numel());
-  const at::Tensor x = flat ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
-  const Layout l = layout_of(x, scale.numel(), axis);
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  const float* op = offset.data_ptr<float>();
-  for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
-    qdq_forward_run(xp, yp, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
-  });
-  return in_layout_of(x_in, y);
-}
-
-
 // Mask bytes (0/1) from a vector compare mask and back, with the instruction set the build targets.
 #if defined(CPU_CAPABILITY_AVX512)
 inline void store_mask(uint8_t* m, const Vec& keep) {
@@ -174,33 +116,79 @@ inline Vec select_by_mask(const uint8_t* m, const Vec& g) {
 }
 #endif
 
-// Forward that also writes the STE's mask (1 where round(x/s) is on the grid, else 0).
-void qdq_forward_mask_run(const float* x, float* y, uint8_t* m, int64_t b, int64_t e, float s, float lo, float hi) {
+// The forward over x[b, e) of one channel; with kMask also the STE's mask (1 where round(x/s) is on the grid).
+template <bool kMask>
+void qdq_forward_run(const float* x, float* y, uint8_t* m, int64_t b, int64_t e, float s, float lo, float hi) {
   const Vec vs(s), vlo(lo), vhi(hi);
   int64_t i = b;
   for (; i + Vec::size() <= e; i += Vec::size()) {
     Vec r = (Vec::loadu(x + i) / vs).round();
     (at::vec::clamp(r, vlo, vhi) * vs).store(y + i);
-    store_mask(m + i, (r >= vlo) & (r <= vhi));
+    if constexpr (kMask) store_mask(m + i, (r >= vlo) & (r <= vhi));
   }
   for (; i < e; ++i) {
     const float r = round_half_even(x[i] / s);
     y[i] = std::min(std::max(r, lo), hi) * s;
-    m[i] = r >= lo && r <= hi;
+    if constexpr (kMask) m[i] = r >= lo && r <= hi;
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_mask_aten(const at::Tensor& x, const at::Tensor& scale,
-                                                     const at::Tensor& offset, int64_t qmax, int64_t axis) {
-  std::vector<int64_t> shape(x.dim(), 1);
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
+                       int64_t qmax, int64_t axis, double grad_factor);
+
+// scale and offset shaped to broadcast against x (per channel: [1, .., C, .., 1]), in x's dtype.
+std::pair<at::Tensor, at::Tensor> broadcastable(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset,
+                                                int64_t axis) {
   at::Tensor s = scale, o = offset;
   if (scale.numel() > 1) {
+    std::vector<int64_t> shape(x.dim(), 1);
     shape[axis < 0 ? axis + x.dim() : axis] = -1;
     s = scale.reshape(shape);
     o = offset.reshape(shape);
   }
-  s = s.to(x.scalar_type());
-  o = o.to(x.scalar_type());
+  return {s.to(x.scalar_type()), o.to(x.scalar_type())};
+}
+
+at::Tensor forward_aten(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
+                        int64_t axis) {
+  auto [s, o] = broadcastable(x, scale, offset, axis);
+  return at::mul(at::minimum(at::maximum(at::round(at::div(x, s)), o), o + qmax), s);
+}
+
+// The output has x's layout (empty_like: what the fake kernel promises torch.compile, channels-last
+// included). One encoding: any dense layout is processed as flat memory. Per channel: computed on a
+// contiguous copy, then copied into that layout when it differs.
+bool flat_ok(const at::Tensor& t, int64_t channels) { return channels == 1 && t.is_non_overlapping_and_dense(); }
+
+at::Tensor in_layout_of(const at::Tensor& like, const at::Tensor& result) {
+  if (result.strides() == like.strides()) return result;
+  at::Tensor out = at::empty_like(like, result.options());
+  out.copy_(result);
+  return out;
+}
+
+at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
+                       int64_t qmax, int64_t axis, double grad_factor) {
+  if (x_in.scalar_type() != at::kFloat) return forward_aten(x_in, scale_in, offset_in, qmax, axis);
+  const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
+  const bool flat = flat_ok(x_in, scale.numel());
+  const at::Tensor x = flat ? x_in : x_in.contiguous();
+  at::Tensor y = at::empty_like(x);
+  const Layout l = layout_of(x, scale.numel(), axis);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  const float* op = offset.data_ptr<float>();
+  for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
+    qdq_forward_run<false>(xp, yp, nullptr, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
+  });
+  return in_layout_of(x_in, y);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_mask_aten(const at::Tensor& x, const at::Tensor& scale,
+                                                     const at::Tensor& offset, int64_t qmax, int64_t axis) {
+  auto [s, o] = broadcastable(x, scale, offset, axis);
   at::Tensor r = at::round(at::div(x, s)), hi = o + qmax;
   at::Tensor y = at::mul(at::minimum(at::maximum(r, o), hi), s);
   return {in_layout_of(x, y), in_layout_of(x, at::logical_and(at::ge(r, o), at::le(r, hi)))};
@@ -220,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> forward_mask_cpu(const at::Tensor& x_in, cons
   const float* sp = scale.data_ptr<float>();
   const float* op = offset.data_ptr<float>();
   for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
-    qdq_forward_mask_run(xp, yp, mp, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
+    qdq_forward_run<true>(xp, yp, mp, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
   });
   return {in_layout_of(x_in, y), in_layout_of(x_in, mask)};
 }
@@ -250,19 +238,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_aten(const at::Tensor& g
                                                              const at::Tensor& scale, const at::Tensor& offset,
                                                              int64_t qmax, int64_t axis, double gf,
                                                              bool encoding_grads) {
-  std::vector<int64_t> shape(x.dim(), 1);
-  at::Tensor s = scale, o = offset;
+  auto [s, o] = broadcastable(x, scale, offset, axis);
   std::vector<int64_t> dims;
   const int64_t ax = axis < 0 ? axis + x.dim() : axis;
-  if (scale.numel() > 1) {
-    shape[ax] = -1;
-    s = scale.reshape(shape);
-    o = offset.reshape(shape);
-  }
   for (int64_t d = 0; d < x.dim(); ++d)
     if (scale.numel() == 1 || d != ax) dims.push_back(d);
-  s = s.to(x.scalar_type());
-  o = o.to(x.scalar_type());
   at::Tensor u = at::div(x, s), r = at::round(u);
   at::Tensor c = at::minimum(at::maximum(r, o), o + qmax);
   at::Tensor inside = at::eq(r, c).to(grad.scalar_type());
