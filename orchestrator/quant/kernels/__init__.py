@@ -22,8 +22,8 @@ Kernels, chosen once per process (``backend()`` says which):
 - ``cpp``: ``fake_quant.cpp``, built on first use with the machine's compiler and cached by
   ``torch.utils.cpp_extension`` (``$TORCH_EXTENSIONS_DIR``, about 15 s once): vectorized
   (``at::vec``, AVX2/AVX-512 as ``torch.backends.cpu.get_cpu_capability()`` reports) and
-  multi-threaded (OpenMP, torch's threads), one pass forward and one backward; the schema, CPU kernels and autograd live in C++, so an
-  eager call costs one dispatch. Other devices get the same math in ATen ops.
+  multi-threaded (OpenMP, torch's threads), one pass forward and one backward; the schema, CPU
+  kernels and autograd live in C++, so an eager call costs one dispatch. Other devices get the same math in ATen ops.
 - ``python``: the same op defined from Python in ATen ops, when no compiler is available or
   ``QAT_FAKE_QUANT_KERNEL=python``.
 - On CUDA, a Triton kernel (``triton_kernels.py``) replaces the ATen-ops path when Triton is
@@ -74,28 +74,28 @@ def _build_cpp() -> None:
     except Exception as exc:  # noqa: BLE001 - retried without OpenMP; a second failure propagates
         log.warning("fused fake-quant kernel: no OpenMP build (%s); building it single-threaded",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        load(name=f"{name}_serial", sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
+        load(name=f"{name}_serial", sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False,
+             verbose=False)
 
 
-def _channel_shape(x: torch.Tensor, scale: torch.Tensor, axis: int) -> list[int] | None:
+def _broadcastable(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                   axis: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``scale``/``offset`` shaped to broadcast against ``x`` (per channel: ``[1, .., C, .., 1]``)
+    in ``x``'s dtype, and whether they are per channel."""
     if scale.numel() == 1:
-        return None
+        return scale.to(x.dtype), offset.to(x.dtype), False
     shape = [1] * x.dim()
     shape[axis % x.dim()] = -1
-    return shape
+    return scale.reshape(shape).to(x.dtype), offset.reshape(shape).to(x.dtype), True
 
 
 def _forward_aten(x, scale, offset, qmax, axis, grad_factor):
-    shape = _channel_shape(x, scale, axis)
-    s = (scale if shape is None else scale.reshape(shape)).to(x.dtype)
-    o = (offset if shape is None else offset.reshape(shape)).to(x.dtype)
+    s, o, _ = _broadcastable(x, scale, offset, axis)
     return torch.minimum(torch.maximum(torch.round(x / s), o), o + qmax) * s
 
 
 def _forward_mask_aten(x, scale, offset, qmax, axis):
-    shape = _channel_shape(x, scale, axis)
-    s = (scale if shape is None else scale.reshape(shape)).to(x.dtype)
-    o = (offset if shape is None else offset.reshape(shape)).to(x.dtype)
+    s, o, _ = _broadcastable(x, scale, offset, axis)
     r = torch.round(x / s)
     return torch.minimum(torch.maximum(r, o), o + qmax) * s, (r >= o) & (r <= o + qmax)
 
@@ -105,16 +105,14 @@ def _mask_gradient_aten(grad, mask):
 
 
 def _backward_aten(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads):
-    shape = _channel_shape(x, scale, axis)
-    s = (scale if shape is None else scale.reshape(shape)).to(x.dtype)
-    o = (offset if shape is None else offset.reshape(shape)).to(x.dtype)
+    s, o, per_channel = _broadcastable(x, scale, offset, axis)
     u = x / s
     r = torch.round(u)
     c = torch.minimum(torch.maximum(r, o), o + qmax)
     gx = grad * (r == c).to(grad.dtype)
     if not encoding_grads:
         return gx, torch.zeros_like(scale), torch.zeros_like(offset)
-    dims = [d for d in range(x.dim()) if shape is None or d != axis % x.dim()]
+    dims = [d for d in range(x.dim()) if not per_channel or d != axis % x.dim()]
 
     def total(t: torch.Tensor) -> torch.Tensor:  # sum(dim=[]) would reduce every dim
         return t.sum(dims) if dims else t
@@ -139,7 +137,7 @@ def _define_python() -> None:
     """The op from Python, same schema and math, for machines without a C++ compiler."""
     lib = torch.library.Library("qat", "DEF")  # noqa: F841 - kept alive in _PY_LIBRARY
     for name, schema in SCHEMAS.items():
-        lib.define(f"{name}{schema}")
+        lib.define(f"{name}{schema}", tags=(torch.Tag.flexible_layout,))  # as fake_quant.cpp says why
     lib.impl("quantize_dequantize", _forward_aten, "CompositeExplicitAutograd")
     lib.impl("quantize_dequantize_backward", _backward_aten, "CompositeExplicitAutograd")
     lib.impl("quantize_dequantize_learned", _learned_aten, "CompositeImplicitAutograd")

@@ -481,14 +481,20 @@ at::Tensor learned_autograd(const at::Tensor& x, const at::Tensor& log_scale, co
 
 }  // namespace
 
+// flexible_layout: every kernel takes any strides and returns its output in the layout the fake kernel
+// promises (empty_like of x, or of grad), so inductor need not convert channels-last activations around
+// each call (it did: a transpose of the input, the output and the mask per quantizer).
 TORCH_LIBRARY(qat, m) {
-  m.def("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmax, int axis, float grad_factor) -> Tensor");
+  const std::vector<at::Tag> flexible = {at::Tag::flexible_layout};
+  m.def("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmax, int axis, float grad_factor) -> Tensor",
+        flexible);
   m.def("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, int axis, "
-        "float grad_factor, bool encoding_grads) -> (Tensor, Tensor, Tensor)");
-  m.def("quantize_dequantize_with_mask(Tensor x, Tensor scale, Tensor offset, int qmax, int axis) -> (Tensor, Tensor)");
-  m.def("mask_gradient(Tensor grad, Tensor mask) -> Tensor");
+        "float grad_factor, bool encoding_grads) -> (Tensor, Tensor, Tensor)", flexible);
+  m.def("quantize_dequantize_with_mask(Tensor x, Tensor scale, Tensor offset, int qmax, int axis) -> (Tensor, Tensor)",
+        flexible);
+  m.def("mask_gradient(Tensor grad, Tensor mask) -> Tensor", flexible);
   m.def("quantize_dequantize_learned(Tensor x, Tensor log_scale, Tensor log_floor, Tensor offset, int qmax, int axis, "
-        "float grad_factor, bool learn_offset) -> Tensor");
+        "float grad_factor, bool learn_offset) -> Tensor", flexible);
 }
 
 TORCH_LIBRARY_IMPL(qat, CPU, m) {
