@@ -141,33 +141,30 @@ def _in_layout_of(like: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     return result if result.stride() == like.stride() else torch.empty_like(like, dtype=result.dtype).copy_(result)
 
 
-def forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
-            grad_factor: float) -> torch.Tensor:
+def _forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
+             with_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = x_in if _flat(x_in, scale) else x_in.contiguous()
     y = torch.empty_like(x)
+    inside = torch.empty_like(x, dtype=torch.bool) if with_mask else None
     n = x.numel()
-    if n == 0:
-        return _in_layout_of(x_in, y)
-    inner, channels = _rows(x, scale, axis)
-    s, o = scale.float().contiguous(), offset.float().contiguous()
-    _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, y, s, o, n, inner, channels, float(qmax), BLOCK_SIZE=BLOCK,
-                                              WITH_MASK=False)
-    return _in_layout_of(x_in, y)
+    if n:
+        inner, channels = _rows(x, scale, axis)
+        s, o = scale.float().contiguous(), offset.float().contiguous()
+        mask_out = inside.view(torch.int8) if with_mask else y  # not written without the mask
+        _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, mask_out, s, o, n, inner, channels, float(qmax),
+                                                  BLOCK_SIZE=BLOCK, WITH_MASK=with_mask)
+    return _in_layout_of(x_in, y), (_in_layout_of(x_in, inside) if with_mask else None)
+
+
+def forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
+            grad_factor: float) -> torch.Tensor:
+    return _forward(x_in, scale, offset, qmax, axis, with_mask=False)[0]
 
 
 def forward_with_mask(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
                       axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward and the STE's mask (bool, True where ``round(x / s)`` is on the grid)."""
-    x = x_in if _flat(x_in, scale) else x_in.contiguous()
-    y = torch.empty_like(x)
-    inside = torch.empty_like(x, dtype=torch.bool)
-    n = x.numel()
-    if n:
-        inner, channels = _rows(x, scale, axis)
-        s, o = scale.float().contiguous(), offset.float().contiguous()
-        _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, inside.view(torch.int8), s, o, n, inner, channels,
-                                                  float(qmax), BLOCK_SIZE=BLOCK, WITH_MASK=True)
-    return _in_layout_of(x_in, y), _in_layout_of(x_in, inside)
+    return _forward(x_in, scale, offset, qmax, axis, with_mask=True)
 
 
 def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
