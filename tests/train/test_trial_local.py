@@ -124,8 +124,7 @@ def test_in_process_trial_resumes_from_its_checkpoint(tmp_path, baseline_cache):
 @pytest.mark.slow
 def test_a_compiled_trial_trains_like_the_eager_one(tmp_path, baseline_cache):
     """``trainer.compile=true``: the compiled sim trains (its losses follow the eager trial's, within
-    15%), and the
-    compilation is reported apart (``compile_warmup_s``), not counted in ``samples_per_s``."""
+    15%), and the compilation is reported apart (``compile_warmup_s``)."""
     overrides = {"trainer.num_workers": 0, "qat.epochs": 2, "qat.range_learning": True}
     eager = run_trial(trial_config(tmp_path, baseline_cache, name="eager", **overrides))
     compiled = run_trial(trial_config(tmp_path, baseline_cache, name="compiled", **overrides,

@@ -52,7 +52,8 @@ def test_killed_worker_resumes_from_checkpoint_without_doubling_epochs(two_worke
 @pytest.mark.slow
 def test_a_compiled_ddp_trial_trains_like_the_eager_one(two_worker_run, baseline_cache):
     """``trainer.compile=true`` on 2 workers compiles the DDP-wrapped sim.model (DDP's graph splits
-    at its buckets, the fused op inside): the same losses as the eager DDP trial, compile time apart."""
+    at its buckets, the fused op inside): the eager DDP trial's first epoch, then its losses within
+    20%, compile time reported apart."""
     tmp, eager = two_worker_run
     cfg = trial_config(tmp, baseline_cache, name="compiled",
                        **{"trainer.num_workers": 2, "qat.epochs": 3, "quant.param_bw": 4, "quant.output_bw": 4,
