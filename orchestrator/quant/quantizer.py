@@ -173,9 +173,9 @@ class QuantizeDequantize(nn.Module):
             )
         if self.learnable:
             if self.general:
-                scale, offset = self._learned_encoding()
-                return fake_quantize_general(x, self._full(scale, x), self._full(offset, x), self.format,
-                                             self._grad_factor(x))
+                return torch.ops.qat.quantize_dequantize_general_learned(
+                    x, self._full(self.log_scale, x), self._full(self.log_floor, x), self._full(self.offset, x),
+                    self.format.name, self.format.qmax, self._grad_factor(x), not self.symmetric)
             return fake_quantize_learned(x, self.log_scale, self.log_floor, self.offset, self.qmax, self.axis,
                                          self._grad_factor(x), not self.symmetric)
         if self.general:

@@ -41,6 +41,8 @@ quantizer call and encodings changing never recompile.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .formats import FORMATS, FloatFormat, Format, IntFormat
@@ -157,6 +159,50 @@ def _backward(ctx, grad):
 
 
 quantize_dequantize_general.register_autograd(_backward, setup_context=_setup)
+
+
+def learned_encoding(log_scale: torch.Tensor, log_floor: torch.Tensor, offset: torch.Tensor, qmax: int,
+                     learn_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range learning's encoding: ``s = exp(max(log_scale, log_floor))`` (at most ``SCALE_CEIL``) and,
+    with ``learn_offset``, the offset rounded and clamped to ``[-qmax, 0]``. Both straight through
+    in the backward pass (``quantize_dequantize_general_learned``)."""
+    from .encoding import SCALE_CEIL
+
+    scale = torch.exp(torch.clamp(torch.maximum(log_scale, log_floor), max=math.log(SCALE_CEIL)))
+    return scale, (torch.round(offset).clamp(-float(qmax), 0.0) if learn_offset else offset)
+
+
+@torch.library.custom_op("qat::quantize_dequantize_general_learned", mutates_args=())
+def quantize_dequantize_general_learned(x: torch.Tensor, log_scale: torch.Tensor, log_floor: torch.Tensor,
+                                        offset: torch.Tensor, fmt: str, qmax: int, grad_factor: float,
+                                        learn_offset: bool) -> torch.Tensor:
+    """The op with range learning's encoding computed inside it (``learned_encoding``), so a learned
+    quantizer is one op under compile too and its ``exp`` is the eager one."""
+    scale, offset = learned_encoding(log_scale, log_floor, offset, qmax, learn_offset)
+    return quantize_dequantize(x, scale, offset, format_of(fmt, qmax))
+
+
+@quantize_dequantize_general_learned.register_fake
+def _(x, log_scale, log_floor, offset, fmt, qmax, grad_factor, learn_offset):
+    return torch.empty_like(x)
+
+
+def _setup_learned(ctx, inputs, output):
+    x, log_scale, log_floor, offset, fmt, qmax, grad_factor, learn_offset = inputs
+    ctx.save_for_backward(x, log_scale, log_floor, offset)
+    ctx.args = (fmt, qmax, grad_factor, learn_offset)
+
+
+def _backward_learned(ctx, grad):
+    """d/d log_scale = s * dL/ds; the floor, ceiling and offset rounding pass gradients straight through."""
+    x, log_scale, log_floor, offset = ctx.saved_tensors
+    fmt, qmax, grad_factor, learn_offset = ctx.args
+    scale, used_offset = learned_encoding(log_scale, log_floor, offset, qmax, learn_offset)
+    gx, gs, go = quantize_dequantize_backward(grad, x, scale, used_offset, format_of(fmt, qmax), grad_factor)
+    return gx, gs * scale, None, (go if ctx.needs_input_grad[3] else None), None, None, None, None
+
+
+quantize_dequantize_general_learned.register_autograd(_backward_learned, setup_context=_setup_learned)
 
 
 def fake_quantize_general(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, fmt: Format,

@@ -205,3 +205,25 @@ def test_fp8_per_channel_weight_follows_its_largest_magnitude():
     torch.testing.assert_close(q(w).abs().amax(1), w.abs().amax(1), rtol=1e-6, atol=0)  # s * 448: one rounding
     granularity = PerChannel(0)
     assert granularity.scale_shape((4, 32)) == (4,)
+
+
+@pytest.mark.parametrize("learn_offset", [False, True])
+def test_learned_op_is_the_chain_rule_through_exp(learn_offset):
+    """``quantize_dequantize_general_learned`` = the op on ``exp(log_scale)``: same forward, and
+    ``d/dlog_scale = s * dL/ds``; the offset's gradient passes its rounding straight through."""
+    x = torch.randn(4, 64) * 2
+    log_s = (torch.randn(4, 2) * 0.1 - 1.5).requires_grad_(True)
+    off = torch.full((4, 2), -3.0 if learn_offset else -8.0).requires_grad_(learn_offset)
+    fmt = IntFormat(4, not learn_offset)
+    out = torch.ops.qat.quantize_dequantize_general_learned(x, log_s, torch.full((4, 2), -20.0), off, "int", 15, 0.5,
+                                                             learn_offset)
+    log_s2 = log_s.detach().clone().requires_grad_(True)
+    off2 = off.detach().clone().requires_grad_(learn_offset)
+    ref = fake_quantize_general(x, log_s2.exp(), off2, fmt, 0.5)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(x)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(log_s.grad, log_s2.grad)
+    if learn_offset:
+        torch.testing.assert_close(off.grad, off2.grad)
