@@ -128,12 +128,12 @@ class QuantizeDequantize(nn.Module):
         self.enabled = True
         self.observer = None
         n = self.scale_shape
-        sym_offset = torch.full(n, -float(1 << (fmt.bitwidth - 1))) if isinstance(fmt, IntFormat) and symmetric \
+        sym_offset = torch.full(n, -float(1 << (fmt.bitwidth - 1))) if isinstance(fmt, IntFormat) and fmt.symmetric \
             else torch.zeros(n)
         if learnable:
             self.log_scale = nn.Parameter(torch.zeros(n))
             self.register_buffer("log_floor", torch.full(n, -math.inf))
-            if symmetric:
+            if self.symmetric:
                 self.register_buffer("offset", sym_offset)
             else:
                 self.offset = nn.Parameter(torch.zeros(n))

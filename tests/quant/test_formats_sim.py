@@ -130,6 +130,20 @@ def test_range_learning_trains_per_block_weight_scales_by_lsq(model):
     assert (moved > 0).float().mean() > 0.9  # nearly every block's scale trained
 
 
+def test_fp8_range_learning_trains_activation_and_weight_scales_only(model):
+    sim = sim_of(model, **PRESETS["fp8"], range_learning=True, learn_weight_encodings=True)
+    act = sim.activation_quantizers()["transformer.h.0.mlp.c_fc"]
+    assert act.format.name == "float8_e4m3fn" and act.learnable and not isinstance(act.offset, torch.nn.Parameter)
+    names = {n.rsplit(".", 1)[-1] for n, _ in sim.model.named_parameters() if "quantizers" in n}
+    assert names == {"log_scale"}  # float grids have no offset to learn
+    opt = torch.optim.Adam(sim.quantizer_parameters(), lr=1e-2)
+    before = act.log_scale.detach().clone()
+    out = logits_of(feed(sim.model, tokens(11)))
+    out.square().mean().backward()
+    opt.step()
+    assert not torch.equal(before, act.log_scale.detach())
+
+
 @pytest.mark.parametrize("scheme", ["sqnr", "percentile"])
 def test_weight_observers_work_per_block(model, scheme):
     sim = sim_of(model, param_bw=4, param_block_size=32, param_quant_scheme=scheme, percentile=90.0)
