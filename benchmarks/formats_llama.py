@@ -85,7 +85,7 @@ def main() -> None:
     with torch.no_grad():
         ref = torch.cat([model(input_ids=b).logits.reshape(-1) for b in held_out]).double()
 
-    def run(m):
+    def run(m, _):
         for b in calib:
             m(input_ids=b)
 

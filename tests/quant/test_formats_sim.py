@@ -334,3 +334,25 @@ def test_compiled_sim_of_each_preset_is_one_graph(preset):
         eager, comp = sim.model(batches[1]), compiled(batches[1])
     assert sqnr_db(eager, comp) > 40, sqnr_db(eager, comp)
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_a_trial_runs_blocked_weights_and_per_token_activations_end_to_end(tmp_path, baseline_cache):
+    """``quant.param_block_size``/``quant.output_granularity`` reach the simulation of a real trial
+    (digits CNN: conv weights in blocks of 8 input channels, kernels sharing their block's scale),
+    which trains, evaluates and exports PER_BLOCK encodings."""
+    from helpers_trial import trial_config
+
+    from orchestrator.train.launcher import run_trial
+
+    cfg = trial_config(tmp_path, baseline_cache, **{"trainer.num_workers": 0, "qat.epochs": 1, "quant.param_bw": 4,
+                                                     "quant.param_block_size": 8,
+                                                     "quant.output_granularity": "per_token"})
+    result = run_trial(cfg)
+    assert result.metrics["status"] == "finished" and result.metrics["test_acc"] >= result.metrics["fp32_acc"] - 5
+    doc = json.load(open(tmp_path / "trial" / "export" / "model.encodings"))
+    blocked = {e["name"]: e for e in doc["param_encodings"] if e["enc_type"] == "PER_BLOCK"}
+    conv2 = blocked["conv2.weight"]
+    assert (conv2["block_size"], conv2["axis"], conv2["block_axis"]) == (8, 0, 1)
+    assert blocked["conv1.weight"]["block_size"] == 1  # one input channel: one block per row
+    assert doc["dynamic_activation_encodings"]
