@@ -9,7 +9,8 @@ Float encodings (FP8/FP4 under a scale, fp16/bf16 casts) are ``dtype: FLOAT`` wi
 spec has them, plus our ``format`` (``float8_e4m3fn``...) and their ``scale`` (offset 0): the
 spec's 1.0.0 FLOAT entry has no scale. Dynamic per-token activations have no stored values: they
 are listed under our top-level ``dynamic_activation_encodings`` as ``{name, dtype, bw, is_sym,
-granularity: PER_TOKEN}``. Readers of AIMET's layout ignore the fields and the key they do not know. 0.6.1: they are dicts ``{tensor_name: [per-channel
+granularity: PER_TOKEN}``. Readers of AIMET's layout ignore the fields and the key they do not know.
+0.6.1: they are dicts ``{tensor_name: [per-channel
 {bitwidth, dtype, is_symmetric, min, max, offset, scale}, ...]}``. Both carry
 ``quantizer_args`` and ``excluded_layers``. Offsets follow ``x = s * (q + o)``.
 """

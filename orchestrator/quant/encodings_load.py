@@ -74,7 +74,8 @@ def load_into(sim: QuantizationSimModel, path: str, partial: bool) -> None:
         q = targets[name]
         if enc.dynamic or q.dynamic:
             if not (enc.dynamic and q.dynamic and enc.bitwidth == q.bitwidth and enc.dtype == q.format.name):
-                raise fail(f"{name}: file has a {'dynamic' if enc.dynamic else 'static'} {enc.dtype} {enc.bitwidth}-bit "
+                raise fail(f"{name}: file has a {'dynamic' if enc.dynamic else 'static'} {enc.dtype} "
+                           f"{enc.bitwidth}-bit "
                            f"encoding; the model's quantizer is {'dynamic' if q.dynamic else 'static'} "
                            f"{q.format.name} {q.bitwidth}-bit")
             continue

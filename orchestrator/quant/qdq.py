@@ -80,7 +80,8 @@ class _Builder:
         if enc.dynamic:
             return self.dynamic_per_token(source, target, enc, tag)
         if enc.dtype in CASTS:
-            self.new_nodes.append(helper.make_node("Cast", [source], [f"{tag}_h"], to=CASTS[enc.dtype], name=f"{tag}_C"))
+            self.new_nodes.append(helper.make_node("Cast", [source], [f"{tag}_h"], to=CASTS[enc.dtype],
+                                                   name=f"{tag}_C"))
             self.new_nodes.append(helper.make_node("Cast", [f"{tag}_h"], [target], to=TensorProto.FLOAT,
                                                    name=f"{tag}_F"))
             return

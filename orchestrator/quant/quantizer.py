@@ -282,13 +282,13 @@ class QuantizeDequantize(nn.Module):
         else:
             scale, offset = self.scale.clamp(SCALE_FLOOR, SCALE_CEIL), self.offset.round().clamp(-self.qmax, 0)
         g = self.granularity
-        blocked = isinstance(g, PerBlock)
+        block_axis = block_size = None
+        if isinstance(g, PerBlock):  # the block size used (a block wider than the dim is the whole dim)
+            block_axis = g.block_axis
+            block_size = x.shape[block_axis] // self.scale_shape[block_axis] if x is not None else g.block_size
         return Encoding(self.bitwidth, self.symmetric, scale.detach().float().cpu().clone(),
                         offset.detach().float().cpu().clone(), self.axis, dtype=self.format.name,
-                        block_axis=g.block_axis if blocked else None,
-                        block_size=(x.shape[g.block_axis] // self.scale_shape[g.block_axis]) if blocked and x is not None
-                        else (g.block_size if blocked else None),
-                        dynamic=self.dynamic)
+                        block_axis=block_axis, block_size=block_size, dynamic=self.dynamic)
 
     @torch.no_grad()
     def floor_hit(self) -> torch.Tensor:

@@ -65,7 +65,8 @@ def sim_of(model, **cfg) -> QuantizationSimModel:
     (dict(output_granularity="per_row"), "output_granularity='per_row' is not allowed; allowed: per_tensor, per_token"),
     (dict(param_format="float8_e4m3fn", param_quant_scheme="sqnr"),
      "param_quant_scheme='sqnr' is not available for format 'float8_e4m3fn'; allowed: min_max, percentile"),
-    (dict(overrides={"*.mlp.*": {"block_size": "32"}}), r"overrides\['\*.mlp.\*'\].block_size='32' is not a block size"),
+    (dict(overrides={"*.mlp.*": {"block_size": "32"}}),
+     r"overrides\['\*.mlp.\*'\].block_size='32' is not a block size"),
     (dict(overrides={"*": {"format": "int3"}}), r"overrides\['\*'\].format='int3' is not a known format"),
 ])
 def test_bad_format_settings_name_the_value_and_what_is_allowed(kwargs, message):
