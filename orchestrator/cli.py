@@ -9,6 +9,7 @@ before Ray or MLflow start and before anything is written.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -137,12 +138,24 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
         fail(one_line(exc))
 
 
+OPEN_ARGS = re.compile(r"(model|data|task)\.args\.[^=]+=")
+
+
+def open_args(argv: list[str]) -> list[str]:
+    """``data.args.root=/data`` -> ``++data.args.root=/data``: the keys under ``model.args``,
+    ``data.args`` and ``task.args`` are a builder's own arguments (open mappings), so setting one
+    adds it or overrides it, without Hydra's ``+`` for keys the group file did not list."""
+    return [f"++{a}" if OPEN_ARGS.match(a) else a for a in argv]
+
+
 def train_main() -> None:
+    sys.argv[1:] = open_args(sys.argv[1:])
     check_overrides("train", sys.argv[1:])
     _train_app()
 
 
 def sweep_main() -> None:
+    sys.argv[1:] = open_args(sys.argv[1:])
     check_overrides("sweep", sys.argv[1:])
     _sweep_app()
 

@@ -31,10 +31,11 @@ def test_a_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_path)
 
 @pytest.mark.slow
 def test_a_second_driver_is_refused_and_a_changed_resume_is_refused(tmp_path, baseline_cache):
-    args = [f"paths.root={tmp_path}", "sweep=smoke", "sweep.name=dup"]
+    args = [f"paths.root={tmp_path}", "sweep=smoke", "sweep.name=dup", "model=digits_cnn", "data=digits",
+            "model.pretrain_epochs=15"]
     log = tmp_path / "first.log"
     first = start_cli("qat-sweep", args, tmp_path, baseline_cache, log)
-    wait_for(log, "started ", proc=first)
+    wait_for(log, "started ", timeout=900, proc=first)
     second = run_cli("qat-sweep", args, tmp_path, baseline_cache, check=False)
     assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
     (line,) = second.stderr.strip().splitlines()
