@@ -8,7 +8,7 @@ import socket
 import subprocess
 
 import pytest
-from helpers_cli import run_cli, start_cli, wait_for
+from helpers_cli import run_cli, running, wait_for
 from helpers_sweep import sqlite, sweep_runs
 
 from orchestrator.sweep.lock import SweepLock, SweepLocked, lock_path
@@ -34,13 +34,13 @@ def test_a_second_driver_is_refused_and_a_changed_resume_is_refused(tmp_path, ba
     args = [f"paths.root={tmp_path}", "sweep=smoke", "sweep.name=dup", "model=digits_cnn", "data=digits",
             "model.pretrain_epochs=15"]
     log = tmp_path / "first.log"
-    first = start_cli("qat-sweep", args, tmp_path, baseline_cache, log)
-    wait_for(log, "started ", timeout=900, proc=first)
-    second = run_cli("qat-sweep", args, tmp_path, baseline_cache, check=False)
-    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-    (line,) = second.stderr.strip().splitlines()
-    assert line.startswith(f"error: sweep.name='dup' is running already: pid {first.pid} on host "), line
-    assert first.wait(timeout=600) == 0, log.read_text()[-3000:]  # the first is unharmed
+    with running("qat-sweep", args, tmp_path, baseline_cache, log) as first:
+        wait_for(log, "started ", timeout=900, proc=first)
+        second = run_cli("qat-sweep", args, tmp_path, baseline_cache, check=False)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        (line,) = second.stderr.strip().splitlines()
+        assert line.startswith(f"error: sweep.name='dup' is running already: pid {first.pid} on host "), line
+        assert first.wait(timeout=900) == 0, log.read_text()[-3000:]  # the first is unharmed
     _, parent, kids = sweep_runs(sqlite(tmp_path), "dup")
     assert parent.info.status == "FINISHED" and len(kids) == 2
     assert {k.info.status for k in kids} == {"FINISHED"}
