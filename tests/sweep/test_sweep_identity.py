@@ -19,9 +19,10 @@ def test_a_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_path)
     with pytest.raises(SweepLocked, match=r"sweep.name='s' is running already: pid \d+ on host .+, started "):
         SweepLock(tmp_path, "s").acquire()
     first.release()
-    assert not lock_path(tmp_path, "s").exists()
+    assert not lock_path(tmp_path, "s").exists() and not (tmp_path / "sweeps").exists()  # nothing left behind
     dead = subprocess.Popen(["true"])
     dead.wait()
+    lock_path(tmp_path, "s").parent.mkdir()
     lock_path(tmp_path, "s").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
                                                     "started": "2026-12-05T00:00:00Z"}))
     taken = SweepLock(tmp_path, "s").acquire()  # the file stayed; its holder is gone with its lock
