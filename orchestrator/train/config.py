@@ -164,6 +164,8 @@ class QatSpec:
     ``encoding_lr``: learning rate of the trained encodings (range learning), in their own
     optimizer group without weight decay, stepped down with ``lr``. Scales are learned as
     ``log(scale)``, so Adam moves a scale by about ``encoding_lr`` *relative* per step (0.01: 1%).
+    ``restart``: start this run over even though its outputs hold another config or an earlier
+    result; the old outputs are moved aside (``train/identity.py``), nothing is deleted.
     """
 
     range_learning: bool = False
@@ -183,6 +185,7 @@ class QatSpec:
     eval_batch_size: int = 512
     grad_clip_norm: Optional[float] = None
     seed: int = 0
+    restart: bool = False
     distill: DistillSpec = field(default_factory=DistillSpec)
 
     def validate(self) -> None:
@@ -207,6 +210,7 @@ class QatSpec:
         _require(self.grad_clip_norm is None or (_is_finite(self.grad_clip_norm) and self.grad_clip_norm > 0),
                  "qat.grad_clip_norm", self.grad_clip_norm, "null or a number > 0")
         _require(_is_int(self.seed), "qat.seed", self.seed, "an integer")
+        _require(isinstance(self.restart, bool), "qat.restart", self.restart, "true or false")
 
 
 @dataclass
@@ -229,7 +233,7 @@ class TrainerSpec:
     (compilation) is left out of ``samples_per_s`` and reported as ``compile_warmup_s``.
     """
 
-    num_workers: int = 2
+    num_workers: int = 1
     compile: bool = False
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -301,9 +305,11 @@ class TrialSections:
 
 @dataclass
 class TrialConfig(TrialSections):
-    """Everything one trial needs. ``output_dir``: where exports and local checkpoints go."""
+    """Everything one trial needs. ``output_dir``: where exports and local checkpoints go.
+    ``fingerprint``: the run's identity (``train/identity.py``), set when the trial is prepared."""
 
     output_dir: str = "outputs/trial"
+    fingerprint: Optional[str] = None
 
     def validate(self) -> TrialConfig:
         for name in SECTIONS:
