@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ..train.config import TrialConfig
-from .mlflow_runs import KIND_TAG, MAX_PARAM_LENGTH
+from ..train.labels import bits_label, mode_label
+from .mlflow_runs import FAILURE_REASON_TAG, KIND_TAG, MAX_PARAM_LENGTH, OUTCOME_TAG  # noqa: F401 (re-exported)
 
 EPOCH_METRICS = ("train_loss", "train_distill_loss", "lr", "epoch_time_s", "samples_per_s")
 FIRST_EPOCH_METRICS = ("startup_s", "worker_start_s", "compile_warmup_s")
-OUTCOME_TAG = "qat.outcome"  # finished | stopped_by_scheduler | diverged | failed | interrupted
-FAILURE_REASON_TAG = "qat.failure_reason"  # why a run ended FAILED or KILLED, one line
 
 _ALWAYS = ("model.name", "data.name", "task.name", "quant.param_bw", "quant.output_bw", "quant.quant_scheme",
            "quant.per_channel", "quant.fold_batchnorm", "qat.range_learning", "qat.optimizer", "qat.lr", "qat.epochs", "qat.batch_size",
@@ -77,10 +76,9 @@ def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[
 
 def trial_tags(cfg: TrialConfig, launcher: str) -> dict[str, str]:
     """Labels and paths of the run. ``launcher``: ``in-process``, ``tune-actor`` or ``ray-train``."""
-    tags = {KIND_TAG: "trial", "qat.mode": "range_learning" if cfg.qat.range_learning else "static",
-            "qat.bits": f"w{cfg.quant.param_bw}a{cfg.quant.output_bw}", "qat.param_bw": str(cfg.quant.param_bw),
-            "qat.output_bw": str(cfg.quant.output_bw), "qat.model": cfg.model.name, "qat.data": cfg.data.name,
-            "qat.task": cfg.task.name,
+    tags = {KIND_TAG: "trial", "qat.mode": mode_label(cfg), "qat.bits": bits_label(cfg),
+            "qat.param_bw": str(cfg.quant.param_bw), "qat.output_bw": str(cfg.quant.output_bw),
+            "qat.model": cfg.model.name, "qat.data": cfg.data.name, "qat.task": cfg.task.name,
             "qat.launcher": launcher, "qat.output_dir": cfg.output_dir}
     if cfg.model.checkpoint:
         tags["qat.checkpoint"] = str(cfg.model.checkpoint)
