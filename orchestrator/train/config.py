@@ -110,7 +110,9 @@ class TaskSpec:
 
 @dataclass
 class QuantSpec:
-    """Bit widths and calibration: the fields of ``QuantConfig`` that describe the target."""
+    """Bit widths, formats, granularities and calibration: the fields of ``QuantConfig`` that describe
+    the target (``param_format``/``output_format``, ``param_block_size``, ``output_granularity``,
+    ``quantize_activations``: see ``QuantConfig``)."""
 
     param_bw: int = 8
     output_bw: int = 8
@@ -119,6 +121,11 @@ class QuantSpec:
     per_channel: bool = True
     fold_batchnorm: bool = True
     leaf_modules: list[str] = field(default_factory=list)
+    param_format: str = "int"
+    output_format: str = "int"
+    param_block_size: int = 0
+    output_granularity: str = "per_tensor"
+    quantize_activations: bool = True
 
     def validate(self) -> None:
         pass  # checked through QuantConfig in TrialConfig.validate
@@ -325,6 +332,8 @@ class TrialConfig(TrialSections):
             return QuantConfig(
                 param_bw=q.param_bw, output_bw=q.output_bw, quant_scheme=q.quant_scheme, percentile=q.percentile,
                 per_channel=q.per_channel, fold_batchnorm=q.fold_batchnorm, leaf_modules=tuple(q.leaf_modules),
+                param_format=q.param_format, output_format=q.output_format, param_block_size=q.param_block_size,
+                output_granularity=q.output_granularity, quantize_activations=q.quantize_activations,
                 range_learning=t.range_learning, learn_weight_encodings=t.learn_weight_encodings,
                 lsq_grad_scaling=t.lsq_grad_scaling,
             )
