@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..quant import QuantConfig, QuantConfigError
+from ..quant.ptq import STEPS
 from ..tasks.registry import TASKS
 from ..zoo.registry import DATASETS, MODELS, RegistryError, check_name
 
@@ -148,6 +149,46 @@ class DistillSpec:
 
 
 @dataclass
+class PtqSpec:
+    """Settings of the PTQ steps of ``qat.init`` (``orchestrator/quant/ptq``). ``num_batches``:
+    how many of the ``qat.calibration_batches`` AdaRound and SeqMSE learn from (null: all).
+    AdaRound: ``adaround_iterations`` Adam steps per layer at ``adaround_lr`` on
+    ``adaround_batch_size`` samples each, rounding regulariser weight ``adaround_reg``. SeqMSE:
+    ``seqmse_candidates`` clipping ratios searched per output channel."""
+
+    num_batches: Optional[int] = None
+    adaround_iterations: int = 1000
+    adaround_lr: float = 1e-2
+    adaround_reg: float = 0.01
+    adaround_batch_size: int = 64
+    seqmse_candidates: int = 20
+
+    def validate(self) -> None:
+        _require(self.num_batches is None or (_is_int(self.num_batches) and self.num_batches >= 1), "qat.ptq.num_batches",
+                 self.num_batches, "null or an integer >= 1")
+        for key in ("adaround_iterations", "adaround_batch_size", "seqmse_candidates"):
+            value = getattr(self, key)
+            _require(_is_int(value) and value >= 1, f"qat.ptq.{key}", value, "an integer >= 1")
+        _require(_is_finite(self.adaround_lr) and 0 < self.adaround_lr <= MAX_LR, "qat.ptq.adaround_lr",
+                 self.adaround_lr, f"a finite number in (0, {MAX_LR:g}]")
+        _require(_is_finite(self.adaround_reg) and self.adaround_reg >= 0, "qat.ptq.adaround_reg", self.adaround_reg,
+                 "a finite number >= 0")
+
+
+def check_init(steps: Any) -> None:
+    """``qat.init``: a list of distinct PTQ step names, the steps that go before activation
+    calibration (``cle``) first."""
+    allowed = f"a list of distinct names from {', '.join(STEPS)}, e.g. [cle,adaround]"
+    _require(isinstance(steps, (list, tuple)) and all(isinstance(s, str) for s in steps), "qat.init", steps, allowed)
+    for name in steps:
+        _require(name in STEPS, "qat.init", list(steps), allowed + f" ({name!r} is not one)")
+    _require(len(set(steps)) == len(steps), "qat.init", list(steps), allowed)
+    before = [STEPS[s].before_calibration for s in steps]
+    _require(before == sorted(before, reverse=True), "qat.init", list(steps),
+             "the steps that change weights before calibration (cle) ahead of adaround/seqmse")
+
+
+@dataclass
 class QatSpec:
     """The QAT fine-tuning: mode, optimizer, learning-rate schedule, batch sizes, distillation.
 
@@ -157,6 +198,9 @@ class QatSpec:
     ``encoding_lr``: learning rate of the trained encodings (range learning), in their own
     optimizer group without weight decay, stepped down with ``lr``. Scales are learned as
     ``log(scale)``, so Adam moves a scale by about ``encoding_lr`` *relative* per step (0.01: 1%).
+    ``init``: PTQ steps run in order on the calibration data before fine-tuning (``cle``,
+    ``adaround``, ``seqmse``; settings under ``ptq``); the trial logs ``ptq_after_<step>_<metric>``
+    and ``ptq_<step>_s`` for each, ``ptq_plain_<metric>`` for calibration alone.
     """
 
     range_learning: bool = False
@@ -177,8 +221,12 @@ class QatSpec:
     grad_clip_norm: Optional[float] = None
     seed: int = 0
     distill: DistillSpec = field(default_factory=DistillSpec)
+    init: list[str] = field(default_factory=list)
+    ptq: PtqSpec = field(default_factory=PtqSpec)
 
     def validate(self) -> None:
+        check_init(self.init)
+        self.ptq.validate()
         _require(self.optimizer in OPTIMIZERS, "qat.optimizer", self.optimizer, ", ".join(OPTIMIZERS))
         _require(_is_finite(self.lr) and 0 < self.lr <= MAX_LR, "qat.lr", self.lr, f"a finite number in (0, {MAX_LR:g}]")
         _require(_is_finite(self.encoding_lr) and 0 < self.encoding_lr <= MAX_LR, "qat.encoding_lr",

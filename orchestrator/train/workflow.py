@@ -42,6 +42,7 @@ from .data import calibration_batches, eval_loader, is_iterable, set_epoch, trai
 from .distributed import all_gather, all_reduce_sum, broadcast_quantizer_state, digest, distributed, quantizer_state
 from .divergence import EXPLODED_LOSS_FACTOR, exploded_loss, stayed_at_chance
 from .loops import Distillation, evaluate, train_epoch
+from .ptq_steps import calibrate_with_init
 from .session import LocalSession, RaySession, Session
 
 if TYPE_CHECKING:
@@ -202,16 +203,17 @@ class Trial:
         """Steps 1-2 on a fresh trial: FP32 metrics, calibration, broadcast, PTQ metrics."""
         fp32 = self.evaluate(model, "test")
         task = self.task
-        sim.compute_encodings(lambda m, batches: [task.forward(m, b) for b in batches], calibration)
+        init = calibrate_with_init(self.cfg.qat, sim, task, calibration, lambda: self.evaluate(sim.model, "test"),
+                                   self.log)  # qat.init's PTQ steps, each measured (ptq_steps.py)
         local_digests = all_gather(digest(quantizer_state(sim.model)))
         broadcast_quantizer_state(sim.model)
         extra = {"calibration_digests": ",".join(all_gather(digest(quantizer_state(sim.model)))),
-                 "local_calibration_digests": ",".join(local_digests)}
+                 "local_calibration_digests": ",".join(local_digests), **init}
         ptq = self.evaluate(sim.model, "test")
         if self.tracker is not None:
             sizes = {f"{split}_samples": len(getattr(data, split)) for split in ("val", "test")
                      if not is_iterable(getattr(data, split))}
-            self.tracker.log_metrics({**prefixed("fp32", fp32), **prefixed("ptq", ptq), **sizes}, step=0)
+            self.tracker.log_metrics({**prefixed("fp32", fp32), **prefixed("ptq", ptq), **sizes, **init}, step=0)
         self.log(f"FP32 {task.describe(fp32)}  PTQ {task.describe(ptq)}  ({len(sim.activation_quantizers())} "
                  f"activation quantizers, {len(sim.param_quantizers())} weight quantizers, {self.world} worker(s))")
         return fp32, ptq, extra

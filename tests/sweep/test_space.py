@@ -79,3 +79,11 @@ def test_bad_sweeps_are_one_line_errors(override, message):
 def test_glob_sweeps_list_a_config_groups_options():
     (dim,) = space_of("quant=glob(w4*)").dims
     assert sorted(dim.values) == ["w4a4", "w4a8"]
+
+
+def test_lists_of_ptq_steps_sweep_as_values():
+    space = space_of("qat.init=[],[cle],[cle,adaround]")
+    (dim,) = space.dims
+    assert dim.key == "qat.init" and dim.values == ([], ["cle"], ["cle", "adaround"])
+    assert space.overrides({"qat.init": ["cle", "adaround"]}) == ["qat.init=[cle,adaround]"]
+    assert space.grid_size("grid") == 3
