@@ -110,8 +110,35 @@ class TaskSpec:
 
 
 @dataclass
+class MixedSpec:
+    """Mixed precision from per-quantizer sensitivity (``orchestrator/quant/ptq/sensitivity.py``):
+    after a first calibration, the output SQNR with each quantizer alone on ranks them; then the
+    ``keep_top_k`` most sensitive quantizers (weights or activations), or the most sensitive
+    weights for as long as the average weight bit width stays within ``budget``, are kept at
+    ``high`` bits, and the simulation is built again with those overrides. Off when both are null."""
+
+    keep_top_k: Optional[int] = None
+    budget: Optional[float] = None
+    high: int = 8
+
+    @property
+    def enabled(self) -> bool:
+        return self.keep_top_k is not None or self.budget is not None
+
+    def validate(self) -> None:
+        _require(self.keep_top_k is None or self.budget is None, "quant.mixed.budget", self.budget,
+                 "null when quant.mixed.keep_top_k is set (one of the two)")
+        _require(self.keep_top_k is None or (_is_int(self.keep_top_k) and self.keep_top_k >= 1),
+                 "quant.mixed.keep_top_k", self.keep_top_k, "null or an integer >= 1")
+        _require(self.budget is None or (_is_finite(self.budget) and self.budget >= 2), "quant.mixed.budget",
+                 self.budget, "null or an average weight bit width >= 2")
+        _require(_is_int(self.high) and 2 <= self.high <= 16, "quant.mixed.high", self.high, "an integer from 2 to 16")
+
+
+@dataclass
 class QuantSpec:
-    """Bit widths and calibration: the fields of ``QuantConfig`` that describe the target."""
+    """Bit widths and calibration: the fields of ``QuantConfig`` that describe the target;
+    ``mixed``: mixed precision chosen from sensitivity."""
 
     param_bw: int = 8
     output_bw: int = 8
@@ -120,9 +147,10 @@ class QuantSpec:
     per_channel: bool = True
     fold_batchnorm: bool = True
     leaf_modules: list[str] = field(default_factory=list)
+    mixed: MixedSpec = field(default_factory=MixedSpec)
 
     def validate(self) -> None:
-        pass  # checked through QuantConfig in TrialConfig.validate
+        self.mixed.validate()  # the rest is checked through QuantConfig in TrialConfig.validate
 
 
 @dataclass
@@ -201,6 +229,9 @@ class QatSpec:
     ``init``: PTQ steps run in order on the calibration data before fine-tuning (``cle``,
     ``adaround``, ``seqmse``; settings under ``ptq``); the trial logs ``ptq_after_<step>_<metric>``
     and ``ptq_<step>_s`` for each, ``ptq_plain_<metric>`` for calibration alone.
+    ``bn_reestimate_batches``: with ``quant.fold_batchnorm=false``, after fine-tuning re-estimate
+    the BatchNorm statistics on this many training batches with the quantized model, then fold
+    them into the weights (and weight encodings) before the test and the export (0: off).
     """
 
     range_learning: bool = False
@@ -223,10 +254,13 @@ class QatSpec:
     distill: DistillSpec = field(default_factory=DistillSpec)
     init: list[str] = field(default_factory=list)
     ptq: PtqSpec = field(default_factory=PtqSpec)
+    bn_reestimate_batches: int = 0
 
     def validate(self) -> None:
         check_init(self.init)
         self.ptq.validate()
+        _require(_is_int(self.bn_reestimate_batches) and self.bn_reestimate_batches >= 0, "qat.bn_reestimate_batches",
+                 self.bn_reestimate_batches, "an integer >= 0 (0: off)")
         _require(self.optimizer in OPTIMIZERS, "qat.optimizer", self.optimizer, ", ".join(OPTIMIZERS))
         _require(_is_finite(self.lr) and 0 < self.lr <= MAX_LR, "qat.lr", self.lr, f"a finite number in (0, {MAX_LR:g}]")
         _require(_is_finite(self.encoding_lr) and 0 < self.encoding_lr <= MAX_LR, "qat.encoding_lr",
@@ -356,19 +390,22 @@ class TrialConfig(TrialSections):
         except RegistryError as exc:
             raise TrialConfigError(str(exc)) from None
         self.quant_config()
+        _require(self.qat.bn_reestimate_batches == 0 or not self.quant.fold_batchnorm, "qat.bn_reestimate_batches",
+                 self.qat.bn_reestimate_batches, "0 when quant.fold_batchnorm=true (BatchNorms are folded before QAT)")
         _require(isinstance(self.export_prefix, str) and self.export_prefix.isidentifier(), "export_prefix",
                  self.export_prefix, "a plain file name such as 'model'")
         return self
 
-    def quant_config(self) -> QuantConfig:
-        """The ``QuantConfig`` of this trial; errors name the ``quant.``/``qat.`` key."""
+    def quant_config(self, overrides: dict[str, dict[str, Any]] | None = None) -> QuantConfig:
+        """The ``QuantConfig`` of this trial (with per-quantizer ``overrides``, e.g. mixed
+        precision's); errors name the ``quant.``/``qat.`` key."""
         q, t = self.quant, self.qat
         try:
             return QuantConfig(
                 param_bw=q.param_bw, output_bw=q.output_bw, quant_scheme=q.quant_scheme, percentile=q.percentile,
                 per_channel=q.per_channel, fold_batchnorm=q.fold_batchnorm, leaf_modules=tuple(q.leaf_modules),
                 range_learning=t.range_learning, learn_weight_encodings=t.learn_weight_encodings,
-                lsq_grad_scaling=t.lsq_grad_scaling,
+                lsq_grad_scaling=t.lsq_grad_scaling, overrides=dict(overrides or {}),
             )
         except QuantConfigError as exc:
             msg = str(exc)

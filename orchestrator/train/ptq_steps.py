@@ -6,6 +6,10 @@ calibration of every encoding; the others (``adaround``, ``seqmse``) start from 
 encodings and leave the activation encodings alone. After each step the simulation is
 measured (``ptq_after_<step>_<metric>``) and the step's time logged (``ptq_<step>_s``, the
 calibration that follows it included). Every rank runs the same steps on the same batches.
+
+Before all that, ``quant.mixed`` may rebuild the simulation at mixed precision (``build_sim``).
+After fine-tuning, ``qat.bn_reestimate_batches`` re-estimates kept BatchNorms and folds them
+(``bn_reestimate_s``).
 """
 
 from __future__ import annotations
@@ -16,8 +20,34 @@ from typing import Any
 
 from ..quant import QuantizationSimModel
 from ..quant.ptq import STEPS, AdaRoundParams, SeqMseParams
-from ..tasks import Task
-from .config import QatSpec
+from ..quant.ptq.bn_reestimate import fold, reestimate
+from ..quant.ptq.sensitivity import mixed_precision_overrides, sensitivity, weight_bits
+from ..tasks import Task, to_device
+from .config import QatSpec, TrialConfig, TrialConfigError
+from .data import calibration_batches
+
+
+def build_sim(cfg: TrialConfig, model, dummy: Any, task: Task, batches: list,
+              log: Callable[[str], None]) -> tuple[QuantizationSimModel, dict[str, float]]:
+    """The trial's simulation of ``model``. With ``quant.mixed``: a first simulation is calibrated
+    on ``batches`` and each quantizer's sensitivity measured (output SQNR), then the simulation
+    is built again with the most sensitive quantizers at ``quant.mixed.high`` bits. Returns the
+    simulation and ``{"weight_bits": average weight bit width, "mixed_high_quantizers": count}``
+    (empty without ``quant.mixed``). The same on every rank (same batches, same model)."""
+    sim = QuantizationSimModel(model, dummy, cfg.quant_config())
+    mixed = cfg.quant.mixed
+    if not mixed.enabled:
+        return sim, {}
+    sim.compute_encodings(lambda m, bs: [task.forward(m, b) for b in bs], batches)
+    rows = sensitivity(sim, lambda m, b: task.forward(m, b), batches)
+    try:
+        overrides = mixed_precision_overrides(rows, mixed.high, keep_top_k=mixed.keep_top_k, budget=mixed.budget)
+    except ValueError as exc:
+        raise TrialConfigError(f"quant.mixed.{exc}") from None
+    log(f"mixed precision: {len(overrides)} quantizer(s) at {mixed.high} bits ({', '.join(list(overrides)[:5])}"
+        f"{', ...' if len(overrides) > 5 else ''}); average weight bits {weight_bits(rows, overrides):.3f}")
+    sim = QuantizationSimModel(model, dummy, cfg.quant_config(overrides))
+    return sim, {"weight_bits": weight_bits(rows, overrides), "mixed_high_quantizers": float(len(overrides))}
 
 
 def step_kwargs(name: str, qat: QatSpec) -> dict[str, Any]:
@@ -58,3 +88,21 @@ def calibrate_with_init(qat: QatSpec, sim: QuantizationSimModel, task: Task, bat
         metrics.update({f"ptq_after_{name}_{k}": v for k, v in after.items()})
         log(f"PTQ step {name}: {task.describe(after)} ({metrics[f'ptq_{name}_s']:.1f}s)")
     return metrics
+
+
+def reestimate_batchnorms(qat: QatSpec, sim: QuantizationSimModel, task: Task, data, device,
+                          log: Callable[[str], None]) -> dict[str, float]:
+    """``qat.bn_reestimate_batches`` > 0: re-estimate the BatchNorm statistics of ``sim.model`` on
+    that many training batches (the same on every rank), then fold them into their layers.
+    Returns ``{"bn_reestimate_s": seconds}`` (empty when off)."""
+    if qat.bn_reestimate_batches == 0:
+        return {}
+    start = time.perf_counter()
+    batches = [to_device(b, device) for b in calibration_batches(
+        data.train, qat.batch_size, qat.bn_reestimate_batches, qat.seed + 1, data.collate_fn)]
+    names = reestimate(sim, lambda m, b: task.forward(m, b), batches)
+    folded = fold(sim)
+    seconds = time.perf_counter() - start
+    log(f"BatchNorm statistics re-estimated on {len(batches)} training batches ({len(names)} BatchNorms, "
+        f"{len(folded)} folded, {seconds:.1f}s)")
+    return {"bn_reestimate_s": seconds}

@@ -42,7 +42,7 @@ from .data import calibration_batches, eval_loader, is_iterable, set_epoch, trai
 from .distributed import all_gather, all_reduce_sum, broadcast_quantizer_state, digest, distributed, quantizer_state
 from .divergence import EXPLODED_LOSS_FACTOR, exploded_loss, stayed_at_chance
 from .loops import Distillation, evaluate, train_epoch
-from .ptq_steps import calibrate_with_init
+from .ptq_steps import build_sim, calibrate_with_init, reestimate_batchnorms
 from .session import LocalSession, RaySession, Session
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ class Trial:
         self.dummy = head(self.task.inputs(calibration[0]), 2)
         with torch.no_grad():
             self.num_outputs = int(self.task.forward(model, calibration[0]).shape[-1])
-        sim = QuantizationSimModel(model, self.dummy, cfg.quant_config())
+        sim, self.mixed = build_sim(cfg, model, self.dummy, self.task, calibration, self.log)  # quant.mixed: ptq_steps.py
         state = self.session.load_state()
         if state is not None and "final" in state:  # the trial had already ended: report it again
             self.log(f"trial already ended with status {state['final']['status']}")
@@ -197,6 +197,7 @@ class Trial:
         ended = self.fine_tune(sim, data, state, history, distill, extra)
         if ended is not None:
             return ended
+        extra.update(reestimate_batchnorms(qat, sim, self.task, data, device, self.log))  # ptq_steps.py
         return self.finish(sim, history, extra)
 
     def calibrate(self, model: nn.Module, sim: QuantizationSimModel, calibration: list, data) -> tuple:
@@ -204,7 +205,7 @@ class Trial:
         fp32 = self.evaluate(model, "test")
         task = self.task
         init = calibrate_with_init(self.cfg.qat, sim, task, calibration, lambda: self.evaluate(sim.model, "test"),
-                                   self.log)  # qat.init's PTQ steps, each measured (ptq_steps.py)
+                                   self.log) | self.mixed  # qat.init's PTQ steps, each measured (ptq_steps.py)
         local_digests = all_gather(digest(quantizer_state(sim.model)))
         broadcast_quantizer_state(sim.model)
         extra = {"calibration_digests": ",".join(all_gather(digest(quantizer_state(sim.model)))),

@@ -164,3 +164,92 @@ def test_seqmse_finds_the_output_optimal_clipping():
     with torch.no_grad():
         out = sim.model(batches[0])
     torch.testing.assert_close(out[:, 0], layer(batches[0])[:, 0], rtol=0, atol=1e-3)  # 16-bit output steps
+
+
+# ---------------------------------------------------------------------------- BN re-estimation
+def conv_bn_model() -> nn.Module:
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+
+
+def shifted(n: int = 4) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randn(32, 3, 8, 8, generator=g) * 2.0 + 3.0 for _ in range(n)]
+
+
+@pytest.mark.parametrize("range_learning", [False, True], ids=["static", "range_learning"])
+def test_bn_reestimation_recovers_shifted_statistics_and_folds(range_learning):
+    from orchestrator.quant.ptq.bn_reestimate import fold, reestimate
+
+    batches = shifted()
+    cfg = QuantConfig(param_bw=16, output_bw=16, fold_batchnorm=False, range_learning=range_learning,
+                      learn_weight_encodings=range_learning)
+    sim = QuantizationSimModel(conv_bn_model(), batches[0][:2], cfg)
+    calibrate(sim, batches)
+    bn = sim.model[1]
+    assert torch.allclose(bn.running_mean, torch.zeros(8))  # fresh statistics: wrong for this data
+    assert reestimate(sim, run, batches) == ["1"]
+    with torch.no_grad(), quantization_off(sim):
+        z = [sim.model[0](b) for b in batches]
+    mean = torch.stack([t.mean(dim=(0, 2, 3)) for t in z]).mean(0)
+    var = torch.stack([t.transpose(0, 1).reshape(8, -1).var(dim=1) for t in z]).mean(0)  # BN's cumulative average
+    torch.testing.assert_close(bn.running_mean, mean, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bn.running_var, var, rtol=1e-3, atol=1e-3)
+    assert float(mean.abs().max()) > 0.5  # the shift was there to recover
+    with torch.no_grad():
+        before = [sim.model(b) for b in batches]
+    scale_before = sim.param_quantizers()["0.weight"].encoding(sim.model[0].weight).scale
+    factor = (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).detach()
+    assert fold(sim) == [("0", "1")]
+    torch.testing.assert_close(bn.running_mean, torch.zeros(8))
+    scale_after = sim.param_quantizers()["0.weight"].encoding(sim.model[0].weight).scale
+    torch.testing.assert_close(scale_after, scale_before * factor.abs(), rtol=1e-4, atol=0)
+    with torch.no_grad():
+        for b, y in zip(batches, before):
+            torch.testing.assert_close(sim.model(b), y, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- sensitivity, mixed precision
+def fragile_mlp() -> nn.Module:
+    """Three linear layers. Hidden unit 5 of the first is always 0 (a dead ReLU), and every row of
+    the middle layer holds a weight 50x its others on that unit: harmless in float, but at 4 bits
+    per channel the rest of each row rounds to a grid 50x too coarse: the planted fragile layer."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    with torch.no_grad():
+        model[0].weight[5] = 0.0
+        model[0].bias[5] = -1.0
+        model[2].weight[:, 5] = 50 * model[2].weight.abs().max()
+    return model
+
+
+def test_sensitivity_ranks_the_planted_fragile_layer_first_and_mixed_precision_meets_its_budget(tmp_path):
+    import json
+
+    from orchestrator.quant.ptq.sensitivity import mixed_precision_overrides, sensitivity, weight_bits
+
+    batches = mlp_data(2)
+    cfg = QuantConfig(param_bw=4, output_bw=16)
+    sim = QuantizationSimModel(fragile_mlp(), batches[0][:2], cfg)
+    calibrate(sim, batches)
+    rows = sensitivity(sim, run, batches)
+    assert rows[0].name == "2.weight" and rows[0].kind == "weight"
+    assert rows[0].all_but == max(r.all_but for r in rows)  # turning it off helps the most, too
+    assert {r.name for r in rows} >= {"0.weight", "2.weight", "4.weight", "input"}
+    assert all(q.enabled for q in sim.param_quantizers().values())  # flags restored
+    numel = {"0.weight": 512, "2.weight": 1024, "4.weight": 256}
+    budget = 4 + 4 * 1024 / 1792  # exactly the fragile layer at 8 bits
+    overrides = mixed_precision_overrides(rows, high=8, budget=budget)
+    assert overrides == {"2.weight": {"bitwidth": 8}} and weight_bits(rows, overrides) == budget
+    assert mixed_precision_overrides(rows, high=8, keep_top_k=1) == {"2.weight": {"bitwidth": 8}}
+    mixed = QuantizationSimModel(fragile_mlp(), batches[0][:2], QuantConfig(param_bw=4, output_bw=16,
+                                                                             overrides=overrides))
+    calibrate(mixed, batches)
+    bits = {n: q.bitwidth for n, q in mixed.param_quantizers().items()}
+    assert sum(numel[n] * b for n, b in bits.items()) / sum(numel.values()) == budget
+    paths = mixed.export(str(tmp_path), "mixed")
+    doc = json.loads(open(paths["encodings"]).read())
+    recorded = {e["name"]: e["bw"] for e in doc["param_encodings"]}
+    assert recorded == {"0.weight": 4, "2.weight": 8, "4.weight": 4}
+    with pytest.raises(ValueError, match=r"budget=3.5 is below the weights. average bit width without raises \(4\)"):
+        mixed_precision_overrides(rows, high=8, budget=4.0 - 0.5)

@@ -37,6 +37,30 @@ def test_a_trial_without_init_steps_logs_no_ptq_step_metrics(tmp_path, baseline_
     assert not [k for k in result.metrics if k.startswith(("ptq_plain", "ptq_after"))]
 
 
+def test_batchnorms_kept_through_qat_are_reestimated_and_folded_before_export(tmp_path, baseline_cache):
+    cfg = trial_config(tmp_path, baseline_cache, **{"trainer.num_workers": 0, "qat.epochs": 1,
+                                                     "quant.fold_batchnorm": False, "qat.bn_reestimate_batches": 2})
+    result = run_trial(cfg)
+    m = result.metrics
+    assert m["status"] == "finished" and m["bn_reestimate_s"] > 0
+    assert m["test_acc"] >= m["fp32_acc"] - 3
+    assert (tmp_path / "trial" / "export" / "model.onnx").is_file()
+
+
+def test_mixed_precision_keeps_the_most_sensitive_quantizers_at_high_bits(tmp_path, baseline_cache):
+    import json
+
+    cfg = trial_config(tmp_path, baseline_cache, **{"trainer.num_workers": 0, "qat.epochs": 0, "quant.param_bw": 4,
+                                                     "quant.output_bw": 4, "quant.mixed.keep_top_k": 2,
+                                                     "qat.calibration_batches": 2})
+    result = run_trial(cfg)
+    m = result.metrics
+    assert m["status"] == "finished" and m["mixed_high_quantizers"] == 2 and 4 <= m["weight_bits"] <= 8
+    doc = json.loads(open(m["export_encodings"]).read())
+    widths = [e["bw"] for e in doc["param_encodings"] + doc["activation_encodings"]]
+    assert widths.count(8) == 2 and set(widths) == {4, 8}  # each tensor's own bit width
+
+
 @pytest.mark.parametrize("init, message", [
     (["cle", "bogus"], r"qat.init=\['cle', 'bogus'\] is not allowed; allowed: a list of distinct names from cle, "
                        r"adaround, seqmse, e.g. \[cle,adaround\] \('bogus' is not one\)"),
@@ -46,3 +70,9 @@ def test_a_trial_without_init_steps_logs_no_ptq_step_metrics(tmp_path, baseline_
 def test_bad_init_lists_are_one_line_errors(init, message):
     with pytest.raises(TrialConfigError, match=message):
         TrialConfig.from_dict({"qat": {"init": init}})
+
+
+def test_bn_reestimation_needs_batchnorms_kept():
+    with pytest.raises(TrialConfigError, match=r"qat.bn_reestimate_batches=4 is not allowed; allowed: 0 when "
+                                               r"quant.fold_batchnorm=true"):
+        TrialConfig.from_dict({"qat": {"bn_reestimate_batches": 4}})
