@@ -21,7 +21,7 @@ from typing import Any
 from ..quant import QuantizationSimModel
 from ..quant.ptq import STEPS, AdaRoundParams, SeqMseParams
 from ..quant.ptq.bn_reestimate import fold, reestimate
-from ..quant.ptq.sensitivity import mixed_precision_overrides, sensitivity, weight_bits
+from ..quant.ptq.sensitivity import mixed_precision_overrides, render, sensitivity, weight_bits
 from ..tasks import Task, to_device
 from .config import QatSpec, TrialConfig, TrialConfigError
 from .data import calibration_batches
@@ -44,6 +44,8 @@ def build_sim(cfg: TrialConfig, model, dummy: Any, task: Task, batches: list,
         overrides = mixed_precision_overrides(rows, mixed.high, keep_top_k=mixed.keep_top_k, budget=mixed.budget)
     except ValueError as exc:
         raise TrialConfigError(f"quant.mixed.{exc}") from None
+    log("sensitivity (output SQNR in dB with only this quantizer on / all but this one), most sensitive first:\n"
+        + render(rows, 10))
     log(f"mixed precision: {len(overrides)} quantizer(s) at {mixed.high} bits ({', '.join(list(overrides)[:5])}"
         f"{', ...' if len(overrides) > 5 else ''}); average weight bits {weight_bits(rows, overrides):.3f}")
     sim = QuantizationSimModel(model, dummy, cfg.quant_config(overrides))

@@ -226,7 +226,7 @@ def fragile_mlp() -> nn.Module:
 def test_sensitivity_ranks_the_planted_fragile_layer_first_and_mixed_precision_meets_its_budget(tmp_path):
     import json
 
-    from orchestrator.quant.ptq.sensitivity import mixed_precision_overrides, sensitivity, weight_bits
+    from orchestrator.quant.ptq.sensitivity import mixed_precision_overrides, render, sensitivity, weight_bits
 
     batches = mlp_data(2)
     cfg = QuantConfig(param_bw=4, output_bw=16)
@@ -237,6 +237,8 @@ def test_sensitivity_ranks_the_planted_fragile_layer_first_and_mixed_precision_m
     assert rows[0].all_but == max(r.all_but for r in rows)  # turning it off helps the most, too
     assert {r.name for r in rows} >= {"0.weight", "2.weight", "4.weight", "input"}
     assert all(q.enabled for q in sim.param_quantizers().values())  # flags restored
+    table = render(rows, 2).splitlines()
+    assert len(table) == 3 and table[1].startswith("2.weight") and "weight" in table[1]
     numel = {"0.weight": 512, "2.weight": 1024, "4.weight": 256}
     budget = 4 + 4 * 1024 / 1792  # exactly the fragile layer at 8 bits
     overrides = mixed_precision_overrides(rows, high=8, budget=budget)

@@ -3,7 +3,10 @@ techniques first when the quantized model falls far below FP32). One file per te
 
 - ``cle.equalize``: cross-layer equalization + high-bias absorption (before calibration);
 - ``adaround.adaround``: learned weight rounding, layer by layer (after calibration);
-- ``seqmse.seqmse``: weight clipping chosen by each layer's output error (after calibration).
+- ``seqmse.seqmse``: weight clipping chosen by each layer's output error (after calibration);
+- ``bn_reestimate.reestimate`` / ``fold``: BatchNorm statistics recomputed after QAT, then folded;
+- ``sensitivity.sensitivity`` / ``mixed_precision_overrides``: per-quantizer sensitivity and the
+  ``QuantConfig.overrides`` that keep the most sensitive quantizers at a higher bit width.
 
 Each works on a ``QuantizationSimModel`` with ``run(sim.model, batch)`` over calibration
 ``batches``. ``STEPS`` names them for configs: ``before_calibration`` says where each goes.
@@ -15,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .adaround import AdaRoundParams, adaround
+from .bn_reestimate import fold, reestimate
+from .sensitivity import Sensitivity, mixed_precision_overrides, sensitivity
 from .cle import equalize, find_pairs
 from .seqmse import SeqMseParams, seqmse
 
@@ -35,4 +40,5 @@ STEPS: dict[str, Step] = {
     "seqmse": Step(seqmse, False, SeqMseParams),
 }
 
-__all__ = ["STEPS", "AdaRoundParams", "SeqMseParams", "Step", "adaround", "equalize", "find_pairs", "seqmse"]
+__all__ = ["STEPS", "AdaRoundParams", "SeqMseParams", "Sensitivity", "Step", "adaround", "equalize", "find_pairs",
+           "fold", "mixed_precision_overrides", "reestimate", "seqmse", "sensitivity"]

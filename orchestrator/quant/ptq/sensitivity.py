@@ -119,3 +119,11 @@ def mixed_precision_overrides(rows: list[Sensitivity], high: int, keep_top_k: in
         if weight_bits(rows, trial) <= budget + 1e-9:
             out = trial
     return out
+
+
+def render(rows: list[Sensitivity], limit: int | None = None) -> str:
+    """``rows`` as a text table, most sensitive first (``limit``: only the first rows)."""
+    shown = rows if limit is None else rows[:limit]
+    lines = [f"{'quantizer':<40} {'kind':<10} {'bits':>4} {'only on':>9} {'all but':>9}"]
+    lines += [f"{r.name[:40]:<40} {r.kind:<10} {r.bitwidth:>4} {r.only_on:>9.2f} {r.all_but:>9.2f}" for r in shown]
+    return "\n".join(lines)
