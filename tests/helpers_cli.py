@@ -32,3 +32,18 @@ def start_cli(program: str, args: list[str], cwd: Path, cache_dir: str, log: Pat
     """Start a program in its own process group (so a test can kill it and its local Ray)."""
     return subprocess.Popen([str(BIN / program), *args], cwd=cwd, env=cli_env(cache_dir), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(log: Path, text: str, timeout: float = 300, proc: subprocess.Popen | None = None,
+             poll: float = 0.05) -> None:
+    """Wait until ``text`` appears in ``log`` (fail early when ``proc`` ends first)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and text in log.read_text():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(poll)
+    raise AssertionError(f"{text!r} never appeared:\n{log.read_text()[-3000:] if log.exists() else ''}")

@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -269,6 +270,32 @@ def _check_names(model: onnx.ModelProto, acts: dict, params: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- entry point
+def _staging_prefix(prefix: str) -> str:
+    return f".{prefix}.export-"
+
+
+def remove_stale_staging(out_dir: Path, prefix: str) -> None:
+    """Remove staging directories (``.{prefix}.export-<pid>@<host>-*``) that a process of this host
+    left when it was killed mid-export: the writer is no longer running. Another host's are kept."""
+    host = socket.gethostname()
+    for d in out_dir.glob(f"{_staging_prefix(prefix)}*"):
+        owner = d.name[len(_staging_prefix(prefix)):].rsplit("-", 1)[0]
+        pid, _, owner_host = owner.partition("@")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def export_sim(sim: QuantizationSimModel, path: str, prefix: str, dummy_input: Any,
                encoding_version: str = "1.0.0") -> dict[str, str]:
     """Write ``{prefix}.pth``, ``{prefix}.onnx`` and ``{prefix}.encodings`` under ``path``."""
@@ -280,7 +307,8 @@ def export_sim(sim: QuantizationSimModel, path: str, prefix: str, dummy_input: A
     out_dir = Path(path)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{prefix}.export-")
+        remove_stale_staging(out_dir, prefix)
+        tmp = tempfile.mkdtemp(dir=out_dir, prefix=f"{_staging_prefix(prefix)}{os.getpid()}@{socket.gethostname()}-")
     except OSError as exc:
         raise QuantFileError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
     final = {kind: str(out_dir / f"{prefix}.{kind}") for kind in ("pth", "onnx", "encodings")}

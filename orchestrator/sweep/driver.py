@@ -37,8 +37,30 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
     except errors as exc:
         fail(exc)
     spec = plan.spec
+    from .lock import SweepLock, check_tracked_driver
+    from .plan import check_existing
+    from .runner import sweep_id
+
+    lock = SweepLock(plan.root, spec.name)
+    try:
+        lock.acquire()
+        check_existing(plan)  # again, now that no other driver of this name can start or end meanwhile
+        check_tracked_driver(plan.tracking_uri, plan.base.tracking.experiment, sweep_id(plan), spec.name)
+    except errors as exc:
+        lock.release()
+        fail(exc)
+    try:
+        _drive(plan, started, errors, lock)
+    finally:
+        lock.release()
+
+
+def _drive(plan, started: float, errors, lock) -> None:
+    spec = plan.spec
     quiet_libraries(spec.verbose)
     lifecycle.install()
+    if lock.took_over:
+        print(f"sweep {spec.name}: took over the lock of {lock.took_over}, which is no longer running", flush=True)
     dims = " x ".join(f"{d.key} ({len(d.values) if not d.is_interval else d.describe()})" for d in plan.space.dims)
     print(f"sweep {spec.name}: {plan.total} trial(s), {spec.search} search over {dims or 'no swept key'}"
           f"{'' if spec.scheduler == 'none' else f', {spec.scheduler} early stopping'}"
@@ -55,8 +77,8 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
 
         again = (f"resume with: {lifecycle.resume_command(spec.name)}" if sweep_state_exists(plan.sweep_dir)
                  else "nothing ran yet: run the same command again")
-        print(f"sweep {spec.name} interrupted.\n{again}", flush=True)
-        sys.exit(lifecycle.STATE.exit_status)
+        fail(f"sweep {spec.name} interrupted ({lifecycle.STATE.signal_name}); {again}",
+             status=lifecycle.STATE.exit_status)
     except Exception as exc:  # a full disk, a dead tracking server, Tune's own state unreadable, ...
         if disk_full(plan.root):  # Tune then fails reading its own truncated state, in its own words
             exc = OSError(errno.ENOSPC, f"No space left on device under paths.root={str(plan.root)!r} "
@@ -104,9 +126,9 @@ def _sweep(plan, started: float, errors) -> None:
     if run.interrupted:
         cut = mark_interrupted(run)
         shutdown_ray()
-        print(f"sweep {spec.name} interrupted: {cut} trial(s) cut short, marked KILLED in MLflow with the parent "
-              f"run; finished trials are kept.\nresume with: {lifecycle.resume_command(spec.name)}", flush=True)
-        sys.exit(lifecycle.STATE.exit_status)
+        fail(f"sweep {spec.name} interrupted ({lifecycle.STATE.signal_name}): {cut} trial(s) cut short, marked "
+             f"KILLED in MLflow with the parent run; finished trials are kept; resume with: "
+             f"{lifecycle.resume_command(spec.name)}", status=lifecycle.STATE.exit_status)
     from .finish import best_line, finish
 
     result = finish(run)

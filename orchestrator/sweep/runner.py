@@ -19,6 +19,7 @@ from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG, trial_params
 from ..tracking.source import source_tags
 from ..train.launcher import prepare
 from . import lifecycle
+from .lock import DRIVER_TAG, driver_record
 from .plan import SweepPlan
 from .resources import in_actor, max_concurrent, trial_resources
 from .trial import SweepContext
@@ -66,16 +67,21 @@ def _scheduler(plan: SweepPlan):
                                    brackets=1 if spec.scheduler == "asha" else 3)
 
 
+def sweep_id(plan: SweepPlan) -> str:
+    """The parent run's identity: the sweep's name and where its state lives."""
+    return f"{plan.spec.name}-{hashlib.sha256(str(plan.sweep_dir).encode()).hexdigest()[:12]}"
+
+
 def open_parent(plan: SweepPlan, uri: str, experiment: str) -> tuple[str, dict[str, str]]:
     """The sweep's MLflow parent run (found again on resume, its stale labels removed) and the
     source tags its children copy."""
     spec = plan.spec
-    sweep_id = f"{spec.name}-{hashlib.sha256(str(plan.sweep_dir).encode()).hexdigest()[:12]}"
     tags = source_tags()
-    parent_id, created = find_or_create_run(uri, experiment, SWEEP_ID_TAG, sweep_id, f"sweep {spec.name}",
+    parent_id, created = find_or_create_run(uri, experiment, SWEEP_ID_TAG, sweep_id(plan), f"sweep {spec.name}",
                                             {KIND_TAG: "sweep", "qat.sweep_name": spec.name,
                                              "qat.sweep_dir": str(plan.sweep_dir), **tags})
     parent = RunLogger(uri, parent_id)
+    parent.set_tags({DRIVER_TAG: driver_record()})
     if created:
         params = {f"space.{d.key.lstrip('+~')}": d.describe() for d in plan.space.dims}
         params.update({f"sweep.{k}": str(getattr(spec, k))
@@ -98,10 +104,7 @@ def start(plan: SweepPlan, log=print) -> tuple[SweepRun, object]:
 
     spec = plan.spec
     base = copy.deepcopy(plan.base)
-    if not base.tracking.uri:
-        from ..tracking.mlflow_runs import default_tracking_uri
-
-        base.tracking.uri = default_tracking_uri(plan.root)
+    base.tracking.uri = plan.tracking_uri
     base = prepare(base, log=log)  # trains/caches the FP32 baseline once, before any trial starts
     plan.base = base
     check_local_capacity(base.trainer, extra_cpus=0.0 if in_actor(base) else spec.trial_driver_cpus)

@@ -232,6 +232,8 @@ class QatSpec:
     ``bn_reestimate_batches``: with ``quant.fold_batchnorm=false``, after fine-tuning re-estimate
     the BatchNorm statistics on this many training batches with the quantized model, then fold
     them into the weights (and weight encodings) before the test and the export (0: off).
+    ``restart``: start this run over even though its outputs hold another config or an earlier
+    result; the old outputs are moved aside (``train/identity.py``), nothing is deleted.
     """
 
     range_learning: bool = False
@@ -251,6 +253,7 @@ class QatSpec:
     eval_batch_size: int = 512
     grad_clip_norm: Optional[float] = None
     seed: int = 0
+    restart: bool = False
     distill: DistillSpec = field(default_factory=DistillSpec)
     init: list[str] = field(default_factory=list)
     ptq: PtqSpec = field(default_factory=PtqSpec)
@@ -282,6 +285,7 @@ class QatSpec:
         _require(self.grad_clip_norm is None or (_is_finite(self.grad_clip_norm) and self.grad_clip_norm > 0),
                  "qat.grad_clip_norm", self.grad_clip_norm, "null or a number > 0")
         _require(_is_int(self.seed), "qat.seed", self.seed, "an integer")
+        _require(isinstance(self.restart, bool), "qat.restart", self.restart, "true or false")
 
 
 @dataclass
@@ -376,9 +380,11 @@ class TrialSections:
 
 @dataclass
 class TrialConfig(TrialSections):
-    """Everything one trial needs. ``output_dir``: where exports and local checkpoints go."""
+    """Everything one trial needs. ``output_dir``: where exports and local checkpoints go.
+    ``fingerprint``: the run's identity (``train/identity.py``), set when the trial is prepared."""
 
     output_dir: str = "outputs/trial"
+    fingerprint: Optional[str] = None
 
     def validate(self) -> TrialConfig:
         for name in SECTIONS:

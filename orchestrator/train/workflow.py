@@ -41,6 +41,7 @@ from .config import TrialConfig
 from .data import calibration_batches, eval_loader, is_iterable, set_epoch, train_loader
 from .distributed import all_gather, all_reduce_sum, broadcast_quantizer_state, digest, distributed, quantizer_state
 from .divergence import EXPLODED_LOSS_FACTOR, exploded_loss, stayed_at_chance
+from .identity import check_state
 from .loops import Distillation, evaluate, train_epoch
 from .ptq_steps import build_sim, calibrate_with_init, reestimate_batchnorms
 from .session import LocalSession, RaySession, Session
@@ -171,8 +172,11 @@ class Trial:
             self.num_outputs = int(self.task.forward(model, calibration[0]).shape[-1])
         sim, self.mixed = build_sim(cfg, model, self.dummy, self.task, calibration, self.log)  # quant.mixed: ptq_steps.py
         state = self.session.load_state()
+        if state is not None:  # a checkpoint of another config is never loaded into this one
+            check_state(state, cfg.fingerprint, f"of trial {self.name or cfg.output_dir}")
         if state is not None and "final" in state:  # the trial had already ended: report it again
-            self.log(f"trial already ended with status {state['final']['status']}")
+            self.log(f"this run already ended ({state['final']['status']}) with this same config: its results "
+                     "again, nothing retrained")
             self.session.report(state["final"])
             return state["final"]
         if state is None:
@@ -242,7 +246,8 @@ class Trial:
             return None
         state = {"model": sim.model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                 "fp32": self.fp32, "ptq": self.ptq, "rng": {"seed": self.cfg.qat.seed, "next_epoch": epoch + 1}}
+                 "fp32": self.fp32, "ptq": self.ptq, "rng": {"seed": self.cfg.qat.seed, "next_epoch": epoch + 1},
+                 "identity": {"fingerprint": self.cfg.fingerprint}}
         if final is not None:
             state["final"] = final
         return state
