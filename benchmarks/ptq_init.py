@@ -7,7 +7,9 @@ The cached FP32 baseline of ``mnist1d_cnn`` (trained once, as trials do), calibr
 the test split. Per setting (bit widths x activation calibration) each sequence of steps runs on a
 fresh simulation through the trial's own code (``train/ptq_steps.calibrate_with_init``), which
 measures after every step: ``[cle, seqmse, adaround]`` gives plain calibration and each step's
-cumulative result; ``[cle, adaround]``, ``[adaround]``, ``[seqmse]`` the steps on their own.
+cumulative result; ``[cle, adaround]``, ``[adaround]``, ``[seqmse]`` the steps on their own;
+``[seqmse, adaround]`` and ``[adaround]`` again with AdaRound learning from the float model's
+inputs (``qat.ptq.adaround_quantized_inputs=false``) instead of the quantized model's.
 Times are seconds per step (CLE: with the recalibration after it) on this machine.
 """
 
@@ -32,6 +34,7 @@ from orchestrator.train.ptq_steps import calibrate_with_init  # noqa: E402
 
 SETTINGS = (("W4A4", 4, 4, "min_max"), ("W4A4", 4, 4, "sqnr"), ("W3A16", 3, 16, "min_max"))
 SEQUENCES = (("cle", "seqmse", "adaround"), ("cle", "adaround"), ("adaround",), ("seqmse",))
+FLOAT_INPUTS = (("seqmse", "adaround"), ("adaround",))  # again with qat.ptq.adaround_quantized_inputs=false
 
 
 def main() -> None:
@@ -39,7 +42,10 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=PtqSpec.adaround_iterations)
     p.add_argument("--calibration-batches", type=int, default=8)
     p.add_argument("--settings", default=",".join(f"{n}-{s}" for n, _, _, s in SETTINGS))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: a shared 2-core VM does not stall at OpenMP barriers)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = TrialConfig()  # the defaults: mnist1d_cnn on mnist1d, classification
     cfg.model.pretrain_epochs = 150  # conf/model/mnist1d_cnn.yaml's recipe
@@ -59,24 +65,26 @@ def main() -> None:
             continue
         cfg.quant.param_bw, cfg.quant.output_bw, cfg.quant.quant_scheme = wbits, abits, scheme
         cfg.qat.ptq.adaround_iterations = args.iterations
-        for steps in SEQUENCES:
+        for steps, quantized_inputs in [(s, True) for s in SEQUENCES] + [(s, False) for s in FLOAT_INPUTS]:
             cfg.qat.init = list(steps)
+            cfg.qat.ptq.adaround_quantized_inputs = quantized_inputs
             sim = QuantizationSimModel(model, dummy, cfg.quant_config())
             start = time.perf_counter()
             m = calibrate_with_init(cfg.qat, sim, task, calib, lambda: evaluate(sim.model, test, task, cpu),
                                     lambda msg: None)
             total = time.perf_counter() - start
+            note = "" if quantized_inputs else " (AdaRound on float inputs)"
             if steps == SEQUENCES[0]:  # every prefix of the full sequence
                 rows.append((name, scheme, "none (calibration only)", f"{m['ptq_plain_acc']:.2f}", ""))
                 shown = [steps[:i + 1] for i in range(len(steps))]
             else:
                 shown = [steps]
             for prefix in shown:
-                rows.append((name, scheme, "[" + ",".join(prefix) + "]", f"{m[f'ptq_after_{prefix[-1]}_acc']:.2f}",
+                rows.append((name, scheme, "[" + ",".join(prefix) + "]" + note, f"{m[f'ptq_after_{prefix[-1]}_acc']:.2f}",
                              ", ".join(f"{s} {m[f'ptq_{s}_s']:.1f}" for s in prefix)))
-            print(f"  {name} {scheme} {list(steps)}: {total:.0f}s", file=sys.stderr, flush=True)
+            print(f"  {name} {scheme} {list(steps)}{note}: {total:.0f}s", file=sys.stderr, flush=True)
     print(f"PTQ init steps: mnist1d_cnn (FP32 test acc {fp32:.2f}), {args.calibration_batches} x 64 calibration "
-          f"samples, AdaRound {args.iterations} iterations/layer; {machine()}")
+          f"samples, AdaRound {args.iterations} iterations/layer, {args.threads} thread(s); {machine()}")
     print(table(("setting", "act. calibration", "init steps", "PTQ test acc %", "seconds per step"), rows))
 
 

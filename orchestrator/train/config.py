@@ -181,7 +181,8 @@ class PtqSpec:
     """Settings of the PTQ steps of ``qat.init`` (``orchestrator/quant/ptq``). ``num_batches``:
     how many of the ``qat.calibration_batches`` AdaRound and SeqMSE learn from (null: all).
     AdaRound: ``adaround_iterations`` Adam steps per layer at ``adaround_lr`` on
-    ``adaround_batch_size`` samples each, rounding regulariser weight ``adaround_reg``. SeqMSE:
+    ``adaround_batch_size`` samples each, rounding regulariser weight ``adaround_reg``, each layer
+    on its inputs in the quantized model (``adaround_quantized_inputs``) or the float model's. SeqMSE:
     ``seqmse_candidates`` clipping ratios searched per output channel."""
 
     num_batches: Optional[int] = None
@@ -189,6 +190,7 @@ class PtqSpec:
     adaround_lr: float = 1e-2
     adaround_reg: float = 0.01
     adaround_batch_size: int = 64
+    adaround_quantized_inputs: bool = True
     seqmse_candidates: int = 20
 
     def validate(self) -> None:
@@ -199,6 +201,8 @@ class PtqSpec:
             _require(_is_int(value) and value >= 1, f"qat.ptq.{key}", value, "an integer >= 1")
         _require(_is_finite(self.adaround_lr) and 0 < self.adaround_lr <= MAX_LR, "qat.ptq.adaround_lr",
                  self.adaround_lr, f"a finite number in (0, {MAX_LR:g}]")
+        _require(isinstance(self.adaround_quantized_inputs, bool), "qat.ptq.adaround_quantized_inputs",
+                 self.adaround_quantized_inputs, "true or false")
         _require(_is_finite(self.adaround_reg) and self.adaround_reg >= 0, "qat.ptq.adaround_reg", self.adaround_reg,
                  "a finite number >= 0")
 

@@ -58,7 +58,7 @@ def step_kwargs(name: str, qat: QatSpec) -> dict[str, Any]:
     if name == "adaround":
         return {"params": AdaRoundParams(iterations=p.adaround_iterations, num_batches=p.num_batches,
                                          batch_size=p.adaround_batch_size, reg=p.adaround_reg, lr=p.adaround_lr,
-                                         seed=qat.seed)}
+                                         seed=qat.seed, quantized_inputs=p.adaround_quantized_inputs)}
     if name == "seqmse":
         return {"params": SeqMseParams(candidates=p.seqmse_candidates, num_batches=p.num_batches)}
     return {}

@@ -104,8 +104,9 @@ def mlp_data(n: int = 4) -> list[torch.Tensor]:
     return [torch.randn(64, 6, generator=g) @ mix + 0.1 * torch.randn(64, 16, generator=g) for _ in range(n)]
 
 
-@pytest.mark.parametrize("range_learning", [False, True], ids=["static", "range_learning"])
-def test_adaround_weights_on_grid_and_better_than_nearest(range_learning):
+@pytest.mark.parametrize("range_learning, quantized_inputs", [(False, True), (True, True), (False, False)],
+                         ids=["static", "range_learning", "static-float-inputs"])
+def test_adaround_weights_on_grid_and_better_than_nearest(range_learning, quantized_inputs):
     batches = mlp_data()
     cfg = QuantConfig(param_bw=3, output_bw=16, range_learning=range_learning,
                       learn_weight_encodings=range_learning)
@@ -121,7 +122,8 @@ def test_adaround_weights_on_grid_and_better_than_nearest(range_learning):
     enc = current_encoding(first.entry)
     with torch.no_grad():
         nearest_err = float(reconstruction_error(first, x, nearest(first.entry.param.detach(), enc), y))
-    done = adaround(sim, run, batches, AdaRoundParams(iterations=400, batch_size=64, lr=1e-2))
+    done = adaround(sim, run, batches, AdaRoundParams(iterations=400, batch_size=64, lr=1e-2,
+                                                      quantized_inputs=quantized_inputs))
     assert done == ["0", "2"]
     for layer in layers:
         w = layer.entry.param.detach()

@@ -33,7 +33,10 @@ ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (the paper's values)
 @dataclass(frozen=True)
 class AdaRoundParams:
     """``iterations`` Adam steps per layer at ``lr``, each on ``batch_size`` samples drawn from
-    the first ``num_batches`` calibration batches (all when None); regulariser weight ``reg``."""
+    the first ``num_batches`` calibration batches (all when None); regulariser weight ``reg``.
+    ``quantized_inputs``: each layer learns from its inputs in the simulation (earlier layers
+    rounded, activations quantized: the paper's asymmetric reconstruction); False: from the
+    float model's inputs (the layer alone)."""
 
     iterations: int = 1000
     num_batches: int | None = None
@@ -43,6 +46,7 @@ class AdaRoundParams:
     beta: tuple[float, float] = (20.0, 2.0)
     warm_start: float = 0.2
     seed: int = 0
+    quantized_inputs: bool = True
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -108,7 +112,10 @@ def adaround(sim, run: Run, batches: list, params: AdaRoundParams | None = None,
     todo = target_layers(sim, layers)
     with quantization_off(sim):
         targets = collect(sim, todo, run, data, inputs=False, outputs=True)
+    if not p.quantized_inputs:
+        with quantization_off(sim):
+            float_inputs = collect(sim, todo, run, data)
     for layer in todo:
-        x = collect(sim, [layer], run, data)[layer.name]["input"]
+        x = (collect(sim, [layer], run, data) if p.quantized_inputs else float_inputs)[layer.name]["input"]
         round_layer(layer, x, layer.activate(targets[layer.name]["output"]), p)
     return [l.name for l in todo]
