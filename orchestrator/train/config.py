@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..quant import QuantConfig, QuantConfigError
-from ..quant.ptq import STEPS
+from ..quant.ptq import STEPS, AdaRoundParams, SeqMseParams
 from ..tasks.registry import TASKS
 from ..zoo.registry import DATASETS, MODELS, RegistryError, check_name
 
@@ -186,12 +186,12 @@ class PtqSpec:
     ``seqmse_candidates`` clipping ratios searched per output channel."""
 
     num_batches: Optional[int] = None
-    adaround_iterations: int = 1000
-    adaround_lr: float = 1e-2
-    adaround_reg: float = 0.01
-    adaround_batch_size: int = 64
-    adaround_quantized_inputs: bool = True
-    seqmse_candidates: int = 20
+    adaround_iterations: int = AdaRoundParams.iterations
+    adaround_lr: float = AdaRoundParams.lr
+    adaround_reg: float = AdaRoundParams.reg
+    adaround_batch_size: int = AdaRoundParams.batch_size
+    adaround_quantized_inputs: bool = AdaRoundParams.quantized_inputs
+    seqmse_candidates: int = SeqMseParams.candidates
 
     def validate(self) -> None:
         _require(self.num_batches is None or (_is_int(self.num_batches) and self.num_batches >= 1), "qat.ptq.num_batches",
