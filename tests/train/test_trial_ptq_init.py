@@ -37,6 +37,7 @@ def test_a_trial_without_init_steps_logs_no_ptq_step_metrics(tmp_path, baseline_
     assert not [k for k in result.metrics if k.startswith(("ptq_plain", "ptq_after"))]
 
 
+@pytest.mark.slow
 def test_batchnorms_kept_through_qat_are_reestimated_and_folded_before_export(tmp_path, baseline_cache):
     cfg = trial_config(tmp_path, baseline_cache, **{"trainer.num_workers": 0, "qat.epochs": 1,
                                                      "quant.fold_batchnorm": False, "qat.bn_reestimate_batches": 2})
@@ -47,6 +48,7 @@ def test_batchnorms_kept_through_qat_are_reestimated_and_folded_before_export(tm
     assert (tmp_path / "trial" / "export" / "model.onnx").is_file()
 
 
+@pytest.mark.slow
 def test_mixed_precision_keeps_the_most_sensitive_quantizers_at_high_bits(tmp_path, baseline_cache):
     import json
 
