@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import interrupts
 from .app_config import check_run_name, output_root, register_schemas, trial_config
-from .console import fail, fail_unexpected, quiet_libraries
+from .console import fail, fail_unexpected, filter_worker_lines, quiet_libraries
 
 register_schemas()
 
@@ -70,7 +70,8 @@ def train_summary(result) -> str:
 def _train_app(cfg: DictConfig) -> None:
     interrupts.install()  # SIGTERM ends the run as Ctrl-C does: runs KILLED, temporary files removed
     app = _resolve(cfg)
-    quiet_libraries(app["sweep"]["verbose"])  # the trial's own lines stay (Ray Train forwards them)
+    quiet_libraries(app["sweep"]["verbose"])
+    filter_worker_lines(app["sweep"]["verbose"])  # Ray Train's workers: the trial's own lines, unprefixed
     from .tracking.mlflow_runs import default_tracking_uri
     from .train.launcher import TrialFailed, run_trial
 

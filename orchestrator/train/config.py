@@ -312,7 +312,7 @@ class TrainerSpec:
     (compilation) is left out of ``samples_per_s`` and reported as ``compile_warmup_s``.
     """
 
-    num_workers: int = 2
+    num_workers: int = 1
     compile: bool = False
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
