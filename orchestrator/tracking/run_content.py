@@ -60,6 +60,11 @@ def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[
         keys += ["qat.lr_step_epochs", "qat.lr_gamma"]
     if cfg.qat.distill.enabled:
         keys += ["qat.distill.temperature", "qat.distill.weight", "qat.distill.task_weight"]
+    if cfg.qat.init:  # PTQ steps before QAT, and the settings of those that run
+        keys.append("qat.init")
+        keys += [f"qat.ptq.{k}" for k in ("adaround_iterations", "adaround_lr", "adaround_reg",
+                                                   "adaround_quantized_inputs") if "adaround" in cfg.qat.init]
+        keys += ["qat.ptq.seqmse_candidates"] if "seqmse" in cfg.qat.init else []
     if cfg.qat.grad_clip_norm is not None:
         keys.append("qat.grad_clip_norm")
     if cfg.model._target_:
