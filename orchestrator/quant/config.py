@@ -7,7 +7,7 @@ from typing import Any
 
 from .errors import QuantConfigError
 from .formats import FORMAT_NAMES, FORMATS
-from .observers import OBSERVERS
+from .observers import OBSERVERS, PERCENTILE
 
 MIN_BITWIDTH = 2
 MAX_BITWIDTH = 16
@@ -102,7 +102,7 @@ class QuantConfig:
     output_bw: int = 8
     quant_scheme: str = "min_max"
     param_quant_scheme: str = "min_max"
-    percentile: float = 99.99
+    percentile: float = PERCENTILE
     per_channel: bool = True
     range_learning: bool = False
     learn_weight_encodings: bool = False

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, qmax_of, symmetric_from_range
+from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, symmetric_from_range
 from .errors import CalibrationError, NotCalibratedError
 from . import kernels
 from .fake_quant import clamp_straight_through, fake_quantize, fake_quantize_learned, round_clamp_straight_through

@@ -139,20 +139,25 @@ class MixedSpec:
 class QuantSpec:
     """Bit widths, formats, granularities and calibration: the fields of ``QuantConfig`` that describe
     the target (``param_format``/``output_format``, ``param_block_size``, ``output_granularity``,
-    ``quantize_activations``: see ``QuantConfig``); ``mixed``: mixed precision chosen from sensitivity."""
+    ``quantize_activations``, ``param_quant_scheme``; ``overrides`` by quantizer-name pattern, e.g.
+    ``{"classifier*": {"enabled": false}, "*.attn.*": {"format": "float8_e4m3fn"}}``: see
+    ``QuantConfig``); ``mixed``: mixed precision chosen from sensitivity."""
 
-    param_bw: int = 8
-    output_bw: int = 8
-    quant_scheme: str = "min_max"
-    percentile: float = 99.99
-    per_channel: bool = True
-    fold_batchnorm: bool = True
+    # the core's own defaults (QuantConfig), written once there
+    param_bw: int = QuantConfig.param_bw
+    output_bw: int = QuantConfig.output_bw
+    quant_scheme: str = QuantConfig.quant_scheme
+    param_quant_scheme: str = QuantConfig.param_quant_scheme
+    percentile: float = QuantConfig.percentile
+    per_channel: bool = QuantConfig.per_channel
+    fold_batchnorm: bool = QuantConfig.fold_batchnorm
     leaf_modules: list[str] = field(default_factory=list)
-    param_format: str = "int"
-    output_format: str = "int"
-    param_block_size: int = 0
-    output_granularity: str = "per_tensor"
-    quantize_activations: bool = True
+    param_format: str = QuantConfig.param_format
+    output_format: str = QuantConfig.output_format
+    param_block_size: int = QuantConfig.param_block_size
+    output_granularity: str = QuantConfig.output_granularity
+    quantize_activations: bool = QuantConfig.quantize_activations
+    overrides: dict[str, Any] = field(default_factory=dict)
     mixed: MixedSpec = field(default_factory=MixedSpec)
 
     def validate(self) -> None:
@@ -246,9 +251,9 @@ class QatSpec:
     result; the old outputs are moved aside (``train/identity.py``), nothing is deleted.
     """
 
-    range_learning: bool = False
-    learn_weight_encodings: bool = False
-    lsq_grad_scaling: bool = True
+    range_learning: bool = QuantConfig.range_learning  # the core's defaults, written once there
+    learn_weight_encodings: bool = QuantConfig.learn_weight_encodings
+    lsq_grad_scaling: bool = QuantConfig.lsq_grad_scaling
     optimizer: str = "adam"
     lr: float = 1e-3
     encoding_lr: float = 1e-2
@@ -419,11 +424,12 @@ class TrialConfig(TrialSections):
         try:
             return QuantConfig(
                 param_bw=q.param_bw, output_bw=q.output_bw, quant_scheme=q.quant_scheme, percentile=q.percentile,
+                param_quant_scheme=q.param_quant_scheme,
                 per_channel=q.per_channel, fold_batchnorm=q.fold_batchnorm, leaf_modules=tuple(q.leaf_modules),
                 param_format=q.param_format, output_format=q.output_format, param_block_size=q.param_block_size,
                 output_granularity=q.output_granularity, quantize_activations=q.quantize_activations,
                 range_learning=t.range_learning, learn_weight_encodings=t.learn_weight_encodings,
-                lsq_grad_scaling=t.lsq_grad_scaling, overrides=dict(overrides or {}),
+                lsq_grad_scaling=t.lsq_grad_scaling, overrides={**q.overrides, **(overrides or {})},
             )
         except QuantConfigError as exc:
             msg = str(exc)
