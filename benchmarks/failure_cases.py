@@ -183,7 +183,7 @@ def run_cases(tmp: Path, env: dict[str, str]) -> list[tuple]:
     run("second sweep of the same name", sweep, root, after=lambda: "first still running" if first.poll() is None
         else f"first ended {first.returncode}")
     first.wait()
-    run("first sweep, resumed with quant=w4a4", [*sweep, "sweep.resume=true", "quant=w4a4"], root)
+    run("first sweep, resumed with quant=w8a8", [*sweep, "sweep.resume=true", "quant=w8a8"], root)
 
     pkg = user_data_module(tmp)
     for label, target in (("empty val split", "empty_val"), ("test label 12 of 10 classes", "label_12")):
@@ -194,7 +194,8 @@ def run_cases(tmp: Path, env: dict[str, str]) -> list[tuple]:
     run("model.checkpoint is a directory", [*train, f"paths.root={tmp / 'c1'}", f"model.checkpoint={tmp / 'adir'}"],
         tmp / "c1")
     run("non-ASCII path, unquoted", [*train, f"paths.root={tmp / 'c2'}", "model.checkpoint=/tmp/modèle.pt"], tmp / "c2")
-    run("qat-train -m name=a:b", [*train, "-m", f"paths.root={tmp / 'c3'}", "qat.lr=1e-3,1e-4", "name=a:b"], tmp / "c3")
+    run("qat-train -m name=a:b", [train[0], "-m", *train[1:], f"paths.root={tmp / 'c3'}", "qat.lr=1e-3,1e-4", "name=a:b"],
+        tmp / "c3")
     return rows
 
 

@@ -96,7 +96,7 @@ def check_existing(plan: SweepPlan) -> None:
                 continue
             cfg = trial_config(plan.composer.compose(plan.space.overrides(stored.point)), trial_dir)
             current = run_identity(cfg, stored.point)
-            if current.fingerprint != stored.fingerprint:
+            if not stored.matches(current):
                 raise RunMismatch(mismatch_message(f"sweep {spec.name!r}: trial {trial_dir.name}", stored, current,
                                                    "sweep.name"))
 

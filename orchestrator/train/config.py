@@ -396,10 +396,11 @@ class TrialSections:
 @dataclass
 class TrialConfig(TrialSections):
     """Everything one trial needs. ``output_dir``: where exports and local checkpoints go.
-    ``fingerprint``: the run's identity (``train/identity.py``), set when the trial is prepared."""
+    ``identity``: the run's identity (``train/identity.py``: fingerprint and decisive config), set
+    when the trial is prepared."""
 
     output_dir: str = "outputs/trial"
-    fingerprint: Optional[str] = None
+    identity: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrialConfig:
         for name in SECTIONS:

@@ -51,6 +51,12 @@ class RunIdentity:
     point: dict[str, Any] | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
+    def matches(self, other: RunIdentity) -> bool:
+        """The same run: the same fingerprint, or no decisive key that differs (a key one side
+        lacks counts as its schema default: a config key added since the run started, at its
+        default, changes nothing)."""
+        return self.fingerprint == other.fingerprint or not differing_keys(self.config, other.config)
+
     def to_dict(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "config": self.config, "point": self.point, "created": self.created}
 
@@ -102,10 +108,28 @@ def run_identity(cfg: TrialConfig, point: dict[str, Any] | None = None) -> RunId
     return RunIdentity(hashlib.sha256(text.encode()).hexdigest()[:16], config, point)
 
 
+_UNSET = "<unset>"
+
+
+def _schema_defaults() -> dict[str, Any]:
+    return decisive_config(TrialConfig())
+
+
+def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The decisive keys whose values differ; a key one side lacks stands for its schema default."""
+    defaults = _schema_defaults()
+    return sorted(k for k in set(old) | set(new)
+                  if _plain(old.get(k, defaults.get(k, _UNSET))) != _plain(new.get(k, defaults.get(k, _UNSET))))
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 def differences(old: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
     """``"quant.param_bw: 8 -> 4, qat.lr: 0.001 -> 0.5"`` (the first ``limit``, then a count)."""
-    keys = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
-    shown = [f"{k}: {_text(old.get(k, '<unset>'))} -> {_text(new.get(k, '<unset>'))}" for k in keys[:limit]]
+    keys = differing_keys(old, new)
+    shown = [f"{k}: {_text(old.get(k, _UNSET))} -> {_text(new.get(k, _UNSET))}" for k in keys[:limit]]
     more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(shown) + more if shown else "the same keys, other values"
 
@@ -145,18 +169,21 @@ def check_output_dir(output_dir: str | Path, current: RunIdentity, what: str, re
     stored = read_identity(output_dir)
     if stored is None and not has_earlier_run(output_dir):
         return  # a new run
-    if stored is not None and stored.fingerprint == current.fingerprint:
+    if stored is not None and stored.matches(current):
         return  # the same run: resume it, or report it again if it ended
     raise RunMismatch(mismatch_message(what, stored, current, rename))
 
 
-def check_state(state: dict[str, Any], fingerprint: str | None, where: str) -> None:
-    """A checkpoint's recorded identity equals the trial's: the worker's own check before it loads
-    one (a shared storage path may hold another run's checkpoints)."""
-    recorded = (state.get("identity") or {}).get("fingerprint")
-    if fingerprint and recorded != fingerprint:
-        raise RunMismatch(f"checkpoint {where} belongs to another run (fingerprint {recorded or 'none'}, this trial "
-                          f"{fingerprint}); choose another name, or pass qat.restart=true to start over")
+def check_state(state: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """A checkpoint's recorded identity matches the trial's (``current``: ``RunIdentity.to_dict()``):
+    the worker's own check before it loads one (a shared storage path may hold another run's)."""
+    if not current:
+        return
+    mine = RunIdentity.from_dict(current)
+    recorded = state.get("identity") or {}
+    if not recorded.get("fingerprint") or not mine.matches(RunIdentity.from_dict(recorded)):
+        raise RunMismatch(f"checkpoint {where} belongs to another run (fingerprint {recorded.get('fingerprint') or 'none'}, "
+                          f"this trial {mine.fingerprint}); choose another name, or pass qat.restart=true to start over")
 
 
 def archive(paths: list[str | Path]) -> list[str]:

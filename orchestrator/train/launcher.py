@@ -25,8 +25,8 @@ from .builders import build_data, load_pretrained, new_model, pretrained_path, t
 from .config import TrialConfig, TrialConfigError
 from .data_checks import check_data
 from .labels import bits_label, mode_label
-from .identity import (FINGERPRINT_TAG, RunIdentity, RunMismatch, archive, check_output_dir, mismatch_message,
-                       run_identity, write_identity)
+from .identity import (FINGERPRINT_TAG, RunIdentity, RunMismatch, archive, check_output_dir, run_identity,
+                       write_identity)
 
 
 class TrialFailed(RuntimeError):
@@ -92,7 +92,7 @@ def checked(cfg: TrialConfig, log=print, point: dict[str, Any] | None = None) ->
     if given:
         check_data(task, data, model, cfg.qat.batch_size)
     check_leaf_modules(cfg, model)
-    cfg.fingerprint = identity.fingerprint
+    cfg.identity = identity.to_dict()
     return cfg, identity
 
 
@@ -152,7 +152,7 @@ def start_run(cfg: TrialConfig, launcher: str, swept: dict[str, Any] | None = No
               extra_tags: dict[str, str] | None = None) -> str:
     """The trial's MLflow run: created with its params, tags and ``config.json``, or found again
     by its trial id (a restarted trial), with the labels of the earlier attempt removed."""
-    tags = {**trial_tags(cfg, launcher), **(extra_tags or {}), FINGERPRINT_TAG: cfg.fingerprint or ""}
+    tags = {**trial_tags(cfg, launcher), **(extra_tags or {}), FINGERPRINT_TAG: cfg.identity.get("fingerprint", "")}
     run_id, created = find_or_create_run(cfg.tracking.uri, cfg.tracking.experiment, TRIAL_ID_TAG,
                                          cfg.tracking.trial_id, cfg.tracking.run_name, tags,
                                          cfg.tracking.parent_run_id)
@@ -175,22 +175,18 @@ def _runs_of_trial(cfg: TrialConfig) -> list:
 
 
 def check_tracked_identity(cfg: TrialConfig) -> None:
-    """The MLflow side of the identity check (a shared server that outlived the local outputs):
-    a run of this trial id recorded with another fingerprint is refused, naming the params that differ."""
+    """The MLflow side of the identity check (a shared server that outlived the local outputs): a
+    run of this trial id whose recorded params differ from this config's is refused, naming them
+    (params are the deciding keys; one that only one side records is not compared)."""
+    params = trial_params(cfg)
     for run in _runs_of_trial(cfg):
-        recorded = run.data.tags.get(FINGERPRINT_TAG)
-        if recorded and cfg.fingerprint and recorded != cfg.fingerprint:
-            params = trial_params(cfg)
-            old = {k: v for k, v in run.data.params.items() if k in params}
-            raise RunMismatch(mismatch_message(f"{_describe_run(cfg)}: MLflow run {run.info.run_id}",
-                                               _recorded(recorded, old), _recorded(cfg.fingerprint, params),
-                                               _rename_key(cfg)))
-
-
-def _recorded(fingerprint: str, params: dict[str, Any]):
-    from .identity import RunIdentity
-
-    return RunIdentity(fingerprint, params)
+        old = run.data.params
+        differ = sorted(k for k in params if k in old and old[k] != params[k])
+        if differ:
+            shown = ", ".join(f"{k}: {old[k]} -> {params[k]}" for k in differ[:6])
+            raise RunMismatch(f"{_describe_run(cfg)}: MLflow run {run.info.run_id} was made with another config "
+                              f"({shown}); start a new run with another {_rename_key(cfg)}=..., or pass "
+                              "qat.restart=true to archive its outputs and start over")
 
 
 def archive_runs(cfg: TrialConfig) -> None:

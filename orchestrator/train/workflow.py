@@ -173,7 +173,7 @@ class Trial:
         sim, self.mixed = build_sim(cfg, model, self.dummy, self.task, calibration, self.log)  # quant.mixed: ptq_steps.py
         state = self.session.load_state()
         if state is not None:  # a checkpoint of another config is never loaded into this one
-            check_state(state, cfg.fingerprint, f"of trial {self.name or cfg.output_dir}")
+            check_state(state, cfg.identity, f"of trial {self.name or cfg.output_dir}")
         if state is not None and "final" in state:  # the trial had already ended: report it again
             self.log(f"this run already ended ({state['final']['status']}) with this same config: its results "
                      "again, nothing retrained")
@@ -247,7 +247,7 @@ class Trial:
         state = {"model": sim.model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
                  "fp32": self.fp32, "ptq": self.ptq, "rng": {"seed": self.cfg.qat.seed, "next_epoch": epoch + 1},
-                 "identity": {"fingerprint": self.cfg.fingerprint}}
+                 "identity": self.cfg.identity}
         if final is not None:
             state["final"] = final
         return state

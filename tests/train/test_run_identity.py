@@ -53,6 +53,17 @@ def test_the_fingerprint_follows_the_deciding_keys_only(tmp_path):
     assert RunIdentity.from_dict(first.to_dict()).fingerprint == first.fingerprint
 
 
+def test_a_key_added_since_the_run_started_changes_nothing_at_its_default():
+    current = run_identity(TrialConfig())
+    older = RunIdentity("0123456789abcdef", dict(current.config))
+    del older.config["quant.param_block_size"]  # a run recorded before that key existed
+    assert older.matches(current) and current.matches(older)
+    blocked = TrialConfig()
+    blocked.quant.param_block_size = 32
+    assert not older.matches(run_identity(blocked))
+    assert differences(older.config, run_identity(blocked).config) == "quant.param_block_size: <unset> -> 32"
+
+
 def test_a_killed_run_resumed_with_another_config_is_refused_then_resumes_as_it_was(tmp_path, baseline_cache):
     root = tmp_path / "out"
     args = [f"paths.root={root}", *DIGITS, "qat.epochs=3", "name=r3"]
