@@ -102,6 +102,9 @@ class QuantizationSimModel:
         self.model: nn.Module = built.model
         self.folded = built.folded
         self._watched: set[str] = set()
+        # Set by the last ``export``: (quantizer, how its encoding reached the ONNX graph) where not
+        # on the tensor of its own op (``summary()`` prints them).
+        self.export_notes: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------------ quantizers
     def activation_quantizers(self) -> dict[str, QuantizeDequantize]:
