@@ -196,9 +196,9 @@ def make_deit():
 def make_clip():
     torch.manual_seed(0)
     vision = {k: v for k, v in _VIT.items() if k != "num_labels"}
-    cfg = tf.CLIPConfig(vision_config=vision, text_config=dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                                               num_hidden_layers=1, num_attention_heads=2),
-                        num_labels=5)
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = tf.CLIPConfig(vision_config=vision, text_config=text, num_labels=5)
     return tf.CLIPForImageClassification(cfg).eval(), _pixels(3, 16)
 
 
