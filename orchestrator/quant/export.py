@@ -214,6 +214,14 @@ def _name_activations(model: onnx.ModelProto, n_real: int, collected: list[str],
     for extra in list(graph.output)[n_real:]:
         graph.output.remove(extra)
     _prune(graph)
+    alive = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    for qname in list(result):
+        if not all(n in alive for n in result[qname]):
+            result[qname] = [n for n in result[qname] if n in alive]
+            notes.append((qname, "its result reaches no model output (a branch the outputs do not use), so the "
+                                 "exported graph does not compute it and no encoding names it"))
+            if not result[qname]:
+                del result[qname]
     return result, notes
 
 
