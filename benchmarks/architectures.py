@@ -82,8 +82,11 @@ def row(case, rounds: int, per_round: int) -> tuple:
     try:
         run.export
         ort = run.ort
-        agreement = (f"{min(ort.sqnr, 999):.0f} dB" if case.lm else f"{100 * ort.top1:.0f}% top-1") + \
-            ("" if ort.max_abs > 0 else " (equal)")
+        equal = ort.max_abs == 0.0
+        if case.lm:
+            agreement = "logits bit-equal" if equal else f"logits {ort.sqnr:.0f} dB"
+        else:
+            agreement = f"{100 * ort.top1:.0f}% top-1" + (", bit-equal" if equal else "")
     except Exception as exc:  # the row says why instead of stopping the table
         agreement = f"export failed: {type(exc).__name__}"
     batch = run.batch(16, 300)

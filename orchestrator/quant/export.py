@@ -282,6 +282,9 @@ def _param_encodings(sim: QuantizationSimModel, model: onnx.ModelProto) -> tuple
                  if loc.initializer not in others or _dims(graph, loc.initializer) == list(array.shape)]
         if not found and q.axis is None:
             found = locator.locate_gathered(array, others)
+            if found:
+                sim.export_notes.append((name, "read through a constant index, which the exporter folds into a new "
+                                               f"tensor: its per-tensor encoding is on {name}.gathered"))
         if not found:
             raise ExportError(
                 f"parameter {name!r}: no initializer of the exported ONNX graph holds its values (the exporter "

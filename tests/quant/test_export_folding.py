@@ -157,6 +157,7 @@ def test_a_table_read_through_a_constant_index_is_encoded_where_gathered(tmp_pat
 
     names = {e["name"] for e in json.load(open(paths["encodings"]))["param_encodings"]}
     assert "table.gathered" in names, names
+    assert "table: read through a constant index" in sim.summary()
 
 
 class Outlier(nn.Module):

@@ -104,9 +104,10 @@ def make_whisper():
 
 
 # ---------------------------------------------------------------------------- issue 22: more families
-# Decoder-only LMs: 2 layers, hidden 32, 2 heads (grouped-query attention where the family has it:
-# 1 key/value head), called with right-padded ``attention_mask``.
-_LM = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+# Decoder-only LMs: 1 layer (export time grows with depth; Gemma-2 keeps 2 for its sliding and
+# global layers), hidden 32, 2 heads (grouped-query attention where the family has it: 1
+# key/value head), called with right-padded ``attention_mask``.
+_LM = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
            max_position_embeddings=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
@@ -125,7 +126,7 @@ make_mistral = _lm(tf.MistralForCausalLM, tf.MistralConfig, num_key_value_heads=
 make_phi3 = _lm(tf.Phi3ForCausalLM, tf.Phi3Config, num_key_value_heads=1)
 make_gemma = _lm(tf.GemmaForCausalLM, tf.GemmaConfig, num_key_value_heads=1, head_dim=16)
 make_gemma2 = _lm(tf.Gemma2ForCausalLM, tf.Gemma2Config, num_key_value_heads=1, head_dim=16, sliding_window=8,
-                  query_pre_attn_scalar=16)
+                  query_pre_attn_scalar=16, num_hidden_layers=2)
 make_opt = _lm(tf.OPTForCausalLM, tf.OPTConfig, ffn_dim=64, word_embed_proj_dim=32,
                intermediate_size=None, num_key_value_heads=None)
 make_falcon = _lm(tf.FalconForCausalLM, tf.FalconConfig, num_kv_heads=1, new_decoder_architecture=False,
@@ -142,7 +143,7 @@ def _seq2seq_tokens(n: int, seed: int) -> dict[str, torch.Tensor]:
 
 def make_t5():
     torch.manual_seed(0)
-    cfg = tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=1,
+    cfg = tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
                       num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     return tf.T5ForConditionalGeneration(cfg).eval(), _seq2seq_tokens
@@ -150,7 +151,7 @@ def make_t5():
 
 def make_bart():
     torch.manual_seed(0)
-    cfg = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+    cfg = tf.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2)
     return tf.BartForConditionalGeneration(cfg).eval(), _seq2seq_tokens
