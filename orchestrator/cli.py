@@ -9,14 +9,16 @@ before Ray or MLflow start and before anything is written.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from . import interrupts
 from .app_config import check_run_name, output_root, register_schemas, trial_config
-from .console import fail, fail_unexpected, quiet_libraries
+from .console import fail, fail_unexpected, filter_worker_lines, quiet_libraries
 
 register_schemas()
 
@@ -45,10 +47,11 @@ def train_summary(result) -> str:
     m, cfg = result.metrics, result.config
     task = task_of(cfg.task)
     names = [t.name for t in task.metrics]
-    mode = "range learning" if cfg.qat.range_learning else "static"
+    from .train.labels import bits_label, mode_text
+
     distill = ", distilled" if cfg.qat.distill.enabled else ""
-    rows = [("FP32", "fp32"), (f"PTQ W{cfg.quant.param_bw}A{cfg.quant.output_bw}", "ptq"),
-            (f"QAT {cfg.qat.epochs} epoch(s), {mode}{distill}", "test")]
+    rows = [("FP32", "fp32"), (f"PTQ {bits_label(cfg).upper()}", "ptq"),
+            (f"QAT {cfg.qat.epochs} epoch(s), {mode_text(cfg)}{distill}", "test")]
     width = max(len(r[0]) for r in rows)
     header = f"{'test split':{width}}  " + "  ".join(f"{n:>9}" for n in names) + f"  {task.primary + ' vs FP32':>14}"
     lines = [header]
@@ -66,8 +69,10 @@ def train_summary(result) -> str:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def _train_app(cfg: DictConfig) -> None:
+    interrupts.install()  # SIGTERM ends the run as Ctrl-C does: runs KILLED, temporary files removed
     app = _resolve(cfg)
-    quiet_libraries(app["sweep"]["verbose"])  # the trial's own lines stay (Ray Train forwards them)
+    quiet_libraries(app["sweep"]["verbose"])
+    filter_worker_lines(app["sweep"]["verbose"])  # Ray Train's workers: the trial's own lines, unprefixed
     from .tracking.mlflow_runs import default_tracking_uri
     from .train.launcher import TrialFailed, run_trial
 
@@ -85,7 +90,8 @@ def _train_app(cfg: DictConfig) -> None:
     except TrialFailed as exc:
         fail(exc, status=1)
     except KeyboardInterrupt:
-        fail("qat-train interrupted; run the same command again to resume from the last checkpoint", status=130)
+        fail(f"qat-train {app['name']} interrupted ({interrupts.STATE.signal_name}); run the same command again to "
+             "resume from the last checkpoint", status=interrupts.STATE.exit_status)
     except Exception as exc:  # a full disk, a tracking store that died mid-run, ...
         fail_unexpected(exc, f"qat-train {app['name']}")
     print(train_summary(result), flush=True)
@@ -105,6 +111,10 @@ HYDRA_OWN_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c"
                    "--experimental-rerun")
 
 
+QUOTING_HINT = ("; quote a value with spaces, non-ASCII or special characters inside the argument, e.g. "
+                "'model.checkpoint=\"/data/modèle v2.pt\"'")
+
+
 def check_overrides(config_name: str, argv: list[str]) -> None:
     """Compose the config with the command line's plain overrides (sweeps left to the sweeper)
     before Hydra runs, so that Hydra's own refusals (an unknown key, a wrong type, a missing config
@@ -120,7 +130,7 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
     try:
         parsed = OverridesParser.create().parse_overrides(lines)
     except Exception as exc:  # Hydra's grammar
-        fail(one_line(exc))
+        fail(one_line(exc) + QUOTING_HINT)
     plain = [o.input_line for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()
              and not o.get_key_element().startswith("hydra")]
     try:
@@ -130,12 +140,24 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
         fail(one_line(exc))
 
 
+OPEN_ARGS = re.compile(r"(model|data|task)\.args\.[^=]+=")
+
+
+def open_args(argv: list[str]) -> list[str]:
+    """``data.args.root=/data`` -> ``++data.args.root=/data``: the keys under ``model.args``,
+    ``data.args`` and ``task.args`` are a builder's own arguments (open mappings), so setting one
+    adds it or overrides it, without Hydra's ``+`` for keys the group file did not list."""
+    return [f"++{a}" if OPEN_ARGS.match(a) else a for a in argv]
+
+
 def train_main() -> None:
+    sys.argv[1:] = open_args(sys.argv[1:])
     check_overrides("train", sys.argv[1:])
     _train_app()
 
 
 def sweep_main() -> None:
+    sys.argv[1:] = open_args(sys.argv[1:])
     check_overrides("sweep", sys.argv[1:])
     _sweep_app()
 

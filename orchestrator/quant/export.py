@@ -18,10 +18,12 @@ All three files are written to a temporary directory first and renamed into plac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -303,10 +305,7 @@ def _param_encodings(sim: QuantizationSimModel, model: onnx.ModelProto) -> tuple
                 _rename(graph, current, wanted)
                 taken.add(wanted)
                 current = wanted
-            scale, offset = enc.scale, enc.offset
-            if loc.order is not None and enc.axis is not None:
-                scale, offset = scale[list(loc.order)], offset[list(loc.order)]
-            mapped = Encoding(enc.bitwidth, enc.symmetric, scale, offset, loc.axis)
+            mapped = _map_encoding(name, enc, loc, values.dim(), graph, current)
             previous = encodings.get(current)
             same = previous is None or (torch.equal(previous.scale, mapped.scale) and previous.axis == mapped.axis)
             if not same:
@@ -327,6 +326,28 @@ def _dims(graph: onnx.GraphProto, initializer: str) -> list[int]:
     return next(list(i.dims) for i in graph.initializer if i.name == initializer)
 
 
+def _map_encoding(name: str, enc: Encoding, loc, rank: int, graph: onnx.GraphProto, current: str) -> Encoding:
+    """``enc`` (in the parameter's layout) for the initializer ``loc`` found: channel order, axes,
+    and for per-block encodings the scale tensor transposed or reordered with it."""
+    scale, offset = enc.scale, enc.offset
+    if not enc.per_block:
+        if loc.order is not None and enc.axis is not None:
+            scale, offset = scale[list(loc.order)], offset[list(loc.order)]
+        return dataclasses.replace(enc, scale=scale, offset=offset, axis=loc.axis)
+    init_rank = next(len(i.dims) for i in graph.initializer if i.name == current)
+    if init_rank != rank:
+        raise ExportError(f"parameter {name!r}: its per-block encoding cannot follow the exporter's reshape to "
+                          f"{init_rank} dims ({current!r}); quantize it per channel (overrides block_size: 0)")
+    block_axis = enc.block_axis
+    if loc.kind == "transposed":
+        scale, offset, block_axis = scale.T, offset.T, 1 - block_axis
+    elif loc.order is not None:
+        index = torch.tensor(loc.order)
+        scale, offset = scale.index_select(enc.axis, index), offset.index_select(enc.axis, index)
+    return dataclasses.replace(enc, scale=scale.contiguous(), offset=offset.contiguous(), axis=loc.axis,
+                               block_axis=block_axis)
+
+
 def _check_names(model: onnx.ModelProto, acts: dict, params: dict) -> None:
     graph = model.graph
     tensors = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
@@ -339,6 +360,32 @@ def _check_names(model: onnx.ModelProto, acts: dict, params: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- entry point
+def _staging_prefix(prefix: str) -> str:
+    return f".{prefix}.export-"
+
+
+def remove_stale_staging(out_dir: Path, prefix: str) -> None:
+    """Remove staging directories (``.{prefix}.export-<pid>@<host>-*``) that a process of this host
+    left when it was killed mid-export: the writer is no longer running. Another host's are kept."""
+    host = socket.gethostname()
+    for d in out_dir.glob(f"{_staging_prefix(prefix)}*"):
+        owner = d.name[len(_staging_prefix(prefix)):].rsplit("-", 1)[0]
+        pid, _, owner_host = owner.partition("@")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def export_sim(sim: QuantizationSimModel, path: str, prefix: str, dummy_input: Any,
                encoding_version: str = "1.0.0") -> dict[str, str]:
     """Write ``{prefix}.pth``, ``{prefix}.onnx`` and ``{prefix}.encodings`` under ``path``."""
@@ -350,7 +397,8 @@ def export_sim(sim: QuantizationSimModel, path: str, prefix: str, dummy_input: A
     out_dir = Path(path)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{prefix}.export-")
+        remove_stale_staging(out_dir, prefix)
+        tmp = tempfile.mkdtemp(dir=out_dir, prefix=f"{_staging_prefix(prefix)}{os.getpid()}@{socket.gethostname()}-")
     except OSError as exc:
         raise QuantFileError(f"cannot write the export to {out_dir}: {exc.strerror or exc}") from None
     final = {kind: str(out_dir / f"{prefix}.{kind}") for kind in ("pth", "onnx", "encodings")}

@@ -13,6 +13,7 @@ import errno
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..console import fail, fail_unexpected, first_line, quiet_libraries
@@ -37,34 +38,56 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
     except errors as exc:
         fail(exc)
     spec = plan.spec
+    from .lock import SweepLock, check_tracked_driver
+    from .plan import check_existing
+    from .runner import sweep_id
+
+    lock = SweepLock(plan.root, spec.name)
+    try:
+        lock.acquire()
+        check_existing(plan)  # under the lock: no other driver of this name can start or end meanwhile
+        check_tracked_driver(plan.tracking_uri, plan.base.tracking.experiment, sweep_id(plan), spec.name)
+    except errors as exc:
+        lock.release()
+        fail(exc)
+    try:
+        _drive(plan, started, errors, lock)
+    finally:
+        lock.release()
+
+
+def _drive(plan, started: float, errors, lock) -> None:
+    spec = plan.spec
     quiet_libraries(spec.verbose)
     lifecycle.install()
+    if lock.took_over:
+        print(f"sweep {spec.name}: took over the lock of {lock.took_over}, which is no longer running", flush=True)
     dims = " x ".join(f"{d.key} ({len(d.values) if not d.is_interval else d.describe()})" for d in plan.space.dims)
     print(f"sweep {spec.name}: {plan.total} trial(s), {spec.search} search over {dims or 'no swept key'}"
           f"{'' if spec.scheduler == 'none' else f', {spec.scheduler} early stopping'}"
           f"{' (resuming)' if spec.resume else ''}", flush=True)
     from .runner import close_unfinished, mark_interrupted, shutdown_ray
 
-    RUN["run"] = None
+    open_run = Unrecorded()
     try:
-        _sweep(plan, started, errors)
+        _sweep(plan, started, errors, open_run)
     except KeyboardInterrupt:  # a signal before or after Tune's run, or a second one
-        if RUN["run"] is not None:
-            mark_interrupted(RUN["run"])
+        if open_run.run is not None:
+            mark_interrupted(open_run.run)
         from .plan import sweep_state_exists
 
         again = (f"resume with: {lifecycle.resume_command(spec.name)}" if sweep_state_exists(plan.sweep_dir)
                  else "nothing ran yet: run the same command again")
-        print(f"sweep {spec.name} interrupted.\n{again}", flush=True)
-        sys.exit(lifecycle.STATE.exit_status)
+        fail(f"sweep {spec.name} interrupted ({lifecycle.STATE.signal_name}); {again}",
+             status=lifecycle.STATE.exit_status)
     except Exception as exc:  # a full disk, a dead tracking server, Tune's own state unreadable, ...
         if disk_full(plan.root):  # Tune then fails reading its own truncated state, in its own words
             exc = OSError(errno.ENOSPC, f"No space left on device under paths.root={str(plan.root)!r} "
                                         f"(then {first_line(exc)})")
-        run = RUN["run"]
+        run = open_run.run
         if run is not None:
             try:
-                close_unfinished(run, "FAILED", "failed", f"the sweep driver failed: {first_line(exc)}")
+                close_unfinished(run, "failed", f"the sweep driver failed: {first_line(exc)}")
             except Exception:  # the tracking store itself may be what failed
                 pass
         try:
@@ -81,10 +104,14 @@ def disk_full(root: Path) -> bool:
         return False
 
 
-RUN: dict = {"run": None}  # the started sweep until its end is recorded, for the error paths of run_from_hydra
+@dataclass
+class Unrecorded:
+    """The started sweep until its end is recorded in MLflow (for the error paths of ``_drive``)."""
+
+    run: object = None
 
 
-def _sweep(plan, started: float, errors) -> None:
+def _sweep(plan, started: float, errors, open_run: Unrecorded) -> None:
     """Start, fit and finish the planned sweep; on success print its table and links."""
     from .runner import fit, mark_interrupted, shutdown_ray, start
 
@@ -93,7 +120,7 @@ def _sweep(plan, started: float, errors) -> None:
         run, tuner = start(plan)
     except errors as exc:
         fail(exc)
-    RUN["run"] = run
+    open_run.run = run
     _links(run, f"started in {time.time() - started:.0f}s; {run.concurrency} trial(s) at a time")
     from ..tracking.system_metrics import system_metrics
     from .progress import CLOCK
@@ -104,13 +131,13 @@ def _sweep(plan, started: float, errors) -> None:
     if run.interrupted:
         cut = mark_interrupted(run)
         shutdown_ray()
-        print(f"sweep {spec.name} interrupted: {cut} trial(s) cut short, marked KILLED in MLflow with the parent "
-              f"run; finished trials are kept.\nresume with: {lifecycle.resume_command(spec.name)}", flush=True)
-        sys.exit(lifecycle.STATE.exit_status)
+        fail(f"sweep {spec.name} interrupted ({lifecycle.STATE.signal_name}): {cut} trial(s) cut short, marked "
+             f"KILLED in MLflow with the parent run; finished trials are kept; resume with: "
+             f"{lifecycle.resume_command(spec.name)}", status=lifecycle.STATE.exit_status)
     from .finish import best_line, finish
 
     result = finish(run)
-    RUN["run"] = None  # recorded: nothing after this point may relabel it
+    open_run.run = None  # recorded: nothing after this point may relabel it
     shutdown_ray()
     print(f"\nsweep {spec.name}: {len(result.rows)} trial(s) in {time.time() - started:.0f}s")
     print(result.table)

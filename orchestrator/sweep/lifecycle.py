@@ -13,31 +13,15 @@ import os
 import shlex
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass
-class StopState:
-    signum: int | None = None  # the first stop signal received
-    in_fit: bool = False  # Tuner.fit is running (its SIGUSR1 handler is installed)
-
-    @property
-    def stopping(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + (self.signum or signal.SIGINT)
-
-
-STATE = StopState()
+from .. import interrupts
+from ..interrupts import STATE
 
 
 def _handler(signum: int, frame) -> None:
     if STATE.stopping or not STATE.in_fit:
-        STATE.signum = STATE.signum or signum
-        raise KeyboardInterrupt
+        interrupts.interrupt(signum, frame)
     STATE.signum = signum
     print(f"{signal.Signals(signum).name}: stopping the sweep; Tune saves its state (send it again to stop at once)",
           flush=True)
@@ -52,8 +36,7 @@ def install() -> None:
     """Route SIGINT and SIGTERM through ``_handler`` (before Ray starts, and again after: Ray's
     core worker replaces the SIGTERM handler with one that aborts the process)."""
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
+    interrupts.install(_handler)
 
 
 def resume_command(sweep_name: str, argv: list[str] | None = None) -> str:

@@ -44,6 +44,7 @@ class Task(ABC):
 
     metrics: tuple[Metric, ...] = ()
     primary: str = ""
+    ignored: tuple[int, ...] = ()  # target values that mark positions not scored (padding)
 
     # -- batch layout ------------------------------------------------------------------------
     @abstractmethod
@@ -61,6 +62,21 @@ class Task(ABC):
     def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The model's logits for ``batch``."""
         return logits_of(feed(model, self.inputs(batch)))
+
+    def invalid_target(self, targets: Any, num_outputs: int) -> tuple[int, Any] | None:
+        """``(sample index in the batch, value)`` of the first target that names no output class
+        (an integer outside ``[0, num_outputs)`` and not ``ignored``), or None when all fit.
+        Targets that are not integer tensors (soft labels, a user's structures) are not checked."""
+        if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.dtype == torch.bool:
+            return None
+        bad = (targets < 0) | (targets >= num_outputs)
+        for value in self.ignored:
+            bad &= targets != value
+        if not bool(bad.any()):
+            return None
+        flat = int(bad.reshape(-1).nonzero()[0, 0])
+        row = flat // max(1, targets[0].numel()) if targets.dim() > 1 else flat
+        return row, int(targets.reshape(-1)[flat])
 
     # -- learning ----------------------------------------------------------------------------
     @abstractmethod

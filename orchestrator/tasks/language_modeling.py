@@ -29,6 +29,7 @@ class LanguageModeling(Task):
 
     primary = "ppl"
     metrics = (Metric("loss", "min"), Metric("ppl", "min"))
+    ignored = (IGNORE,)
 
     def __init__(self, shift: bool = True, label_key: str = "labels", ids_key: str = "input_ids") -> None:
         self.shift, self.label_key, self.ids_key = bool(shift), label_key, ids_key

@@ -11,6 +11,7 @@ nested under it, and columns for the metrics, the swept params and each trial's 
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ def ui_command(uri: str) -> str | None:
     """The command that serves the UI for a SQLite store (None for a tracking server)."""
     if not is_sqlite(uri):
         return None
-    return f"{mlflow_program()} ui --backend-store-uri {uri}"
+    return shlex.join([mlflow_program(), "ui", "--backend-store-uri", uri])
 
 
 def view_key(sweep_name: str) -> str:

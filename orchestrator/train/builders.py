@@ -91,6 +91,9 @@ def pretrained_path(spec: ModelSpec, data_spec: DataSpec, task_spec: TaskSpec, d
     with the trial's task and the ``pretrain_*`` recipe)."""
     if spec.checkpoint:
         path = Path(spec.checkpoint).expanduser().resolve()
+        if path.is_dir():
+            raise TrialConfigError(f"model.checkpoint={spec.checkpoint!r} is a directory; give the state_dict file "
+                                   "in it")
         if not path.is_file():
             raise TrialConfigError(f"model.checkpoint={spec.checkpoint!r}: no such file")
         return str(path), {}
@@ -113,9 +116,28 @@ def load_pretrained(spec: ModelSpec, data: DataSplits, checkpoint: str) -> nn.Mo
         state, _ = load_checkpoint(checkpoint)
     except CheckpointError as exc:
         raise TrialConfigError(f"model.checkpoint: {exc}") from None
+    misfit = state_dict_misfit(model.state_dict(), state)
+    if misfit:
+        raise TrialConfigError(f"model.checkpoint={checkpoint!r} does not fit model {spec.name!r}: {misfit}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise TrialConfigError(f"model.checkpoint={checkpoint!r} does not fit model {spec.name!r}: {first}") from None
     return model.eval()
+
+
+def state_dict_misfit(expected: dict[str, Any], given: dict[str, Any], shown: int = 3) -> str:
+    """What keeps ``given`` from loading where ``expected`` is: missing and unexpected keys and
+    shape mismatches, the first ``shown`` of each with their counts; empty when it fits."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches (checkpoint vs model)", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > shown else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:shown])}{more}")
+    return "; ".join(parts)

@@ -16,12 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..tracking.mlflow_runs import TRIAL_ID_TAG, RunLogger, default_tracking_uri, find_or_create_run
+from .. import interrupts
+from ..tracking.mlflow_runs import TRIAL_ID_TAG, RunLogger, default_tracking_uri, find_or_create_run, trial_outcome
 from ..tracking.preflight import TrackingUnavailable, check_tracking
 from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG, trial_params, trial_tags
 from ..tracking.system_metrics import system_metrics
-from .builders import build_data, load_pretrained, pretrained_path, task_of
+from .builders import build_data, load_pretrained, new_model, pretrained_path, task_of
 from .config import TrialConfig, TrialConfigError
+from .data_checks import check_data
+from .labels import bits_label, mode_label
+from .identity import (FINGERPRINT_TAG, RunIdentity, RunMismatch, archive, check_output_dir, mismatch_message,
+                       run_identity, write_identity)
 
 
 class TrialFailed(RuntimeError):
@@ -44,17 +49,22 @@ class TrialResult:
     config: TrialConfig = field(repr=False)
 
 
-def mode_name(cfg: TrialConfig) -> str:
-    return "range_learning" if cfg.qat.range_learning else "static"
-
-
 def default_run_name(cfg: TrialConfig) -> str:
-    return (f"{cfg.model.name}-{cfg.data.name}-W{cfg.quant.param_bw}A{cfg.quant.output_bw}-{mode_name(cfg)}"
+    return (f"{cfg.model.name}-{cfg.data.name}-{bits_label(cfg).upper()}-{mode_label(cfg)}"
             f"-lr{cfg.qat.lr:g}-e{cfg.qat.epochs}")
 
 
 def prepare(cfg: TrialConfig, log=print) -> TrialConfig:
-    """A copy with absolute paths, a tracking URI, a trial id and the pretrained checkpoint path."""
+    """``checked(cfg)``'s config, for a config that runs no trial of its own (a sweep's base)."""
+    return checked(cfg, log)[0]
+
+
+def checked(cfg: TrialConfig, log=print, point: dict[str, Any] | None = None) -> tuple[TrialConfig, RunIdentity]:
+    """A copy with absolute paths, a tracking URI, a trial id, the pretrained checkpoint path and
+    the run's fingerprint, after every check that can fail before the trial runs: the tracking
+    server, the run's identity (``identity.py``: a resume or rerun of another config is refused),
+    the task, the checkpoint, the data (``data_checks.py``) and ``quant.leaf_modules``. Nothing is
+    written but the FP32 baseline's cache. ``point``: a sweep trial's point (part of its identity)."""
     cfg = copy.deepcopy(cfg).validate()
     cfg.output_dir = str(Path(cfg.output_dir).expanduser().resolve())
     if not cfg.tracking.uri:
@@ -69,12 +79,51 @@ def prepare(cfg: TrialConfig, log=print) -> TrialConfig:
         check_tracking(cfg.tracking.uri)
     except TrackingUnavailable as exc:
         raise TrialConfigError(str(exc)) from None
-    task_of(cfg.task)  # a task that cannot be built fails here, before any run exists
+    identity = run_identity(cfg, point)
+    if not cfg.qat.restart:
+        check_output_dir(cfg.output_dir, identity, _describe_run(cfg), _rename_key(cfg))
+    task = task_of(cfg.task)  # a task that cannot be built fails here, before any run exists
     data = build_data(cfg.data)
+    given = bool(cfg.model.checkpoint)
+    if not given:  # the data is checked before a baseline is trained on it (a fresh model has its outputs)
+        check_data(task, data, new_model(cfg.model, data), cfg.qat.batch_size)
     cfg.model.checkpoint, _ = pretrained_path(cfg.model, cfg.data, cfg.task, data, log=log)
     model = load_pretrained(cfg.model, data, cfg.model.checkpoint)  # the checkpoint fits the model
+    if given:
+        check_data(task, data, model, cfg.qat.batch_size)
     check_leaf_modules(cfg, model)
-    return cfg
+    cfg.fingerprint = identity.fingerprint
+    return cfg, identity
+
+
+def claim(cfg: TrialConfig, identity: RunIdentity, log=print) -> None:
+    """The output directory becomes this run's: ``identity.json`` written (with ``qat.restart`` the
+    earlier outputs are archived first). Called once every check has passed."""
+    if cfg.qat.restart:
+        moved = archive(_run_paths(cfg))
+        if moved:
+            log(f"qat.restart: earlier outputs moved to {', '.join(moved)}")
+    write_identity(cfg.output_dir, identity)
+
+
+def _rename_key(cfg: TrialConfig) -> str:
+    return "sweep.name" if cfg.tracking.parent_run_id else "name"
+
+
+def _describe_run(cfg: TrialConfig) -> str:
+    return f"run {cfg.tracking.run_name!r} ({cfg.output_dir})"
+
+
+def _run_paths(cfg: TrialConfig) -> list[str]:
+    """What a run leaves on local disk: its output directory and, when stored elsewhere, its Ray
+    Train checkpoints."""
+    from .ray_launcher import run_name_of, storage_of
+
+    paths = [cfg.output_dir]
+    ray_dir = f"{storage_of(cfg).rstrip('/')}/{run_name_of(cfg)}"
+    if "://" not in ray_dir and not Path(ray_dir).resolve().is_relative_to(Path(cfg.output_dir)):
+        paths.append(ray_dir)
+    return paths
 
 
 def check_leaf_modules(cfg: TrialConfig, model) -> None:
@@ -103,7 +152,7 @@ def start_run(cfg: TrialConfig, launcher: str, swept: dict[str, Any] | None = No
               extra_tags: dict[str, str] | None = None) -> str:
     """The trial's MLflow run: created with its params, tags and ``config.json``, or found again
     by its trial id (a restarted trial), with the labels of the earlier attempt removed."""
-    tags = {**trial_tags(cfg, launcher), **(extra_tags or {})}
+    tags = {**trial_tags(cfg, launcher), **(extra_tags or {}), FINGERPRINT_TAG: cfg.fingerprint or ""}
     run_id, created = find_or_create_run(cfg.tracking.uri, cfg.tracking.experiment, TRIAL_ID_TAG,
                                          cfg.tracking.trial_id, cfg.tracking.run_name, tags,
                                          cfg.tracking.parent_run_id)
@@ -116,6 +165,45 @@ def start_run(cfg: TrialConfig, launcher: str, swept: dict[str, Any] | None = No
     return run_id
 
 
+def _runs_of_trial(cfg: TrialConfig) -> list:
+    from ..tracking.mlflow_runs import client, ensure_experiment, retrying
+
+    experiment_id = ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    c = client(cfg.tracking.uri)
+    return retrying(lambda: c.search_runs([experiment_id],
+                                          filter_string=f"tags.`{TRIAL_ID_TAG}` = '{cfg.tracking.trial_id}'"))
+
+
+def check_tracked_identity(cfg: TrialConfig) -> None:
+    """The MLflow side of the identity check (a shared server that outlived the local outputs):
+    a run of this trial id recorded with another fingerprint is refused, naming the params that differ."""
+    for run in _runs_of_trial(cfg):
+        recorded = run.data.tags.get(FINGERPRINT_TAG)
+        if recorded and cfg.fingerprint and recorded != cfg.fingerprint:
+            params = trial_params(cfg)
+            old = {k: v for k, v in run.data.params.items() if k in params}
+            raise RunMismatch(mismatch_message(f"{_describe_run(cfg)}: MLflow run {run.info.run_id}",
+                                               _recorded(recorded, old), _recorded(cfg.fingerprint, params),
+                                               _rename_key(cfg)))
+
+
+def _recorded(fingerprint: str, params: dict[str, Any]):
+    from .identity import RunIdentity
+
+    return RunIdentity(fingerprint, params)
+
+
+def archive_runs(cfg: TrialConfig) -> None:
+    """``qat.restart``: earlier MLflow runs of this trial id keep their history under an archived
+    trial id, so the restarted trial gets a run of its own."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    for run in _runs_of_trial(cfg):
+        logger = RunLogger(cfg.tracking.uri, run.info.run_id)
+        logger.set_tags({TRIAL_ID_TAG: f"{cfg.tracking.trial_id}.archived-{stamp}"})
+        if run.info.status == "RUNNING":
+            logger.end("interrupted", "archived by qat.restart=true")
+
+
 def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, log=print, *, in_actor: bool = False,
               swept: dict[str, Any] | None = None, extra_tags: dict[str, str] | None = None) -> TrialResult:
     """Run one trial end to end; raises ``TrialFailed`` (MLflow run FAILED) when it does not finish.
@@ -126,13 +214,20 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
     (logged as params); ``extra_tags``: more run tags (sweep name, source).
     """
     started_at = time.time()  # for the startup_s metric: trial start to first optimizer step
-    cfg = prepare(cfg, log=log)
+    cfg, identity = checked(cfg, log=log, point=swept)
     launcher = launcher_for(cfg, in_actor)
     if launcher == "ray-train":
         from .ray_launcher import check_fits, check_local_capacity, ensure_ray
 
         check_local_capacity(cfg.trainer)
-        check_fits(cfg.trainer, ensure_ray(cfg.trainer.ray_address))
+        started = ensure_ray(cfg.trainer.ray_address)
+        interrupts.reinstall()  # Ray's core worker replaced the SIGTERM handler with one that aborts
+        check_fits(cfg.trainer, started)
+    if cfg.qat.restart:
+        archive_runs(cfg)
+    else:
+        check_tracked_identity(cfg)
+    claim(cfg, identity, log=log)
     run_id = start_run(cfg, launcher, swept, extra_tags)
     tracker = RunLogger(cfg.tracking.uri, run_id)
     payload = {"trial": cfg.to_dict(), "run_id": run_id, "local": launcher != "ray-train",
@@ -150,19 +245,18 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
     with system_metrics(cfg.tracking.uri, run_id):
         try:
             if launcher == "ray-train":
-                from .ray_launcher import fit
+                from .ray_launcher import fit, run_name_of
 
-                metrics = fit(cfg, payload, run_name=f"trial-{cfg.tracking.trial_id}", callbacks=callbacks)
+                metrics = fit(cfg, payload, run_name=run_name_of(cfg), callbacks=callbacks)
             else:
                 from .workflow import qat_worker
 
                 metrics = qat_worker(payload, on_report=report)
         except KeyboardInterrupt:
-            _end(tracker, "KILLED", "interrupted", "interrupted (SIGINT)")
+            tracker.end("interrupted", f"interrupted ({interrupts.STATE.signal_name})", best_effort=True)
             raise
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {_first_line(exc)}"
-            _end(tracker, "FAILED", "failed", reason)
+            tracker.end("failed", f"{type(exc).__name__}: {_first_line(exc)}", best_effort=True)
             raise TrialFailed(f"trial {cfg.tracking.run_name} failed: {_first_line(exc)}") from exc
     status = metrics.get("status")
     if not closed:
@@ -172,31 +266,11 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
     return TrialResult("finished", metrics, run_id, cfg.tracking.uri, cfg.output_dir, cfg)
 
 
-def run_outcome(status: str | None) -> tuple[str, str]:
-    """``(MLflow status, qat.outcome)`` of a trial whose final report says ``status``."""
-    if status == "finished":
-        return "FINISHED", "finished"
-    return "FAILED", "diverged" if status == "diverged" else "failed"
-
-
 def _close(tracker: RunLogger, status: str | None, reason: str | None = None) -> str:
-    mlflow_status, outcome = run_outcome(status)
-    _end(tracker, mlflow_status, outcome, reason if mlflow_status != "FINISHED" else None)
+    """End the run as the trial's final report says (``status``); returns the outcome."""
+    outcome = trial_outcome(status)
+    tracker.end(outcome, reason, best_effort=outcome != "finished")
     return outcome
-
-
-def _end(tracker: RunLogger, status: str, outcome: str, reason: str | None = None) -> None:
-    """Close the run with ``status`` and its labels; on a failing path a broken tracking store must
-    not hide the trial's own error, so closing is best effort there."""
-    tags = {OUTCOME_TAG: outcome}
-    if reason:
-        tags[FAILURE_REASON_TAG] = reason[:5000]
-    try:
-        tracker.set_tags(tags)
-        tracker.finish(status)
-    except Exception:
-        if status == "FINISHED":
-            raise
 
 
 def _first_line(exc: BaseException) -> str:

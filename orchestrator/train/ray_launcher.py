@@ -134,6 +134,16 @@ def check_fits(trainer, local: bool, extra_cpus: float = 0.0) -> None:
         )
 
 
+def storage_of(cfg: TrialConfig) -> str:
+    """Where Ray Train persists the trial's checkpoints (``trainer.storage_path``, else ``<output_dir>/ray``)."""
+    return cfg.trainer.storage_path or str(Path(cfg.output_dir) / "ray")
+
+
+def run_name_of(cfg: TrialConfig) -> str:
+    """The Ray Train run's name: a function of the trial id, so a restarted trial finds its checkpoints."""
+    return f"trial-{cfg.tracking.trial_id}"
+
+
 def fit(cfg: TrialConfig, payload: dict[str, Any], run_name: str, callbacks: list | None = None) -> dict[str, Any]:
     """Run ``qat_worker`` on ``cfg.trainer.num_workers`` Ray Train workers; rank 0's last report."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -145,7 +155,7 @@ def fit(cfg: TrialConfig, payload: dict[str, Any], run_name: str, callbacks: lis
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
-    storage = t.storage_path or str(Path(cfg.output_dir) / "ray")
+    storage = storage_of(cfg)
     trainer = TorchTrainer(
         qat_worker,
         train_loop_config={**payload, "checkpoint_root": f"{storage.rstrip('/')}/{run_name}"},

@@ -41,7 +41,9 @@ from .config import TrialConfig
 from .data import calibration_batches, eval_loader, is_iterable, set_epoch, train_loader
 from .distributed import all_gather, all_reduce_sum, broadcast_quantizer_state, digest, distributed, quantizer_state
 from .divergence import EXPLODED_LOSS_FACTOR, exploded_loss, stayed_at_chance
+from .identity import check_state
 from .loops import Distillation, evaluate, train_epoch
+from .ptq_steps import build_sim, calibrate_with_init, reestimate_batchnorms
 from .session import LocalSession, RaySession, Session
 
 if TYPE_CHECKING:
@@ -168,10 +170,13 @@ class Trial:
         self.dummy = head(self.task.inputs(calibration[0]), 2)
         with torch.no_grad():
             self.num_outputs = int(self.task.forward(model, calibration[0]).shape[-1])
-        sim = QuantizationSimModel(model, self.dummy, cfg.quant_config())
+        sim, self.mixed = build_sim(cfg, model, self.dummy, self.task, calibration, self.log)  # quant.mixed: ptq_steps.py
         state = self.session.load_state()
+        if state is not None:  # a checkpoint of another config is never loaded into this one
+            check_state(state, cfg.fingerprint, f"of trial {self.name or cfg.output_dir}")
         if state is not None and "final" in state:  # the trial had already ended: report it again
-            self.log(f"trial already ended with status {state['final']['status']}")
+            self.log(f"this run already ended ({state['final']['status']}) with this same config: its results "
+                     "again, nothing retrained")
             self.session.report(state["final"])
             return state["final"]
         if state is None:
@@ -196,22 +201,24 @@ class Trial:
         ended = self.fine_tune(sim, data, state, history, distill, extra)
         if ended is not None:
             return ended
+        extra.update(reestimate_batchnorms(qat, sim, self.task, data, device, self.log))  # ptq_steps.py
         return self.finish(sim, history, extra)
 
     def calibrate(self, model: nn.Module, sim: QuantizationSimModel, calibration: list, data) -> tuple:
         """Steps 1-2 on a fresh trial: FP32 metrics, calibration, broadcast, PTQ metrics."""
         fp32 = self.evaluate(model, "test")
         task = self.task
-        sim.compute_encodings(lambda m, batches: [task.forward(m, b) for b in batches], calibration)
+        init = calibrate_with_init(self.cfg.qat, sim, task, calibration, lambda: self.evaluate(sim.model, "test"),
+                                   self.log) | self.mixed  # qat.init's PTQ steps, each measured (ptq_steps.py)
         local_digests = all_gather(digest(quantizer_state(sim.model)))
         broadcast_quantizer_state(sim.model)
         extra = {"calibration_digests": ",".join(all_gather(digest(quantizer_state(sim.model)))),
-                 "local_calibration_digests": ",".join(local_digests)}
+                 "local_calibration_digests": ",".join(local_digests), **init}
         ptq = self.evaluate(sim.model, "test")
         if self.tracker is not None:
             sizes = {f"{split}_samples": len(getattr(data, split)) for split in ("val", "test")
                      if not is_iterable(getattr(data, split))}
-            self.tracker.log_metrics({**prefixed("fp32", fp32), **prefixed("ptq", ptq), **sizes}, step=0)
+            self.tracker.log_metrics({**prefixed("fp32", fp32), **prefixed("ptq", ptq), **sizes, **init}, step=0)
         self.log(f"FP32 {task.describe(fp32)}  PTQ {task.describe(ptq)}  ({len(sim.activation_quantizers())} "
                  f"activation quantizers, {len(sim.param_quantizers())} weight quantizers, {self.world} worker(s))")
         return fp32, ptq, extra
@@ -239,7 +246,8 @@ class Trial:
             return None
         state = {"model": sim.model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
-                 "fp32": self.fp32, "ptq": self.ptq, "rng": {"seed": self.cfg.qat.seed, "next_epoch": epoch + 1}}
+                 "fp32": self.fp32, "ptq": self.ptq, "rng": {"seed": self.cfg.qat.seed, "next_epoch": epoch + 1},
+                 "identity": {"fingerprint": self.cfg.fingerprint}}
         if final is not None:
             state["final"] = final
         return state

@@ -1,10 +1,10 @@
-"""qat-train and qat-sweep refuse bad input as a user meets it: one `error:` line, exit status 2, in
-seconds, before Ray or MLflow start, with nothing written (no run, no directory)."""
+"""qat-train and qat-sweep refuse bad input as a user meets it: one `error:` line, exit status 2,
+before Ray or MLflow start, with nothing written (no run, no directory). How fast that is belongs
+to benchmarks/failure_cases.py, not to a test on a shared machine."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 from helpers_cli import run_cli
@@ -38,13 +38,10 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, baseline_cac
     root = tmp_path / "out"
     args = [a.replace("CORRUPT", str(tmp_path / "random.pt")) for a in args]
     (tmp_path / "random.pt").write_bytes(os.urandom(2000))
-    start = time.time()
     proc = run_cli(program, [f"paths.root={root}", *DIGITS, *args], tmp_path, baseline_cache, check=False)
-    elapsed = time.time() - start
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     err = proc.stderr.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1, err
-    assert elapsed < 15.0, elapsed
     assert not root.exists()  # no run directory, no MLflow database
 
 

@@ -85,3 +85,40 @@ class Mlp(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+# ---- data a careless user hands over (tests/train/test_run_identity.py) -----------------------
+# (each takes the built-in digits' arguments, which the data=digits group passes as data.args)
+def _digits_splits(digits_args: dict, **replace) -> DataSplits:
+    from orchestrator.zoo.datasets import digits
+
+    d = digits(**digits_args)
+    splits = {"train": d.train, "val": d.val, "test": d.test, **replace}
+    return DataSplits(splits["train"], splits["val"], splits["test"], model_args=dict(d.model_args))
+
+
+def digits_empty_val(**digits_args) -> DataSplits:
+    """The digits with a validation split of no samples."""
+    from torch.utils.data import TensorDataset
+
+    return _digits_splits(digits_args, val=TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64)))
+
+
+def digits_label_12(**digits_args) -> DataSplits:
+    """The digits (10 classes) with test sample 300 labelled 12."""
+    from torch.utils.data import TensorDataset
+
+    x, y = _digits_splits(digits_args).test.tensors
+    y = y.clone()
+    y[300] = 12
+    return _digits_splits(digits_args, test=TensorDataset(x, y))
+
+
+def digits_rgb(**digits_args) -> DataSplits:
+    """The digits as 3-channel images ``[3, 8, 8]`` in every split: the digits CNN takes 1 channel."""
+    from torch.utils.data import TensorDataset
+
+    d = _digits_splits(digits_args)
+    rgb = {s: TensorDataset(getattr(d, s).tensors[0].expand(-1, 3, -1, -1).contiguous(), getattr(d, s).tensors[1])
+           for s in ("train", "val", "test")}
+    return _digits_splits(digits_args, **rgb)
