@@ -4,7 +4,9 @@
 
 For each model of the quant acceptance tests (``tests/quant/test_acceptance_*.py``: Hugging Face
 ``transformers`` models built from small configs with random weights, torchvision-style and
-recurrent models; the same builders, so the numbers are the tests'): how many weight and
+recurrent models) and each family of ``tests/quant/test_export_architectures.py`` (decoder LMs,
+encoder-decoders, CLIP/SigLIP/DeiT/Swin/ConvNeXtV2/SegFormer; the same builders, so the
+numbers are the tests'): how many weight and
 activation tensors the simulation quantizes, W8A8 output SQNR vs FP32 on held-out inputs (the
 logits, and their input-dependent part), whether the export and onnxruntime's QDQ run agree
 (top-1 on 32 inputs, or SQNR for language models), and the training-step time (forward, loss,
@@ -29,10 +31,32 @@ from orchestrator.quant import kernels  # noqa: E402
 
 
 def _cases() -> dict:
+    from acceptance import Case
     from test_acceptance_torch_models import CASES as TORCH_CASES
     from test_acceptance_transformers import CASES as HF_CASES
+    from test_export_architectures import ARCHITECTURES
 
-    return {c.name: c for c in HF_CASES + TORCH_CASES}
+    families = [Case(f.name, f.make, lm=f.lm) for f in ARCHITECTURES]
+    return {c.name: c for c in HF_CASES + families + TORCH_CASES}
+
+
+def _loss_and_target(case, batch):
+    """A training loss for the timed step: cross-entropy against 5 classes for classifiers; for
+    token outputs the next token (of ``decoder_input_ids`` for encoder-decoders); per-pixel
+    classes for segmentation (logits ``[B, C, H, W]``)."""
+    from quant_checks import classification_loss, logits_of, next_token_loss
+
+    g = torch.Generator().manual_seed(3)
+    if not case.lm:
+        return classification_loss, torch.randint(0, 5, (16,), generator=g)
+    if isinstance(batch, dict) and "input_ids" not in batch and "decoder_input_ids" not in batch:
+        with torch.no_grad():
+            shape = logits_of(case.make()[0](**batch)).shape
+        target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+        return (lambda out, t: torch.nn.functional.cross_entropy(logits_of(out), t)), target
+    if isinstance(batch, dict):
+        return next_token_loss, batch.get("decoder_input_ids", batch.get("input_ids"))
+    return next_token_loss, batch
 
 
 def _step_fn(model: torch.nn.Module, params: list, batch, loss_fn, target):
@@ -50,7 +74,7 @@ def _step_fn(model: torch.nn.Module, params: list, batch, loss_fn, target):
 
 def row(case, rounds: int, per_round: int) -> tuple:
     from acceptance import AcceptanceRun
-    from quant_checks import calibrated, classification_loss, next_token_loss
+    from quant_checks import calibrated
 
     run = AcceptanceRun(case)
     sim = run.sim
@@ -58,15 +82,15 @@ def row(case, rounds: int, per_round: int) -> tuple:
     try:
         run.export
         ort = run.ort
-        agreement = f"{ort.sqnr:.0f} dB" if case.lm else f"{100 * ort.top1:.0f}% top-1"
+        equal = ort.max_abs == 0.0
+        if case.lm:
+            agreement = "logits bit-equal" if equal else f"logits {ort.sqnr:.0f} dB"
+        else:
+            agreement = f"{100 * ort.top1:.0f}% top-1" + (", bit-equal" if equal else "")
     except Exception as exc:  # the row says why instead of stopping the table
         agreement = f"export failed: {type(exc).__name__}"
     batch = run.batch(16, 300)
-    if case.lm:
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch
-        loss_fn, target = next_token_loss, ids
-    else:
-        loss_fn, target = classification_loss, torch.randint(0, 5, (16,), generator=torch.Generator().manual_seed(3))
+    loss_fn, target = _loss_and_target(case, batch)
     static = calibrated(run.model, run.calibration, **case.config)
     learned = calibrated(run.model, run.calibration, range_learning=True, **case.config)
     for m in (run.model, static.model, learned.model):

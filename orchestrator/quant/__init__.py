@@ -16,6 +16,7 @@ from .errors import (
 from .export import ExportError
 from .host_memory import keep_freed_host_memory
 from .layers import QuantizedModule, register
+from .outliers import OutlierWarning
 from .qdq import QdqRunner, build_qdq_model
 from .quantizer import QuantizeDequantize
 from .sim import EncodingCollapseWarning, QuantizationSimModel
@@ -24,6 +25,7 @@ __all__ = [
     "CalibrationError",
     "Encoding",
     "EncodingCollapseWarning",
+    "OutlierWarning",
     "EncodingsFileError",
     "ExportError",
     "NotCalibratedError",

@@ -6,7 +6,7 @@ formulation):
 
     scores = (Q @ K^T) * scale            quantized ("scores")
     scores = scores + mask (or -inf)      joins the softmax (a fused masked softmax on target)
-    probs  = softmax(scores, dim=-1)      quantized ("probs"), then dropout
+    probs  = softmax(scores, dim=-1)      quantized ("probs"), then dropout; a fully masked row: 0
     out    = probs @ V                    quantized ("output")
 
 Shapes: ``Q [..., L, E]``, ``K [..., S, E]``, ``V [..., S, Ev]`` -> ``[..., L, Ev]``; with
@@ -47,6 +47,10 @@ def quantized_sdpa(quantizers: Mapping[str, torch.nn.Module], query: torch.Tenso
         else:
             scores = scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
+    if is_causal or (attn_mask is not None and attn_mask.dtype == torch.bool):
+        # A row with every key masked (padding under a sliding window): zeros, not NaN, as
+        # PyTorch's own SDPA (``_safe_softmax``) gives.
+        probs = torch.where((scores == float("-inf")).all(-1, keepdim=True), 0.0, probs)
     if "probs" in quantizers:
         probs = quantizers["probs"](probs)
     if dropout_p > 0.0:

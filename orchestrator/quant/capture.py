@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .layers import QuantizedModule
-from .ops import canonical_name, is_inplace, is_pass_through, raw_name
+from .ops import canonical_name, computes_on_floats, is_inplace, is_pass_through, raw_name
 
 MODEL_OUTPUT = -2  # consumer index meaning "returned by the model"
 
@@ -68,6 +68,7 @@ class CapturedGraph:
     called: set[str]  # every module called during the forward pass
     params_by_id: dict[int, list[str]]
     outputs: list[tuple[str, TensorInfo]]  # flattened model output tensors: (name, what produced it)
+    integer_ops: int = 0  # calls of compute ops on integer tensors only (index arithmetic), not sites
 
     def function_nodes(self, owner: str) -> list[Node]:
         return [n for n in self.nodes if n.kind == "function" and n.owner == owner]
@@ -145,6 +146,7 @@ class _Recorder:
         self.input_names: list[str] = []
         self.called: set[str] = set()
         self.outputs: list[tuple[str, TensorInfo]] = []
+        self.integer_ops = 0  # ops on integer tensors only (index arithmetic): never sites
 
     # ------------------------------------------------------------------ tensors
     def info(self, t: torch.Tensor) -> TensorInfo:
@@ -215,6 +217,9 @@ class _Recorder:
             return
         owner, counts = frame
         op = canonical_name(func)
+        if op is not None and not computes_on_floats(args, kwargs):
+            op = None  # integer/index arithmetic: never a site, not counted (``ops.computes_on_floats``)
+            self.integer_ops += 1
         through = op is None and is_pass_through(func)
         if op is None and not through:
             return
@@ -261,4 +266,4 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, leaf_modules: tuple[str
         for h in handles:
             h.remove()
     return CapturedGraph(recorder.nodes, recorder.input_names, recorder.containers, recorder.called,
-                         recorder.params_by_id, recorder.outputs)
+                         recorder.params_by_id, recorder.outputs, recorder.integer_ops)

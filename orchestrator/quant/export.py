@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import onnx
+from onnx import helper
 import torch
 from torch.utils import _pytree as pytree
 
@@ -178,34 +179,85 @@ def _prune(graph: onnx.GraphProto) -> None:
             graph.node.remove(n)
 
 
-def _name_activations(model: onnx.ModelProto, n_real: int, collected: list[str]) -> dict[str, list[str]]:
-    """Rename each collected activation to its quantizer's name; return quantizer -> ONNX tensor names."""
+def _name_activations(model: onnx.ModelProto, n_real: int, collected: list[str],
+                      quantized_inputs: set[str]) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """Rename each collected activation to its quantizer's name. Returns quantizer -> ONNX tensor
+    names, and ``(quantizer, note)`` for each quantizer whose tensor the exporter had merged with
+    an earlier quantizer's (see ``_split``)."""
     graph = model.graph
     outputs = [o.name for o in graph.output]
-    inputs = {i.name for i in graph.input} | set(outputs[:n_real])
-    producers = {o: n for n in graph.node for o in n.output}
+    graph_inputs = {i.name for i in graph.input}
+    kept = graph_inputs | set(outputs[:n_real])
     taken = _all_names(graph)
+    claimed: dict[str, str] = {n: n for n in quantized_inputs}  # ONNX tensor -> quantizer whose encoding it carries
     result: dict[str, list[str]] = {}
+    notes: list[tuple[str, str]] = []
     for i, qname in enumerate(collected):
-        src = outputs[n_real + i]
-        while src in producers and producers[src].op_type == "Identity" and src not in inputs:
+        producers = {o: n for n in graph.node for o in n.output}
+        src = list(graph.output)[n_real + i].name
+        while src in producers and producers[src].op_type == "Identity" and src not in kept:
             src = producers[src].input[0]
         calls = result.setdefault(qname, [])
-        if src in inputs:  # a graph input or a model output: keep the graph's name
-            calls.append(src)
-            continue
         target = qname if not calls else f"{qname}.call_{len(calls)}"
-        if src != target:
+        if src in claimed:  # an op between two quantizers was folded away (cat with an empty cache, ...)
+            earlier = claimed[src]
+            src = _split(graph, src, target, taken, kept, claimed, result)
+            notes.append((qname, f"the exporter merged its tensor with {earlier}'s (the op between them "
+                                 "does not survive export); its encoding is on an Identity copy after it"))
+        elif src in kept:  # a graph input or a model output: keep the graph's name
+            pass
+        elif src != target:
             _claim(graph, target, taken)
             _rename(graph, src, target)
-            producers = {o: n for n in graph.node for o in n.output}
             taken.add(target)
-            outputs = [o.name for o in graph.output]
-        calls.append(target)
+            src = target
+        claimed[src] = qname
+        calls.append(src)
     for extra in list(graph.output)[n_real:]:
         graph.output.remove(extra)
     _prune(graph)
-    return result
+    alive = {i.name for i in graph.input} | {o for n in graph.node for o in n.output}
+    for qname in list(result):
+        if not all(n in alive for n in result[qname]):
+            result[qname] = [n for n in result[qname] if n in alive]
+            notes.append((qname, "its result reaches no model output (a branch the outputs do not use), so the "
+                                 "exported graph does not compute it and no encoding names it"))
+            if not result[qname]:
+                del result[qname]
+    return result, notes
+
+
+def _split(graph: onnx.GraphProto, src: str, target: str, taken: set[str], kept: set[str],
+           claimed: dict[str, str], result: dict[str, list[str]]) -> str:
+    """Give a later quantizer a tensor of its own where the exporter merged its tensor ``src`` with
+    an earlier quantizer's: ``Identity(src) -> new``, every consumer of ``src`` reading ``new``
+    (the sim's later ops see the later quantizer's output). A model output keeps its graph name
+    on the later tensor; the earlier quantizer's tensor is renamed. Returns the new tensor's name."""
+    outputs = {o.name for o in graph.output}
+    if src in outputs and src not in {i.name for i in graph.input}:
+        earlier = claimed.pop(src)
+        fresh = earlier if earlier not in taken else f"{earlier}__pre"
+        _claim(graph, fresh, taken)
+        for node in graph.node:  # the producer writes ``fresh``; consumers keep reading ``src``
+            node.output[:] = [fresh if o == src else o for o in node.output]
+        taken.add(fresh)
+        claimed[fresh] = earlier
+        result[earlier] = [fresh if n == src else n for n in result[earlier]]
+        _insert_after(graph, fresh, helper.make_node("Identity", [fresh], [src], name=f"{src}__split"))
+        return src
+    _claim(graph, target, taken)
+    taken.add(target)
+    for node in graph.node:
+        node.input[:] = [target if i == src else i for i in node.input]
+    _insert_after(graph, src, helper.make_node("Identity", [src], [target], name=f"{target}__split"))
+    return target
+
+
+def _insert_after(graph: onnx.GraphProto, tensor: str, node: onnx.NodeProto) -> None:
+    """Insert ``node`` right after the producer of ``tensor`` (first, for a graph input): the
+    graph stays topologically sorted."""
+    at = next((k + 1 for k, n in enumerate(graph.node) if tensor in n.output), 0)
+    graph.node.insert(at, node)
 
 
 # ---------------------------------------------------------------------------- params
@@ -217,25 +269,39 @@ def _param_encodings(sim: QuantizationSimModel, model: onnx.ModelProto) -> tuple
     taken = _all_names(graph)
     encodings: dict[str, Encoding] = {}
     sources: dict[str, dict] = {}
+    model_tensors = set(sim.original_state_dict)  # names the exporter gives initializers it keeps as they are
     for name, entry in sim.quantized_params().items():
         q = entry.quantizer
         if not q.enabled:
             continue
         values = entry.values().detach()
         enc = q.encoding(values)
-        found = locator.locate(values.cpu().float().numpy(), q.axis)
+        array = values.cpu().float().numpy()
+        others = model_tensors - set(entry.names)
+        # An initializer named after another tensor of the model is that tensor; it holds this
+        # parameter only where the exporter merged equal tensors (then it has the same shape).
+        found = [loc for loc in locator.locate(array, q.axis)
+                 if loc.initializer not in others or _dims(graph, loc.initializer) == list(array.shape)]
+        if not found and q.axis is None:
+            found = locator.locate_gathered(array, others)
+            if found:
+                sim.export_notes.append((name, "read through a constant index, which the exporter folds into a new "
+                                               f"tensor: its per-tensor encoding is on {name}.gathered"))
         if not found:
             raise ExportError(
                 f"parameter {name!r}: no initializer of the exported ONNX graph holds its values (the exporter "
-                "transformed it beyond transposes and reordering), so its encoding could not name a tensor"
+                "transformed it beyond transposes, reordering and constant indexing), so its encoding could not "
+                f"name a tensor; keep it float with overrides={{{name!r}: {{'enabled': False}}}}"
             )
         for loc in found:
             current = loc.initializer
             if loc.kind == "identity":
-                wanted = current if current in entry.names else name
+                wanted = current if current in entry.names or current in others else name
             else:
-                wanted = f"{name}.T" if loc.kind == "transposed" else f"{name}.reordered"
-            if wanted != current and wanted not in taken:
+                suffix = {"transposed": "T", "reordered": "reordered", "gathered": "gathered"}[loc.kind]
+                wanted = f"{name}.{suffix}"
+            # An initializer already named for a parameter (an earlier one of a merged pair) keeps its name.
+            if wanted != current and wanted not in taken and current not in encodings:
                 _rename(graph, current, wanted)
                 taken.add(wanted)
                 current = wanted
@@ -254,6 +320,10 @@ def _param_encodings(sim: QuantizationSimModel, model: onnx.ModelProto) -> tuple
             if loc.order is not None:
                 sources[current]["channel_order"] = list(loc.order)
     return encodings, sources
+
+
+def _dims(graph: onnx.GraphProto, initializer: str) -> list[int]:
+    return next(list(i.dims) for i in graph.initializer if i.name == initializer)
 
 
 def _map_encoding(name: str, enc: Encoding, loc, rank: int, graph: onnx.GraphProto, current: str) -> Encoding:
@@ -375,4 +445,6 @@ def _export_graph(sim: QuantizationSimModel, dummy_input: Any,
         finally:
             model.to(device)
     onnx_model = onnx.load(path)
-    return onnx_model, _name_activations(onnx_model, len(output_names), names)
+    names_by_quantizer, notes = _name_activations(onnx_model, len(output_names), names, set(sim._built.plan.inputs))
+    sim.export_notes = notes
+    return onnx_model, names_by_quantizer

@@ -7,7 +7,8 @@ The exporter does not keep parameters as they are: an ``nn.Linear`` on a 3-D inp
 as itself and once transposed, and initializers of equal value are merged. Names cannot be
 trusted, values can: each parameter is looked up by value, as itself, transposed (2-D), or
 with its channels (slices along its channel axis) permuted, leading/trailing size-1 dims
-ignored. Each match says which axis of the initializer holds the parameter's channels and in
+ignored. A per-tensor parameter read through a constant index (``table[index]``) is found as
+the gathered tensor the exporter folds it into. Each match says which axis of the initializer holds the parameter's channels and in
 which order, so a per-channel encoding is written for the tensor the graph really consumes.
 """
 
@@ -25,7 +26,7 @@ class Located:
     """One initializer holding a parameter's values."""
 
     initializer: str
-    kind: str  # "identity" | "transposed" | "reordered"
+    kind: str  # "identity" | "transposed" | "reordered" | "gathered"
     axis: int | None  # the channel axis in the initializer (None: per-tensor parameter)
     order: tuple[int, ...] | None  # initializer channel i holds parameter channel order[i]; None: same order
 
@@ -71,6 +72,25 @@ class ParamLocator:
         if init.name not in self._arrays:
             self._arrays[init.name] = numpy_helper.to_array(init)
         return self._arrays[init.name]
+
+    def locate_gathered(self, values: np.ndarray, exclude: set[str]) -> list[Located]:
+        """Initializers every value of which is a value of ``values`` (a parameter read through a
+        constant index, ``table[index]``, which the exporter folds into a new tensor: Swin's
+        relative position bias). Only for per-tensor encodings, which such a gather keeps exact.
+        Initializers named in ``exclude`` (other tensors of the model) and ones of one repeated
+        value (zeros) are not candidates."""
+        pool = np.unique(np.asarray(values, dtype=np.float32))
+        found = []
+        for inits in self.by_numel.values():
+            for init in inits:
+                if init.name in exclude:
+                    continue
+                array = self._array(init)
+                if array.size < 2 or np.all(array == array.flat[0]) and pool.size > 1:
+                    continue
+                if np.isin(array, pool).all():
+                    found.append(Located(init.name, "gathered", None, None))
+        return found
 
     def locate(self, values: np.ndarray, axis: int | None) -> list[Located]:
         """Every initializer holding ``values`` (a parameter, channels on ``axis``)."""

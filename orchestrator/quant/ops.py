@@ -12,12 +12,17 @@ is never a quantization site:
 
 Sites are counted per canonical name within one call of the module that runs them, so the
 same rule must hold at capture time and at run time: ``canonical_name`` depends on the
-function only, never on the data.
+function only, never on the data, and ``computes_on_floats`` on the arguments' dtypes only.
+Integer and index arithmetic (position ids, ``cumsum`` of a mask, shape arithmetic that a
+tracer such as ``torch.export`` turns into tensor ops) takes no float tensor: it is never a
+site and is not counted, so ops that appear only while tracing do not shift the keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import torch
 
 IGNORED = frozenset({
     "__get__", "__set__", "size", "dim", "ndimension", "numel", "nelement", "__len__", "item", "tolist",
@@ -98,6 +103,18 @@ def canonical_name(func: Callable) -> str | None:
     except TypeError:
         pass
     return out
+
+
+def computes_on_floats(args: tuple, kwargs: dict) -> bool:
+    """True when a tensor argument (or one inside a list/tuple argument, ``torch.cat``'s) is floating point."""
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point():
+                return True
+        elif isinstance(a, (list, tuple)):
+            if any(isinstance(t, torch.Tensor) and t.is_floating_point() for t in a):
+                return True
+    return False
 
 
 def is_pass_through(func: Callable) -> bool:

@@ -12,6 +12,8 @@ Rules (DESIGN.md, "Default placement"):
 - none inside a supergroup: a conv/linear, BatchNorm or add whose only consumer is a
   ReLU/ReLU6/Hardtanh, a conv/linear whose only consumer is an unfolded BatchNorm, and a mask
   add/where whose only consumer is a softmax leave their output to the last op of the group;
+  likewise a tensor used only as ``F.scaled_dot_product_attention``'s ``attn_mask`` (T5's
+  position bias plus the padding mask): it joins the scores inside the attention's softmax;
 - ``F.scaled_dot_product_attention`` is quantized as the ops it stands for: the scaled
   scores, the softmax probabilities and the attention output;
 - weights: every parameter a quantized layer declares, and every parameter of 2+ dims that
@@ -109,15 +111,27 @@ class _Rules:
 
     def sole_consumer(self, node: Node, leaf: int) -> Node | None:
         """The op that alone consumes ``node``'s output ``leaf``, looking through data movement."""
-        users = node.consumers[leaf]
+        found = self._sole_use(node, leaf)
+        return None if found is None else found[0]
+
+    def _sole_use(self, node: Node, leaf: int) -> tuple[Node, list[int]] | None:
+        """``(op, argument positions)``: the op that alone consumes ``node``'s output ``leaf``
+        (looking through data movement) and where among its tensor arguments the value arrives."""
+        users, src, out = node.consumers[leaf], node.index, leaf
         while len(users) == 1 and users[0] != MODEL_OUTPUT:
             user = self.nodes[users[0]]
             if not self.transparent(user):
-                return user
+                return user, [k for k, i in enumerate(user.inputs) if i.node == src and i.output == out]
             if len(user.outputs) != 1:
                 return None
-            users = user.consumers[0]
+            users, src, out = user.consumers[0], user.index, 0
         return None
+
+    def is_attention_mask(self, node: Node, leaf: int) -> bool:
+        """``node``'s output ``leaf`` is used only as the ``attn_mask`` of a scaled dot-product
+        attention (its 4th tensor argument): it joins the scores inside the attention's softmax."""
+        found = self._sole_use(node, leaf)
+        return found is not None and found[0].op == "sdpa" and bool(found[1]) and min(found[1]) >= 3
 
     def fused_with(self, node: Node, leaf: int) -> str | None:
         """Why ``node``'s output stays float inside a supergroup, or None."""
@@ -131,6 +145,8 @@ class _Rules:
             return f"supergroup with the BatchNorm {consumer.owner}"
         if node.kind == "function" and node.op in MASK_OPS and consumer.op in SOFTMAX and self._masks(node):
             return f"mask applied inside the softmax {node_name(consumer)}"
+        if self.is_attention_mask(node, leaf):
+            return f"attention mask/bias joining the scores inside the softmax of {node_name(consumer)}"
         return None
 
     @staticmethod

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from .attention_math import quantized_sdpa
-from .ops import canonical_name
+from .ops import canonical_name, computes_on_floats
 
 # Submodules the simulation adds to the model's modules: quantizer holders, never layers of the model.
 QUANTIZER_CONTAINERS = frozenset({"param_quantizers", "output_quantizers", "functional_quantizers",
@@ -152,7 +152,7 @@ class FunctionalQuantMode(TorchFunctionMode):
         if table.params:
             args, kwargs = table.substitute(args, kwargs)
         op = canonical_name(func)
-        if op is None:
+        if op is None or not computes_on_floats(args, kwargs):  # integer arithmetic: not counted (see ops.py)
             return func(*args, **kwargs)
         k = counts.get(op, 0)
         counts[op] = k + 1

@@ -28,6 +28,7 @@ from .config import QuantConfig
 from .encoding import Encoding
 from .errors import CalibrationError, QuantConfigError, QuantError
 from .observers import make_observer
+from .outliers import LOW_SQNR_DB, OutlierWarning, SampledObserver, tensor_sqnr, warning_text
 from .quantizer import QuantizeDequantize
 
 QUANT_SCHEME_NAMES = {  # AIMET's names, for quantizer_args in the encodings file
@@ -102,6 +103,13 @@ class QuantizationSimModel:
         self.model: nn.Module = built.model
         self.folded = built.folded
         self._watched: set[str] = set()
+        # Set by ``compute_encodings``: per-tensor SQNR (dB) of each activation on its calibrated
+        # grid, and those below 20 dB (``outliers.py``).
+        self.tensor_sqnr: dict[str, float] = {}
+        self.low_sqnr_tensors: dict[str, float] = {}
+        # Set by the last ``export``: (quantizer, how its encoding reached the ONNX graph) where not
+        # on the tensor of its own op (``summary()`` prints them).
+        self.export_notes: list[tuple[str, str]] = []
 
     # ------------------------------------------------------------------ quantizers
     def activation_quantizers(self) -> dict[str, QuantizeDequantize]:
@@ -152,8 +160,10 @@ class QuantizationSimModel:
         quantizers = {n: q for n, q in self._built.activations.items() if q.needs_calibration}
         was_training = self.model.training
         self.model.eval()
-        for q in quantizers.values():
-            q.start_observing(make_observer(cfg.quant_scheme, q.name, None, cfg.percentile))
+        sampled = {}
+        for name, q in quantizers.items():
+            sampled[name] = SampledObserver(make_observer(cfg.quant_scheme, q.name, None, cfg.percentile))
+            q.start_observing(sampled[name])
         try:
             with torch.no_grad():
                 forward_pass_callback(self.model, forward_pass_callback_args)
@@ -170,6 +180,16 @@ class QuantizationSimModel:
             for q in quantizers.values():
                 q.observer = None
             self.model.train(was_training)
+        self.tensor_sqnr = tensor_sqnr(quantizers, {n: o.sample() for n, o in sampled.items()})
+        self.low_sqnr_tensors = {n: db for n, db in self.tensor_sqnr.items() if db < LOW_SQNR_DB}
+        if self.low_sqnr_tensors:
+            warnings.warn(warning_text(self.low_sqnr_tensors, cfg.output_bw), OutlierWarning, stacklevel=2)
+
+    def outlier_overrides(self, bitwidth: int = 16) -> dict[str, dict[str, int]]:
+        """The ``QuantConfig.overrides`` entries (merged with the config's own) that keep the tensors
+        of ``low_sqnr_tensors`` (per-tensor SQNR < 20 dB at calibration) at ``bitwidth`` bits:
+        ``QuantizationSimModel(model, dummy, replace(cfg, overrides=sim.outlier_overrides()))``."""
+        return {**self.config.overrides, **{name: {"bitwidth": bitwidth} for name in self.low_sqnr_tensors}}
 
     @property
     def calibrated(self) -> bool:

@@ -80,6 +80,9 @@ def _float_lines(sim: QuantizationSimModel) -> list[str]:
         shown = ", ".join(sorted(set(plan.constant_path))[:6])
         lines.append(f"  {len(plan.constant_path)} output(s) on mask/constant paths, not activations ({shown}"
                      f"{', ...' if len(set(plan.constant_path)) > 6 else ''})")
+    if built.graph.integer_ops:
+        lines.append(f"  {built.graph.integer_ops} op call(s) on integer tensors only (position ids, index arithmetic): "
+                     "never quantized")
     if plan.pass_through_count:
         lines.append(f"  {plan.pass_through_count} output(s) of data movement (views, reshapes, indexing, dropout, "
                      "max pooling): on their input's grid")
@@ -113,4 +116,7 @@ def render_summary(sim: QuantizationSimModel) -> str:
     if floats:
         lines.append("Stays float:")
         lines += floats
+    if sim.export_notes:
+        lines.append("Export (last sim.export):")
+        lines += [f"  {name}: {note}" for name, note in sim.export_notes]
     return "\n".join(lines)
