@@ -139,7 +139,7 @@ def accumulating_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimize
         n = ctx.task.samples(batch)
         _, task_loss, loss, _ = ctx.losses(model, batch)
         (loss * n).backward()
-        group, samples, loss_sum = group + n, samples + n, loss_sum + float(task_loss) * n
+        group, samples, loss_sum = group + n, samples + n, loss_sum + float(task_loss.detach()) * n
         if (i + 1) % every == 0 or i == len(loader) - 1:
             if not ctx.step(optimizer, float(group)):
                 return EpochResult(loss_sum, samples=samples, diverged_step=i)
