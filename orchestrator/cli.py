@@ -9,6 +9,7 @@ before Ray or MLflow start and before anything is written.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import interrupts
 from .app_config import check_run_name, output_root, register_schemas, trial_config
-from .console import fail, fail_unexpected, quiet_libraries
+from .console import fail, fail_unexpected, filter_worker_lines, quiet_libraries
 
 register_schemas()
 
@@ -69,7 +70,8 @@ def train_summary(result) -> str:
 def _train_app(cfg: DictConfig) -> None:
     interrupts.install()  # SIGTERM ends the run as Ctrl-C does: runs KILLED, temporary files removed
     app = _resolve(cfg)
-    quiet_libraries(app["sweep"]["verbose"])  # the trial's own lines stay (Ray Train forwards them)
+    quiet_libraries(app["sweep"]["verbose"])
+    filter_worker_lines(app["sweep"]["verbose"])  # Ray Train's workers: the trial's own lines, unprefixed
     from .tracking.mlflow_runs import default_tracking_uri
     from .train.launcher import TrialFailed, run_trial
 
@@ -137,12 +139,24 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
         fail(one_line(exc))
 
 
+OPEN_ARGS = re.compile(r"(model|data|task)\.args\.[^=]+=")
+
+
+def open_args(argv: list[str]) -> list[str]:
+    """``data.args.root=/data`` -> ``++data.args.root=/data``: the keys under ``model.args``,
+    ``data.args`` and ``task.args`` are a builder's own arguments (open mappings), so setting one
+    adds it or overrides it, without Hydra's ``+`` for keys the group file did not list."""
+    return [f"++{a}" if OPEN_ARGS.match(a) else a for a in argv]
+
+
 def train_main() -> None:
+    sys.argv[1:] = open_args(sys.argv[1:])
     check_overrides("train", sys.argv[1:])
     _train_app()
 
 
 def sweep_main() -> None:
+    sys.argv[1:] = open_args(sys.argv[1:])
     check_overrides("sweep", sys.argv[1:])
     _sweep_app()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any, NoReturn
 
@@ -41,6 +42,51 @@ def quiet_libraries(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
     for name in ("mlflow", "alembic", "optuna"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+WORKER_LINE = re.compile(r"^\((?P<actor>[\w.]+) pid=\d+(?:, ip=[\w.:-]+)?\) (?P<text>.*)$", re.DOTALL)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class WorkerLines:
+    """A stream wrapper for a program that forwards Ray workers' output (``qat-train`` on Ray
+    Train): a trial's own lines (``[run name] ...`` from a Ray Train worker) are printed without
+    Ray's coloured ``(RayTrainWorker pid=...)`` prefix; every other line a Ray actor prints (the
+    Train controller's, core-worker warnings) is dropped; the program's own lines pass unchanged."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        *lines, self._partial = self._partial.split("\n")
+        for line in lines:
+            kept = self._kept(line)
+            if kept is not None:
+                self.stream.write(kept + "\n")
+        return len(text)
+
+    @staticmethod
+    def _kept(line: str) -> str | None:
+        m = WORKER_LINE.match(ANSI.sub("", line))
+        if m is None:
+            return line
+        return m["text"] if m["actor"] == "RayTrainWorker" and m["text"].startswith("[") else None
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def filter_worker_lines(verbose: bool = False) -> None:
+    """Route this process's stdout and stderr through ``WorkerLines`` (unless ``verbose``)."""
+    if verbose or isinstance(sys.stdout, WorkerLines):
+        return
+    sys.stdout = WorkerLines(sys.stdout)
+    sys.stderr = WorkerLines(sys.stderr)
 
 
 COLORS = {"red": "31", "green": "32", "yellow": "33"}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -34,7 +36,7 @@ def start_cli(program: str, args: list[str], cwd: Path, cache_dir: str, log: Pat
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def wait_for(log: Path, text: str, timeout: float = 300, proc: subprocess.Popen | None = None,
+def wait_for(log: Path, text: str, timeout: float = 600, proc: subprocess.Popen | None = None,
              poll: float = 0.05) -> None:
     """Wait until ``text`` appears in ``log`` (fail early when ``proc`` ends first)."""
     import time
@@ -47,3 +49,16 @@ def wait_for(log: Path, text: str, timeout: float = 300, proc: subprocess.Popen 
             break
         time.sleep(poll)
     raise AssertionError(f"{text!r} never appeared:\n{log.read_text()[-3000:] if log.exists() else ''}")
+
+
+@contextmanager
+def running(program: str, args: list[str], cwd: Path, cache_dir: str, log: Path):
+    """``start_cli`` whose process group is killed on the way out if it still runs (a failed
+    assertion must not leave a driver and its Ray behind)."""
+    proc = start_cli(program, args, cwd, cache_dir, log)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

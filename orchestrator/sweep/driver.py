@@ -44,7 +44,7 @@ def run_from_hydra(config_loader, master_config, overrides: list[str]) -> None:
     lock = SweepLock(plan.root, spec.name)
     try:
         lock.acquire()
-        check_existing(plan)  # again, now that no other driver of this name can start or end meanwhile
+        check_existing(plan)  # under the lock: no other driver of this name can start or end meanwhile
         check_tracked_driver(plan.tracking_uri, plan.base.tracking.experiment, sweep_id(plan), spec.name)
     except errors as exc:
         lock.release()

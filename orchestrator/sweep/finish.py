@@ -42,7 +42,10 @@ def finish(run: SweepRun) -> SweepResult:
     registered = None
     if best is not None:
         m = sweep.base
-        parent.log_metrics({f"best_val_{m}": best.val, f"best_test_{m}": best.test}, step=0)
+        # the best trial's numbers under the children's names too: the UI's runs table opens on the
+        # collapsed parent row, whose columns then show the sweep's result instead of '-'
+        parent.log_metrics({f"best_val_{m}": best.val, f"best_test_{m}": best.test, f"fp32_{m}": best.fp32,
+                            f"ptq_{m}": best.ptq, f"val_{m}": best.val, f"test_{m}": best.test}, step=0)
         tags = {"best_run_id": best.run_id, "best_run_name": best.name}
         if spec.register_best:
             from ..tracking.registry import register_trial_model

@@ -58,8 +58,11 @@ class SweepLock:
         self.name = name
         self.fd: int | None = None
         self.took_over: str | None = None  # the dead holder whose lock was taken over, if any
+        self.created: list[Path] = []
 
     def acquire(self) -> SweepLock:
+        # the directories created here go again on release if nothing else was written in them
+        self.created = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -95,6 +98,11 @@ class SweepLock:
             pass
         os.close(self.fd)
         self.fd = None
+        for d in self.created:
+            try:
+                d.rmdir()
+            except OSError:  # not empty: the sweep wrote there
+                break
 
 
 def check_tracked_driver(uri: str, experiment: str, sweep_id: str, name: str) -> None:

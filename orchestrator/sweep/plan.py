@@ -74,15 +74,14 @@ def plan_sweep(config_loader, master_config, overrides: list[str]) -> SweepPlan:
         _check(composer, space, point, root)
     if spec.search == "optuna":
         _require_module("optuna", "sweep.search=optuna")
-    plan = SweepPlan(spec, space, composer, base, root)
-    check_existing(plan)
-    return plan
+    return SweepPlan(spec, space, composer, base, root)
 
 
 def check_existing(plan: SweepPlan) -> None:
     """A new sweep's name is free; a resumed sweep exists and each of its trials would be composed
     as it was (``train/identity.py``): a changed config is refused before anything runs, naming the
-    trial and the keys that differ. Checked in the plan and again once the sweep's lock is held."""
+    trial and the keys that differ. Checked once the sweep's lock is held (``lock.py``), so that a
+    second driver of a running sweep is told that it runs, and no driver can start or end meanwhile."""
     spec, sweep_dir = plan.spec, plan.sweep_dir
     exists = sweep_state_exists(sweep_dir)
     if exists and not spec.resume:

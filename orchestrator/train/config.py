@@ -259,7 +259,7 @@ class TrainerSpec:
     (compilation) is left out of ``samples_per_s`` and reported as ``compile_warmup_s``.
     """
 
-    num_workers: int = 2
+    num_workers: int = 1
     strategy: Optional[str] = None
     fsdp_blocks: list[str] = field(default_factory=list)
     compile: bool = False

@@ -29,10 +29,10 @@ class PretrainRecipe:
     """How the FP32 baseline is trained: Adam at ``lr`` (cosine-annealed over ``epochs``) with
     ``weight_decay``, global batch ``batch_size``, a fixed ``seed``."""
 
-    epochs: int = 15
-    lr: float = 3e-3
-    batch_size: int = 64
-    weight_decay: float = 0.0
+    epochs: int  # the defaults live in the trial schema (ModelSpec.pretrain_*), written once
+    lr: float
+    batch_size: int
+    weight_decay: float
     seed: int = 0
 
 

@@ -69,6 +69,8 @@ def test_trial_runs_read_well_in_mlflow(hydra_sweep, tmp_path):
     best = max((k for k in kids), key=lambda k: (k.data.metrics["val_acc"], k.data.metrics["test_acc"]))
     assert parent.data.metrics["best_val_acc"] == best.data.metrics["val_acc"]
     by_id = {k.info.run_id: k for k in kids}
+    chosen = by_id[parent.data.tags["best_run_id"]]  # the collapsed parent row shows the best trial's numbers
+    assert all(parent.data.metrics[k] == chosen.data.metrics[k] for k in ("fp32_acc", "ptq_acc", "val_acc", "test_acc"))
     assert by_id[parent.data.tags["best_run_id"]].data.metrics["val_acc"] == best.data.metrics["val_acc"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} == {
         "comparison/hydra.csv", "comparison/hydra.png"}

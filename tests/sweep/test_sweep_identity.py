@@ -8,7 +8,7 @@ import socket
 import subprocess
 
 import pytest
-from helpers_cli import run_cli, start_cli, wait_for
+from helpers_cli import run_cli, running, wait_for
 from helpers_sweep import sqlite, sweep_runs
 
 from orchestrator.sweep.lock import SweepLock, SweepLocked, lock_path
@@ -19,9 +19,10 @@ def test_a_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_path)
     with pytest.raises(SweepLocked, match=r"sweep.name='s' is running already: pid \d+ on host .+, started "):
         SweepLock(tmp_path, "s").acquire()
     first.release()
-    assert not lock_path(tmp_path, "s").exists()
+    assert not lock_path(tmp_path, "s").exists() and not (tmp_path / "sweeps").exists()  # nothing left behind
     dead = subprocess.Popen(["true"])
     dead.wait()
+    lock_path(tmp_path, "s").parent.mkdir()
     lock_path(tmp_path, "s").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
                                                     "started": "2026-12-05T00:00:00Z"}))
     taken = SweepLock(tmp_path, "s").acquire()  # the file stayed; its holder is gone with its lock
@@ -31,15 +32,16 @@ def test_a_lock_names_its_holder_and_a_dead_holders_lock_is_taken_over(tmp_path)
 
 @pytest.mark.slow
 def test_a_second_driver_is_refused_and_a_changed_resume_is_refused(tmp_path, baseline_cache):
-    args = [f"paths.root={tmp_path}", "sweep=smoke", "sweep.name=dup"]
+    args = [f"paths.root={tmp_path}", "sweep=smoke", "sweep.name=dup", "model=digits_cnn", "data=digits",
+            "model.pretrain_epochs=15"]
     log = tmp_path / "first.log"
-    first = start_cli("qat-sweep", args, tmp_path, baseline_cache, log)
-    wait_for(log, "started ", proc=first)
-    second = run_cli("qat-sweep", args, tmp_path, baseline_cache, check=False)
-    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-    (line,) = second.stderr.strip().splitlines()
-    assert line.startswith(f"error: sweep.name='dup' is running already: pid {first.pid} on host "), line
-    assert first.wait(timeout=600) == 0, log.read_text()[-3000:]  # the first is unharmed
+    with running("qat-sweep", args, tmp_path, baseline_cache, log) as first:
+        wait_for(log, "started ", timeout=900, proc=first)
+        second = run_cli("qat-sweep", args, tmp_path, baseline_cache, check=False)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        (line,) = second.stderr.strip().splitlines()
+        assert line.startswith(f"error: sweep.name='dup' is running already: pid {first.pid} on host "), line
+        assert first.wait(timeout=900) == 0, log.read_text()[-3000:]  # the first is unharmed
     _, parent, kids = sweep_runs(sqlite(tmp_path), "dup")
     assert parent.info.status == "FINISHED" and len(kids) == 2
     assert {k.info.status for k in kids} == {"FINISHED"}

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers_cli import cli_env, run_cli, start_cli, wait_for
+from helpers_cli import cli_env, run_cli, running, wait_for
 from mlflow import MlflowClient
 
 from orchestrator.train.config import TrialConfig
@@ -57,10 +57,10 @@ def test_a_killed_run_resumed_with_another_config_is_refused_then_resumes_as_it_
     root = tmp_path / "out"
     args = [f"paths.root={root}", *DIGITS, "qat.epochs=3", "name=r3"]
     log = tmp_path / "first.log"
-    proc = start_cli("qat-train", args, tmp_path, baseline_cache, log)
-    wait_for(log, "epoch 1/3", proc=proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: what a lost node or the OOM killer does
-    proc.wait(timeout=60)
+    with running("qat-train", args, tmp_path, baseline_cache, log) as proc:
+        wait_for(log, "epoch 1/3", proc=proc)
+        os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: what a lost node or the OOM killer does
+        proc.wait(timeout=60)
     identity = json.loads((root / "train" / "r3" / IDENTITY_FILE).read_text())
 
     changed = run_cli("qat-train", [*args, "quant=w4a4"], tmp_path, baseline_cache, check=False)
@@ -99,11 +99,11 @@ def test_a_killed_run_resumed_with_another_config_is_refused_then_resumes_as_it_
 def test_sigterm_in_training_ends_like_ctrl_c(tmp_path, baseline_cache):
     root = tmp_path / "out"
     log = tmp_path / "run.log"
-    proc = start_cli("qat-train", [f"paths.root={root}", *DIGITS, "qat.epochs=20", "name=t"], tmp_path,
-                     baseline_cache, log)
-    wait_for(log, "epoch 1/20", proc=proc)
-    os.kill(proc.pid, signal.SIGTERM)  # the program only, as `timeout`, SLURM or Kubernetes send it
-    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    with running("qat-train", [f"paths.root={root}", *DIGITS, "qat.epochs=20", "name=t"], tmp_path,
+                 baseline_cache, log) as proc:
+        wait_for(log, "epoch 1/20", proc=proc)
+        os.kill(proc.pid, signal.SIGTERM)  # the program only, as `timeout`, SLURM or Kubernetes send it
+        assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
     (line,) = _error_lines(log.read_text())
     assert "interrupted (SIGTERM)" in line and "run the same command again to resume" in line
     (run,) = _runs(root)
@@ -115,14 +115,14 @@ def test_sigterm_in_export_leaves_no_staging_directory(tmp_path, baseline_cache)
     root = tmp_path / "out"
     export = root / "train" / "x" / "export"
     log = tmp_path / "run.log"
-    proc = start_cli("qat-train", [f"paths.root={root}", *DIGITS, "qat.epochs=1", "name=x"], tmp_path,
-                     baseline_cache, log)
-    deadline = time.time() + 300
-    while not (export.is_dir() and any(p.name.startswith(".model.export-") for p in export.iterdir())):
-        assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGTERM)  # while the export is being staged
-    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    with running("qat-train", [f"paths.root={root}", *DIGITS, "qat.epochs=1", "name=x"], tmp_path,
+                 baseline_cache, log) as proc:
+        deadline = time.time() + 600
+        while not (export.is_dir() and any(p.name.startswith(".model.export-") for p in export.iterdir())):
+            assert time.time() < deadline and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGTERM)  # while the export is being staged
+        assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
     assert len(_error_lines(log.read_text())) == 1
     assert not [p.name for p in export.iterdir() if p.name.startswith(".")]
     (run,) = _runs(root)

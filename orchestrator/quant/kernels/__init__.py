@@ -32,9 +32,11 @@ Kernels, chosen once per process (``backend()`` says which):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -59,21 +61,43 @@ CAPABILITY_FLAGS = {
 _BACKEND: str | None = None
 
 
+STALE_BUILD_LOCK_S = 600.0
+
+
+def _clear_stale_build_lock(build_dir: Path) -> None:
+    """A build killed mid-way (Ctrl-C, SIGKILL) leaves torch's ``lock`` file behind, and every later
+    build would wait on it forever. A lock older than ``STALE_BUILD_LOCK_S`` (a build takes 15-60 s)
+    is removed, with a warning."""
+    lock = build_dir / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_S:
+        log.warning("fused fake-quant kernel: removing a build lock left %.0f s ago by an interrupted build (%s)",
+                    age, lock)
+        lock.unlink(missing_ok=True)
+
+
 def _build_cpp() -> None:
     """Build (or load the cached) kernel. ``-fopenmp``: without it ``at::parallel_for`` in the
     extension runs on one thread (measured: 1.8x slower on 2 cores); the OpenMP runtime is the one
     torch already loaded (same soname). Compilers without OpenMP (macOS clang) build it serial."""
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     capability = torch.backends.cpu.get_cpu_capability()
     flags = ["-O3", "-std=c++17", *CAPABILITY_FLAGS.get(capability, [])]
-    name = f"qat_fake_quant_{capability.lower()}"
+    # named by the source and flags: two checkouts (or versions) never rebuild each other's kernel
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+    name = f"qat_fake_quant_{capability.lower()}_{digest}"
+    _clear_stale_build_lock(Path(_get_build_directory(name, verbose=False)))
     try:
         load(name=name, sources=[str(SOURCE)], extra_cflags=[*flags, "-fopenmp"], extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=False)
     except Exception as exc:  # noqa: BLE001 - retried without OpenMP; a second failure propagates
         log.warning("fused fake-quant kernel: no OpenMP build (%s); building it single-threaded",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        _clear_stale_build_lock(Path(_get_build_directory(f"{name}_serial", verbose=False)))
         load(name=f"{name}_serial", sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False,
              verbose=False)
 
