@@ -160,8 +160,9 @@ class QatSpec:
     ``onecycle`` (``torch.optim.lr_scheduler.OneCycleLR`` peaking at ``lr``, per optimizer step); or a
     ``_target_`` partial called with the optimizer and the other keys, plus ``total_steps`` when it takes
     that argument; its ``interval`` key (``epoch`` or ``step``, default ``epoch``) says when it steps.
-    ``loop``: the training epoch, a ``_target_`` partial called as ``fn(model, loader, optimizer, ctx,
-    **other keys)`` returning an ``EpochResult`` (``train/loops.py``; ``ctx`` is a ``LoopContext``).
+    ``loop``: the training epoch, the dotted path of a function or a ``_target_`` partial, called as
+    ``fn(model, loader, optimizer, ctx, **other keys)`` and returning an ``EpochResult``
+    (``train/loops.py``; ``ctx`` is a ``LoopContext``).
     ``accumulation_steps``: optimizer steps every that many batches, on the sample-weighted mean gradient.
     ``autocast``: null (float32) or ``bf16`` (CPU and GPU): mixed precision for the forward and loss.
     ``batch_size`` is the global batch per forward, split evenly across workers (each gets
@@ -186,7 +187,7 @@ class QatSpec:
     lr_step_epochs: int = 2
     lr_gamma: float = 10.0
     warmup_steps: int = 0
-    loop: dict[str, Any] = field(default_factory=lambda: {"_target_": "orchestrator.train.loops.train_epoch"})
+    loop: Any = "orchestrator.train.loops.train_epoch"
     accumulation_steps: int = 1
     autocast: Optional[str] = None
     batch_size: int = 64
@@ -202,9 +203,10 @@ class QatSpec:
 
         check_optimizer(self.optimizer)
         check_schedule(self.schedule)
-        _require(isinstance(self.loop, dict) and isinstance(self.loop.get("_target_"), str) and
-                 bool(self.loop["_target_"]), "qat.loop", self.loop,
-                 "a mapping with _target_ (the dotted path of an epoch function) and its keyword arguments")
+        _require((isinstance(self.loop, str) and "." in self.loop) or (
+            isinstance(self.loop, dict) and isinstance(self.loop.get("_target_"), str) and bool(self.loop["_target_"])),
+            "qat.loop", self.loop, "the dotted path of an epoch function, or a mapping with _target_ (that path) and "
+            "its keyword arguments")
         _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "qat.warmup_steps", self.warmup_steps,
                  "an integer >= 0")
         _require(_is_int(self.accumulation_steps) and self.accumulation_steps >= 1, "qat.accumulation_steps",

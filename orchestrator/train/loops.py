@@ -185,11 +185,13 @@ def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Opt
     return result(None)
 
 
-def run_loop(spec: dict[str, Any], model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+def run_loop(spec: str | dict[str, Any], model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
              ctx: LoopContext) -> EpochResult:
-    """``qat.loop``: ``spec["_target_"](model, loader, optimizer, ctx, **other keys)``."""
+    """``qat.loop``: ``fn(model, loader, optimizer, ctx, **other keys)``, ``fn`` its dotted path or ``_target_``."""
     from .optim import split_partial
 
+    if isinstance(spec, str):
+        spec = {"_target_": spec}
     fn, kwargs = split_partial(spec, "qat.loop")
     result = fn(model, loader, optimizer, ctx, **kwargs)
     if not isinstance(result, EpochResult):

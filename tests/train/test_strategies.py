@@ -127,7 +127,8 @@ def test_optimizer_and_schedule_partials(tmp_path, baseline_cache):
     ("qat.schedule", "linear", r"qat.schedule='linear' is not allowed; allowed: cosine, step, constant"),
     ("qat.accumulation_steps", 0, r"qat.accumulation_steps=0 is not allowed; allowed: an integer >= 1"),
     ("qat.autocast", "fp8", r"qat.autocast='fp8' is not allowed; allowed: null, bf16"),
-    ("qat.loop", {"every": 2}, r"qat.loop=\{'every': 2\} is not allowed; allowed: a mapping with _target_"),
+    ("qat.loop", {"every": 2}, r"qat.loop=\{'every': 2\} is not allowed; allowed: the dotted path of an epoch "
+                               r"function, or a mapping with _target_"),
 ])
 def test_bad_strategy_and_loop_values_are_one_clear_error(key, value, message):
     section, _, field = key.partition(".")
