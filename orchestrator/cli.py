@@ -47,10 +47,11 @@ def train_summary(result) -> str:
     m, cfg = result.metrics, result.config
     task = task_of(cfg.task)
     names = [t.name for t in task.metrics]
-    mode = "range learning" if cfg.qat.range_learning else "static"
+    from .train.labels import bits_label, mode_text
+
     distill = ", distilled" if cfg.qat.distill.enabled else ""
-    rows = [("FP32", "fp32"), (f"PTQ W{cfg.quant.param_bw}A{cfg.quant.output_bw}", "ptq"),
-            (f"QAT {cfg.qat.epochs} epoch(s), {mode}{distill}", "test")]
+    rows = [("FP32", "fp32"), (f"PTQ {bits_label(cfg).upper()}", "ptq"),
+            (f"QAT {cfg.qat.epochs} epoch(s), {mode_text(cfg)}{distill}", "test")]
     width = max(len(r[0]) for r in rows)
     header = f"{'test split':{width}}  " + "  ".join(f"{n:>9}" for n in names) + f"  {task.primary + ' vs FP32':>14}"
     lines = [header]

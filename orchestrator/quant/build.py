@@ -26,6 +26,8 @@ from .batchnorm_fold import FoldedPair, fold_batchnorms
 from .capture import CapturedGraph, capture, input_names, positional_names
 from .config import QuantConfig
 from .errors import QuantConfigError
+from .formats import format_from_name
+from .granularity import PerBlock, PerTensor, PerToken, weight_axes
 from .layers import QuantizedModule, quantized_class_for, to_quantized
 from .placement import Plan, make_plan
 from .quantizer import QuantizeDequantize
@@ -132,24 +134,36 @@ class _Builder:
 
     def activation(self, name: str) -> QuantizeDequantize:
         cfg = self.cfg
-        bitwidth, enabled = cfg.settings_for(name, cfg.output_bw)
-        q = QuantizeDequantize(name, bitwidth, symmetric=False, learnable=cfg.range_learning,
-                               grad_scaling=cfg.lsq_grad_scaling).to(self.device)
-        q.enabled = enabled
+        st = cfg.quantizer_settings(name, is_param=False)
+        fmt = format_from_name(st.format, st.bitwidth, False)
+        q = QuantizeDequantize(name, st.bitwidth, symmetric=False, learnable=cfg.range_learning,
+                               grad_scaling=cfg.lsq_grad_scaling, fmt=fmt,
+                               granularity=PerToken() if st.granularity == "per_token" else PerTensor()).to(self.device)
+        q.enabled = st.enabled
         return q
 
     def weight(self, name: str, param: nn.Parameter, axis: int | None) -> QuantizeDequantize:
+        """The quantizer of weight ``name``; ``axis``: the layer type's declaration (``WeightAxes``)."""
         cfg = self.cfg
-        bitwidth, enabled = cfg.settings_for(name, cfg.param_bw)
-        if not cfg.per_channel or axis is None:
+        st = cfg.quantizer_settings(name, is_param=True)
+        fmt = format_from_name(st.format, st.bitwidth, True)
+        axes = weight_axes(axis, param.dim()) if param.dim() else None
+        granularity = None
+        if axes is None or not st.per_channel:
             axis, channels = None, 1
         else:
-            axis %= param.dim()
-            channels = param.shape[axis]
-        q = QuantizeDequantize(name, bitwidth, symmetric=True, channels=channels, axis=axis,
+            axis, channels = axes.channel, param.shape[axes.channel]
+            if st.block_size:
+                granularity = PerBlock(axes.channel, axes.block, st.block_size)
+                try:
+                    granularity.scale_shape(tuple(param.shape))
+                except ValueError as exc:
+                    raise QuantConfigError(f"weight {name!r} of shape {list(param.shape)}: {exc}") from None
+        q = QuantizeDequantize(name, st.bitwidth, symmetric=True, channels=channels, axis=axis,
                                learnable=cfg.learn_weight_encodings, follow=not cfg.learn_weight_encodings,
-                               grad_scaling=cfg.lsq_grad_scaling, is_param=True).to(param.device)
-        q.enabled = enabled
+                               grad_scaling=cfg.lsq_grad_scaling, is_param=True, fmt=fmt, granularity=granularity,
+                               shape=tuple(param.shape)).to(param.device)
+        q.enabled = st.enabled
         return q
 
 

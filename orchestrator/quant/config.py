@@ -6,12 +6,34 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import QuantConfigError
-from .observers import OBSERVERS
+from .formats import FORMAT_NAMES, FORMATS
+from .observers import OBSERVERS, PERCENTILE
 
 MIN_BITWIDTH = 2
 MAX_BITWIDTH = 16
 QUANT_SCHEMES = tuple(OBSERVERS)
-OVERRIDE_KEYS = {"bitwidth": int, "enabled": bool}
+OVERRIDE_KEYS = {"bitwidth": int, "enabled": bool, "format": str, "block_size": int, "granularity": str}
+ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
+# Calibration schemes that hold for float formats (``sqnr`` searches an integer grid).
+FLOAT_SCHEMES = ("min_max", "percentile")
+
+
+@dataclass(frozen=True)
+class QuantizerSettings:
+    """What ``QuantConfig`` says about one quantizer after ``overrides``.
+
+    ``format``: ``"int"`` (``bitwidth`` bits) or a ``formats.FORMATS`` name. Weights:
+    ``block_size`` > 0 quantizes per block of that many input elements (per output channel);
+    ``per_channel`` otherwise. Activations: ``granularity`` ``per_tensor`` (calibrated) or
+    ``per_token`` (dynamic).
+    """
+
+    bitwidth: int
+    enabled: bool
+    format: str
+    block_size: int
+    per_channel: bool
+    granularity: str
 
 
 def check_bitwidth(name: str, value: Any) -> int:
@@ -59,14 +81,28 @@ class QuantConfig:
             applied in order: ``{"*.attention.output.LayerNorm": {"bitwidth": 16},
             "classifier.*": {"enabled": False}}``. Names are those ``sim.summary()`` lists
             (parameter names for weights). The tool for outliers: keep the few tensors whose
-            ranges per-tensor 8 bits cannot hold at 16 bits, or float.
+            ranges per-tensor 8 bits cannot hold at 16 bits, or float. Keys: ``bitwidth``,
+            ``enabled``, ``format``, ``block_size`` (weights; 0: per channel), ``granularity``
+            (``per_tensor``/``per_channel`` for weights, ``per_tensor``/``per_token`` for activations):
+            mixed precision by name, e.g. ``{"*.self_attn.*": {"format": "float8_e4m3fn"},
+            "*.mlp.*": {"block_size": 32, "bitwidth": 4}, "lm_head.*": {"bitwidth": 8}}``.
+        param_format, output_format: ``int`` (``param_bw``/``output_bw`` bits) or a float format:
+            ``float8_e4m3fn``, ``float8_e5m2``, ``float4_e2m1`` (scaled: weights per channel,
+            activations per tensor), ``float16``, ``bfloat16`` (plain casts).
+        param_block_size: > 0: integer weights per block of this many elements along the
+            layer's input axis (group-wise int4: 32/64/128), one scale per (output channel,
+            block); 0: per channel (``per_channel``). A block larger than the input dim is one
+            block per row; an input dim that is not a multiple of it is an error.
+        output_granularity: ``per_tensor`` (calibrated, as before) or ``per_token``: dynamic,
+            each token's scale from its own values at run time (torchao's 8da4w activations).
+        quantize_activations: False leaves every activation float (weight-only quantization).
     """
 
     param_bw: int = 8
     output_bw: int = 8
     quant_scheme: str = "min_max"
     param_quant_scheme: str = "min_max"
-    percentile: float = 99.99
+    percentile: float = PERCENTILE
     per_channel: bool = True
     range_learning: bool = False
     learn_weight_encodings: bool = False
@@ -74,6 +110,11 @@ class QuantConfig:
     fold_batchnorm: bool = True
     leaf_modules: tuple[str, ...] = field(default_factory=tuple)
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
+    param_format: str = "int"
+    output_format: str = "int"
+    param_block_size: int = 0
+    output_granularity: str = "per_tensor"
+    quantize_activations: bool = True
 
     def __post_init__(self) -> None:
         check_bitwidth("param_bw", self.param_bw)
@@ -101,6 +142,18 @@ class QuantConfig:
             )
         object.__setattr__(self, "leaf_modules", tuple(leaves))
         object.__setattr__(self, "overrides", _check_overrides(self.overrides))
+        for key in ("param_format", "output_format"):
+            _check_format(key, getattr(self, key))
+        _check_block_size("param_block_size", self.param_block_size)
+        _check_choice("output_granularity", self.output_granularity, ACTIVATION_GRANULARITIES)
+        _check_bool("quantize_activations", self.quantize_activations)
+        if self.param_block_size and not self.per_channel:
+            raise QuantConfigError(f"param_block_size={self.param_block_size} needs per_channel=True (blocks are "
+                                   "per output channel); allowed: 0 with per_channel=False")
+        for key, fmt in (("param_quant_scheme", self.param_format), ("quant_scheme", self.output_format)):
+            if fmt in FORMATS and getattr(self, key) not in FLOAT_SCHEMES:
+                raise QuantConfigError(f"{key}={getattr(self, key)!r} is not available for format {fmt!r}; "
+                                       f"allowed: {', '.join(FLOAT_SCHEMES)}")
 
     def settings_for(self, name: str, bitwidth: int) -> tuple[int, bool]:
         """``(bitwidth, enabled)`` of the quantizer called ``name`` after ``overrides``."""
@@ -112,6 +165,32 @@ class QuantConfig:
                 bitwidth = values.get("bitwidth", bitwidth)
                 enabled = values.get("enabled", enabled)
         return bitwidth, enabled
+
+    def quantizer_settings(self, name: str, is_param: bool) -> QuantizerSettings:
+        """Everything this config says about quantizer ``name`` (a weight when ``is_param``), after ``overrides``."""
+        import fnmatch
+
+        if is_param:
+            values = {"bitwidth": self.param_bw, "enabled": True, "format": self.param_format,
+                      "block_size": self.param_block_size,
+                      "granularity": "per_channel" if self.per_channel else "per_tensor"}
+        else:
+            values = {"bitwidth": self.output_bw, "enabled": self.quantize_activations, "format": self.output_format,
+                      "block_size": 0, "granularity": self.output_granularity}
+        for pattern, override in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                values.update(override)
+        allowed = ("per_tensor", "per_channel") if is_param else ACTIVATION_GRANULARITIES
+        _check_choice(f"granularity of {name!r}", values["granularity"], allowed)
+        if values["block_size"] and not is_param:
+            raise QuantConfigError(f"block_size={values['block_size']} for activation {name!r}: blocks are for "
+                                   "weights; allowed for activations: 0")
+        if values["format"] in FORMATS and values["block_size"]:
+            raise QuantConfigError(f"{name!r}: format {values['format']!r} with block_size={values['block_size']} "
+                                   "is not supported yet; allowed: block sizes with format 'int'")
+        return QuantizerSettings(values["bitwidth"], values["enabled"], values["format"], values["block_size"],
+                                 values["granularity"] == "per_channel" or bool(values["block_size"]),
+                                 values["granularity"])
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (lists instead of tuples), for logging and crossing process boundaries."""
@@ -133,9 +212,32 @@ def _check_overrides(overrides: Any) -> dict[str, dict[str, Any]]:
             if key not in OVERRIDE_KEYS:
                 raise QuantConfigError(f"overrides[{pattern!r}].{key} is not a setting; allowed: "
                                        f"{', '.join(OVERRIDE_KEYS)}")
+            where = f"overrides[{pattern!r}].{key}"
             if key == "bitwidth":
-                check_bitwidth(f"overrides[{pattern!r}].bitwidth", value)
+                check_bitwidth(where, value)
+            elif key == "format":
+                _check_format(where, value)
+            elif key == "block_size":
+                _check_block_size(where, value)
+            elif key == "granularity":
+                _check_choice(where, value, ("per_tensor", "per_channel", "per_token"))
             else:
-                _check_bool(f"overrides[{pattern!r}].enabled", value)
+                _check_bool(where, value)
         out[pattern] = dict(values)
     return out
+
+
+def _check_format(name: str, value: Any) -> None:
+    if value not in FORMAT_NAMES:
+        raise QuantConfigError(f"{name}={value!r} is not a known format; allowed: {', '.join(FORMAT_NAMES)}")
+
+
+def _check_block_size(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise QuantConfigError(f"{name}={value!r} is not a block size; allowed: 0 (no blocks) or a positive "
+                               "integer such as 32, 64, 128")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise QuantConfigError(f"{name}={value!r} is not allowed; allowed: {', '.join(allowed)}")

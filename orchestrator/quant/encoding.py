@@ -38,6 +38,11 @@ class Encoding:
     """One quantizer's encoding; ``scale``/``offset`` have shape ``[C]`` (C=1 per tensor).
 
     ``axis``: the channel axis of the tensor it quantizes (None: per tensor).
+    ``dtype``: the format, ``"int"`` or a ``formats.FORMATS`` name (float encodings: offset 0).
+    Per block (``block_size`` set): scales per channel on ``axis`` and per ``block_size``
+    elements along ``block_axis``; ``scale``/``offset`` hold them in the full-rank layout
+    (``granularity.py``) or flattened row-major as a file stores them (``scale_for(shape)``).
+    ``dynamic``: computed per token at run time (no values stored).
     """
 
     bitwidth: int
@@ -45,6 +50,26 @@ class Encoding:
     scale: torch.Tensor
     offset: torch.Tensor
     axis: int | None = None
+    dtype: str = "int"
+    block_axis: int | None = None
+    block_size: int | None = None
+    dynamic: bool = False
+
+    @property
+    def per_block(self) -> bool:
+        return self.block_size is not None
+
+    def block_scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The full-rank scale shape of this per-block encoding on a tensor of ``shape``."""
+        out = [1] * len(shape)
+        out[self.axis] = shape[self.axis]
+        out[self.block_axis] = shape[self.block_axis] // self.block_size
+        return tuple(out)
+
+    def scale_for(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, offset)`` in the full-rank layout for a tensor of ``shape`` (per block only)."""
+        target = self.block_scale_shape(tuple(shape))
+        return self.scale.reshape(target), self.offset.reshape(target)
 
     @property
     def min(self) -> torch.Tensor:

@@ -2,13 +2,22 @@
 
 1.0.0: ``activation_encodings`` / ``param_encodings`` are lists of
 ``{name, enc_type, dtype, bw, is_sym, scale: [..], offset: [..]}`` (one entry per tensor,
-per-channel values as arrays). 0.6.1: they are dicts ``{tensor_name: [per-channel
+per-channel values as arrays). ``enc_type`` ``PER_BLOCK`` (AIMET's spec: integer weights with
+``block_size``; scales flattened row-major from ``[channels, input / block_size]``) adds our
+``axis`` (channel axis) and ``block_axis`` (the input axis blocks run along) of that tensor.
+Float encodings (FP8/FP4 under a scale, fp16/bf16 casts) are ``dtype: FLOAT`` with ``bw`` as the
+spec has them, plus our ``format`` (``float8_e4m3fn``...) and their ``scale`` (offset 0): the
+spec's 1.0.0 FLOAT entry has no scale. Dynamic per-token activations have no stored values: they
+are listed under our top-level ``dynamic_activation_encodings`` as ``{name, dtype, bw, is_sym,
+granularity: PER_TOKEN}``. Readers of AIMET's layout ignore the fields and the key they do not know.
+0.6.1: they are dicts ``{tensor_name: [per-channel
 {bitwidth, dtype, is_symmetric, min, max, offset, scale}, ...]}``. Both carry
 ``quantizer_args`` and ``excluded_layers``. Offsets follow ``x = s * (q + o)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,6 +27,7 @@ import torch
 
 from .config import MAX_BITWIDTH, MIN_BITWIDTH
 from .encoding import AXIS_UNKNOWN, Encoding
+from .formats import FORMATS
 from .errors import EncodingsFileError
 
 ENCODING_VERSIONS = ("1.0.0", "0.6.1")
@@ -32,23 +42,38 @@ def check_version(version: str) -> str:
 
 
 def _entry_1_0_0(name: str, enc: Encoding, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    is_int = enc.dtype == "int"
     entry = {
         "name": name,
-        "enc_type": "PER_CHANNEL" if enc.per_channel else "PER_TENSOR",
-        "dtype": "INT",
+        "enc_type": "PER_BLOCK" if enc.per_block else "PER_CHANNEL" if enc.per_channel else "PER_TENSOR",
+        "dtype": "INT" if is_int else "FLOAT",
         "bw": enc.bitwidth,
         "is_sym": enc.symmetric,
-        "scale": [float(s) for s in enc.scale.tolist()],
-        "offset": [int(o) for o in enc.offset.tolist()],
+        "scale": [float(s) for s in enc.scale.reshape(-1).tolist()],
+        "offset": [int(o) for o in enc.offset.reshape(-1).tolist()],
     }
+    if not is_int:
+        entry["format"] = enc.dtype
     if enc.per_channel:
         entry["axis"] = enc.axis
+    if enc.per_block:
+        entry["block_size"] = enc.block_size
+        entry["block_axis"] = enc.block_axis
     if source:
         entry.update(source)
     return entry
 
 
+def _dynamic_entry(name: str, enc: Encoding) -> dict[str, Any]:
+    return {"name": name, "dtype": "INT" if enc.dtype == "int" else "FLOAT", "bw": enc.bitwidth,
+            "is_sym": enc.symmetric, "granularity": "PER_TOKEN",
+            **({} if enc.dtype == "int" else {"format": enc.dtype})}
+
+
 def _entries_0_6_1(enc: Encoding) -> list[dict[str, Any]]:
+    if enc.per_block or enc.dtype != "int" or enc.dynamic:
+        raise EncodingsFileError("encoding version 0.6.1 holds only integer per-tensor/per-channel encodings; "
+                                 "allowed for per-block, float or dynamic encodings: 1.0.0")
     return [
         {
             "bitwidth": enc.bitwidth,
@@ -80,13 +105,17 @@ def encodings_document(
     check_version(version)
     sources = sources or {}
     if version == "1.0.0":
-        return {
+        doc = {
             "version": version,
-            "activation_encodings": [_entry_1_0_0(n, e) for n, e in activations.items()],
+            "activation_encodings": [_entry_1_0_0(n, e) for n, e in activations.items() if not e.dynamic],
             "param_encodings": [_entry_1_0_0(n, e, sources.get(n)) for n, e in params.items()],
             "excluded_layers": list(excluded_layers),
             "quantizer_args": dict(quantizer_args),
         }
+        dynamic = [_dynamic_entry(n, e) for n, e in activations.items() if e.dynamic]
+        if dynamic:
+            doc["dynamic_activation_encodings"] = dynamic
+        return doc
     args = {k: (str(v) if isinstance(v, bool) else v) for k, v in quantizer_args.items()}
     return {
         "version": version,
@@ -122,9 +151,9 @@ class _Reader:
         return [float(v) for v in value]
 
     def encoding(self, where: str, bw: Any, symmetric: Any, scale: Any, offset: Any, axis: Any = None,
-                 per_channel: bool = False) -> Encoding:
+                 per_channel: bool = False, float_format: bool = False) -> Encoding:
         """An encoding; ``per_channel`` without an ``axis`` gets ``AXIS_UNKNOWN``."""
-        bw = self.bitwidth(where, bw)
+        bw = bw if float_format and bw in (4, 8, 16) else self.bitwidth(where, bw)
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis < 0):
             raise self.fail(f"{where}: 'axis' must be a non-negative integer, got {axis!r}")
         if axis is None and per_channel:
@@ -153,13 +182,50 @@ class _Reader:
             missing = [f for f in ("bw", "is_sym", "scale", "offset") if f not in e]
             if missing:
                 raise self.fail(f"{where}: missing field(s) {missing}")
-            if str(e.get("dtype", "INT")).upper() != "INT":
-                raise self.fail(f"{where}: dtype {e.get('dtype')!r} is not supported; allowed: INT")
+            dtype = self.dtype(where, e)
             if not isinstance(e["is_sym"], bool):
                 raise self.fail(f"{where}: 'is_sym' must be true or false, got {e['is_sym']!r}")
-            per_channel = str(e.get("enc_type", "PER_TENSOR")).upper() == "PER_CHANNEL"
-            out[e["name"]] = self.encoding(where, e["bw"], e["is_sym"], e["scale"], e["offset"], e.get("axis"),
-                                           per_channel)
+            enc_type = str(e.get("enc_type", "PER_TENSOR")).upper()
+            if enc_type not in ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK"):
+                raise self.fail(f"{where}: enc_type {e.get('enc_type')!r} is not supported; allowed: PER_TENSOR, "
+                                "PER_CHANNEL, PER_BLOCK")
+            enc = self.encoding(where, e["bw"], e["is_sym"], e["scale"], e["offset"], e.get("axis"),
+                                enc_type != "PER_TENSOR", float_format=dtype != "int")
+            if enc_type == "PER_BLOCK":
+                block_size, block_axis = e.get("block_size"), e.get("block_axis", AXIS_UNKNOWN)
+                for field, value in (("block_size", block_size), ("block_axis", block_axis)):
+                    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and field == "block_size"):
+                        raise self.fail(f"{where}: '{field}' must be a positive integer for PER_BLOCK, got {value!r}")
+                enc = dataclasses.replace(enc, block_size=block_size, block_axis=block_axis)
+            out[e["name"]] = dataclasses.replace(enc, dtype=dtype)
+        return out
+
+    def dtype(self, where: str, e: dict) -> str:
+        """``"int"`` or the float format of a 1.0.0 entry (``format``; a 16-bit FLOAT without it is float16)."""
+        dtype = str(e.get("dtype", "INT")).upper()
+        if dtype == "INT":
+            return "int"
+        if dtype != "FLOAT":
+            raise self.fail(f"{where}: dtype {e.get('dtype')!r} is not supported; allowed: INT, FLOAT")
+        fmt = e.get("format", "float16" if e.get("bw") == 16 else None)
+        if fmt not in FORMATS:
+            raise self.fail(f"{where}: FLOAT format {fmt!r} is not supported; allowed: {', '.join(FORMATS)}")
+        return fmt
+
+    def dynamic_1_0_0(self, doc: dict) -> dict[str, Encoding]:
+        """Dynamic per-token activations (our ``dynamic_activation_encodings``): no stored values."""
+        entries = doc.get("dynamic_activation_encodings", [])
+        if not isinstance(entries, list):
+            raise self.fail(f"'dynamic_activation_encodings' must be a list, got {type(entries).__name__}")
+        out = {}
+        for i, e in enumerate(entries):
+            where = f"dynamic_activation_encodings[{i}]"
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str) or e.get("granularity") != "PER_TOKEN":
+                raise self.fail(f"{where}: must be an object with a string 'name' and granularity PER_TOKEN")
+            dtype = self.dtype(where, e)
+            bw = FORMATS[dtype].bitwidth if dtype != "int" else self.bitwidth(where, e.get("bw"))
+            out[e["name"]] = Encoding(bw, bool(e.get("is_sym")), torch.ones(1), torch.zeros(1), None, dtype=dtype,
+                                      dynamic=True)
         return out
 
     def section_0_6_1(self, doc: dict, key: str) -> dict[str, Encoding]:
@@ -226,7 +292,9 @@ def read_encodings(path: str | Path) -> tuple[dict[str, Encoding], dict[str, Enc
         raise reader.fail(f"top level must be a JSON object, got {type(doc).__name__}")
     version = doc.get("version")
     if version == "1.0.0":
-        return reader.section_1_0_0(doc, "activation_encodings"), reader.section_1_0_0(doc, "param_encodings")
+        acts = reader.section_1_0_0(doc, "activation_encodings")
+        acts.update(reader.dynamic_1_0_0(doc))
+        return acts, reader.section_1_0_0(doc, "param_encodings")
     if version == "0.6.1":
         return reader.section_0_6_1(doc, "activation_encodings"), reader.section_0_6_1(doc, "param_encodings")
     raise reader.fail(f"version {version!r} is not supported; allowed: {', '.join(ENCODING_VERSIONS)}")

@@ -8,6 +8,7 @@ the ``source``/``channel_order`` an export recorded for a transposed or reordere
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,6 +72,15 @@ def load_into(sim: QuantizationSimModel, path: str, partial: bool) -> None:
             raise fail(f"no encodings for {missing[:5]} (pass partial=True to load the rest)")
     for name, enc in acts.items():
         q = targets[name]
+        if enc.dynamic or q.dynamic:
+            if not (enc.dynamic and q.dynamic and enc.bitwidth == q.bitwidth and enc.dtype == q.format.name):
+                raise fail(f"{name}: file has a {'dynamic' if enc.dynamic else 'static'} {enc.dtype} "
+                           f"{enc.bitwidth}-bit "
+                           f"encoding; the model's quantizer is {'dynamic' if q.dynamic else 'static'} "
+                           f"{q.format.name} {q.bitwidth}-bit")
+            continue
+        if enc.dtype != q.format.name:
+            raise fail(f"{name}: file has format {enc.dtype}; the model's quantizer is {q.format.name}")
         if enc.bitwidth != q.bitwidth or enc.symmetric != q.symmetric or enc.per_channel:
             raise fail(f"{name}: file has bw={enc.bitwidth}, is_sym={enc.symmetric}, {enc.scale.numel()} channel(s); "
                        f"the model's quantizer is bw={q.bitwidth}, {'symmetric' if q.symmetric else 'asymmetric'}, "
@@ -81,14 +91,23 @@ def load_into(sim: QuantizationSimModel, path: str, partial: bool) -> None:
         if enc.bitwidth != q.bitwidth or not enc.symmetric or enc.scale.numel() != q.channels:
             raise fail(f"{name}: file has bw={enc.bitwidth}, is_sym={enc.symmetric}, {enc.scale.numel()} channel(s); "
                        f"the model's quantizer is bw={q.bitwidth}, symmetric, {q.channels} channel(s)")
-        if not q.learnable:
-            expected = q.encoding(entry.values()).scale
+        if enc.dtype != q.format.name or enc.per_block != (q.granularity.name == "per_block"):
+            raise fail(f"{name}: file has a {enc.dtype} {'per-block' if enc.per_block else ''} encoding; the model's "
+                       f"quantizer is {q.format.name} {q.describe_granularity()}")
+        if enc.per_block:
+            shape = q.scale_shape if enc.axis == q.axis else q.scale_shape[::-1]  # a transposed copy (2-D)
+            scale = enc.scale.reshape(shape)
+            enc = dataclasses.replace(enc, scale=scale if enc.axis == q.axis else scale.T)
+            resolved[name] = enc
+        if not q.learnable and q.needs_calibration:
+            expected = q.encoding(entry.values()).scale.reshape(enc.scale.shape)
             if not torch.allclose(enc.scale.float(), expected, rtol=1e-5, atol=0.0):
                 worst = float(((enc.scale - expected).abs() / expected).max())
                 raise fail(f"{name}: weight scales differ from those of the model's weights (max relative difference "
                            f"{worst:.2e}); load the weights exported with this file")
     for name, enc in acts.items():
-        targets[name].set_encoding(enc.scale, enc.offset)
+        if targets[name].needs_calibration:
+            targets[name].set_encoding(enc.scale, enc.offset)
     for name, enc in resolved.items():
         if entries[name].quantizer.learnable:
             entries[name].quantizer.set_encoding(enc.scale)

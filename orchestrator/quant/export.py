@@ -18,6 +18,7 @@ All three files are written to a temporary directory first and renamed into plac
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -238,10 +239,7 @@ def _param_encodings(sim: QuantizationSimModel, model: onnx.ModelProto) -> tuple
                 _rename(graph, current, wanted)
                 taken.add(wanted)
                 current = wanted
-            scale, offset = enc.scale, enc.offset
-            if loc.order is not None and enc.axis is not None:
-                scale, offset = scale[list(loc.order)], offset[list(loc.order)]
-            mapped = Encoding(enc.bitwidth, enc.symmetric, scale, offset, loc.axis)
+            mapped = _map_encoding(name, enc, loc, values.dim(), graph, current)
             previous = encodings.get(current)
             same = previous is None or (torch.equal(previous.scale, mapped.scale) and previous.axis == mapped.axis)
             if not same:
@@ -256,6 +254,28 @@ def _param_encodings(sim: QuantizationSimModel, model: onnx.ModelProto) -> tuple
             if loc.order is not None:
                 sources[current]["channel_order"] = list(loc.order)
     return encodings, sources
+
+
+def _map_encoding(name: str, enc: Encoding, loc, rank: int, graph: onnx.GraphProto, current: str) -> Encoding:
+    """``enc`` (in the parameter's layout) for the initializer ``loc`` found: channel order, axes,
+    and for per-block encodings the scale tensor transposed or reordered with it."""
+    scale, offset = enc.scale, enc.offset
+    if not enc.per_block:
+        if loc.order is not None and enc.axis is not None:
+            scale, offset = scale[list(loc.order)], offset[list(loc.order)]
+        return dataclasses.replace(enc, scale=scale, offset=offset, axis=loc.axis)
+    init_rank = next(len(i.dims) for i in graph.initializer if i.name == current)
+    if init_rank != rank:
+        raise ExportError(f"parameter {name!r}: its per-block encoding cannot follow the exporter's reshape to "
+                          f"{init_rank} dims ({current!r}); quantize it per channel (overrides block_size: 0)")
+    block_axis = enc.block_axis
+    if loc.kind == "transposed":
+        scale, offset, block_axis = scale.T, offset.T, 1 - block_axis
+    elif loc.order is not None:
+        index = torch.tensor(loc.order)
+        scale, offset = scale.index_select(enc.axis, index), offset.index_select(enc.axis, index)
+    return dataclasses.replace(enc, scale=scale.contiguous(), offset=offset.contiguous(), axis=loc.axis,
+                               block_axis=block_axis)
 
 
 def _check_names(model: onnx.ModelProto, acts: dict, params: dict) -> None:

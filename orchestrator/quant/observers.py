@@ -23,6 +23,8 @@ import torch
 from .encoding import asymmetric_from_range, qmax_of, symmetric_from_range
 from .errors import CalibrationError
 
+PERCENTILE = 99.99  # the percentile observer's default clipping (of |x|), in percent
+
 HISTOGRAM_BINS = 2048
 # Larger tensors are histogrammed on an evenly strided subsample of at most this many elements
 # (min/max always see every element); the stride is a prime so that it cannot fall in step with
@@ -120,7 +122,7 @@ class ChannelMseObserver:
 class ChannelPercentileObserver(ChannelMseObserver):
     """Per-channel ``[100-p, p]`` percentile interval of the values (weights)."""
 
-    def __init__(self, name: str = "", axis: int | None = 0, percentile: float = 99.99) -> None:
+    def __init__(self, name: str = "", axis: int | None = 0, percentile: float = PERCENTILE) -> None:
         super().__init__(name, axis)
         self.percentile = float(percentile)
 
@@ -218,7 +220,7 @@ class HistogramObserver:
 class PercentileObserver(HistogramObserver):
     """Range = the ``[100-p, p]`` percentile interval, p in [50, 100]."""
 
-    def __init__(self, name: str = "", percentile: float = 99.99) -> None:
+    def __init__(self, name: str = "", percentile: float = PERCENTILE) -> None:
         super().__init__(name)
         self.percentile = float(percentile)
 
@@ -325,7 +327,7 @@ OBSERVERS: dict[str, ObserverFactory] = {
 }
 
 
-def make_observer(scheme: str, name: str = "", axis: int | None = None, percentile: float = 99.99):
+def make_observer(scheme: str, name: str = "", axis: int | None = None, percentile: float = PERCENTILE):
     """The observer of calibration ``scheme`` for a quantizer (per channel along ``axis``)."""
     try:
         factory = OBSERVERS[scheme]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .granularity import LINEAR, MATMUL_B, TRANSPOSED
 from .capture import MODEL_OUTPUT, CapturedGraph, Node
 from .layers import QuantizedModule
 from .layers.elementwise import BATCHNORMS, RELU_LIKE_MODULES
@@ -37,9 +38,11 @@ LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTra
 LAYER_FUNCTIONS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                              "conv_transpose3d", "addmm", "batch_norm"})
 # (op, index among its tensor arguments) -> channel axis of a parameter passed there.
-PARAM_AXIS = {("linear", 1): 0, ("conv1d", 1): 0, ("conv2d", 1): 0, ("conv3d", 1): 0, ("embedding", 1): 0,
-              ("conv_transpose1d", 1): 1, ("conv_transpose2d", 1): 1, ("conv_transpose3d", 1): 1,
-              ("matmul", 1): -1, ("mm", 1): -1, ("bmm", 1): -1, ("addmm", 2): -1}
+# The same ``WeightAxes`` declarations as the layer types (``layers/``): channel and block axes.
+PARAM_AXIS = {("linear", 1): LINEAR, ("conv1d", 1): LINEAR, ("conv2d", 1): LINEAR, ("conv3d", 1): LINEAR,
+              ("embedding", 1): LINEAR, ("conv_transpose1d", 1): TRANSPOSED, ("conv_transpose2d", 1): TRANSPOSED,
+              ("conv_transpose3d", 1): TRANSPOSED, ("matmul", 1): MATMUL_B, ("mm", 1): MATMUL_B,
+              ("bmm", 1): MATMUL_B, ("addmm", 2): MATMUL_B}
 
 
 @dataclass

@@ -12,10 +12,21 @@ Integer containers: asymmetric encodings use uint8 (b <= 8) or uint16 (b <= 16) 
 ``zero_point = -offset``; symmetric ones int8/int16 with zero point 0. For bit widths other
 than 8 and 16, the tensor is first clipped to the encoding's ``[min, max]`` (``Max``/``Min``
 nodes), which makes the container's saturation act as the b-bit grid's clamp.
+
+Per-block weights: opset-21 blocked ``QuantizeLinear``/``DequantizeLinear`` (``axis`` = the
+block axis, ``block_size``; the scale has the weight's shape but ``dim / block_size`` on that
+axis, as ONNX requires), in an int4 container for 4 bits (no clip needed), else as above.
+Float formats: FP8 ``QuantizeLinear`` to ``float8e4m3fn``/``float8e5m2`` (saturating, round to
+nearest even); fp16/bf16 casts as ``Cast`` there and back. onnxruntime has no FP4 (e2m1)
+``QuantizeLinear`` at this opset: such an encoding is refused in one line.
+Dynamic per-token activations: the reference arithmetic as ONNX ops (``ReduceMin``/``ReduceMax``
+over the last axis, the scale and offset of ``asymmetric_from_range``, ``Div``, ``Round``,
+``Max``/``Min``, ``Mul``), which compute exactly what the simulation computes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +40,23 @@ from .errors import EncodingsFileError, QuantFileError
 QDQ_OPSET = 21
 
 
+FLOAT_CONTAINERS = {"float8_e4m3fn": TensorProto.FLOAT8E4M3FN, "float8_e5m2": TensorProto.FLOAT8E5M2}
+CASTS = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+
+
 def _container(enc: Encoding) -> tuple[int, np.dtype, np.ndarray]:
     """ONNX type, numpy type and zero point ``[C]`` holding ``enc``'s integers."""
+    if enc.per_block and enc.bitwidth == 4:
+        if enc.symmetric:
+            return TensorProto.INT4, np.int8, np.zeros(enc.scale.numel(), dtype=np.int8)
+        return TensorProto.UINT4, np.uint8, (-enc.offset.reshape(-1).numpy()).astype(np.uint8)
     wide = enc.bitwidth > 8
     if enc.symmetric:
         dtype = np.int16 if wide else np.int8
         zero = np.zeros(enc.scale.numel(), dtype=dtype)
         return (TensorProto.INT16 if wide else TensorProto.INT8), dtype, zero
     dtype = np.uint16 if wide else np.uint8
-    zero = (-enc.offset.numpy()).astype(dtype)
+    zero = (-enc.offset.reshape(-1).numpy()).astype(dtype)
     return (TensorProto.UINT16 if wide else TensorProto.UINT8), dtype, zero
 
 
@@ -52,30 +71,96 @@ class _Builder:
         self.graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
-    def qdq(self, source: str, target: str, enc: Encoding, axis: int | None, rank: int) -> None:
-        """Nodes computing ``target = DQ(Q(clip(source)))``, per channel on ``axis`` when it is not None."""
+    def qdq(self, source: str, target: str, enc: Encoding, axis: int | None, rank: int,
+            dims: list[int] | None = None) -> None:
+        """Nodes computing ``target = DQ(Q(clip(source)))``, per channel on ``axis`` when it is not None
+        (per block: ``axis`` is the channel axis, ``enc.block_axis`` the block axis, ``dims`` the shape)."""
         tag = f"qdq{self.n}"
         self.n += 1
-        _, _, zero = _container(enc)
+        if enc.dynamic:
+            return self.dynamic_per_token(source, target, enc, tag)
+        if enc.dtype in CASTS:
+            self.new_nodes.append(helper.make_node("Cast", [source], [f"{tag}_h"], to=CASTS[enc.dtype],
+                                                   name=f"{tag}_C"))
+            self.new_nodes.append(helper.make_node("Cast", [f"{tag}_h"], [target], to=TensorProto.FLOAT,
+                                                   name=f"{tag}_F"))
+            return
+        if enc.dtype != "int" and enc.dtype not in FLOAT_CONTAINERS:
+            raise EncodingsFileError(f"{source}: onnxruntime has no QuantizeLinear for {enc.dtype} at opset "
+                                     f"{QDQ_OPSET}; allowed float formats: {', '.join([*FLOAT_CONTAINERS, *CASTS])}")
         per_channel = axis is not None
         scale = enc.scale.numpy().astype(np.float32)
-        if not per_channel:
-            scale, zero = scale.reshape(()), zero.reshape(())
+        if enc.dtype != "int":
+            ztype, zero = FLOAT_CONTAINERS[enc.dtype], None  # a float8 zero point of 0
+        else:
+            ztype, _, zero = _container(enc)
+        attrs = {"axis": axis} if per_channel else {}
         x = source
-        if enc.bitwidth not in (8, 16):
-            shape = tuple(-1 if d == axis else 1 for d in range(rank)) if per_channel else ()
-            lo = (enc.min.numpy().astype(np.float32)).reshape(shape)
-            hi = (enc.max.numpy().astype(np.float32)).reshape(shape)
+        if enc.per_block:
+            bshape = list(enc.block_scale_shape(tuple(dims)))
+            full = list(dims)
+            full[enc.block_axis] = bshape[enc.block_axis]
+            scale = np.ascontiguousarray(np.broadcast_to(scale.reshape(bshape), full))
+            if enc.dtype == "int":
+                zero = np.ascontiguousarray(np.broadcast_to(zero.reshape(bshape), full))
+            attrs = {"axis": enc.block_axis, "block_size": enc.block_size}
+        elif not per_channel:
+            scale = scale.reshape(())
+        if enc.dtype == "int" and enc.bitwidth not in (8, 16) and not (enc.per_block and enc.bitwidth == 4):
+            lo, hi = enc.min.numpy().astype(np.float32), enc.max.numpy().astype(np.float32)
+            if enc.per_block:
+                lo = np.repeat(np.broadcast_to(lo.reshape(bshape), full), enc.block_size, axis=enc.block_axis)
+                hi = np.repeat(np.broadcast_to(hi.reshape(bshape), full), enc.block_size, axis=enc.block_axis)
+            else:
+                shape = tuple(-1 if d == axis else 1 for d in range(rank)) if per_channel else ()
+                lo, hi = lo.reshape(shape), hi.reshape(shape)
             lo_name, hi_name = self.const(f"{tag}_min", lo), self.const(f"{tag}_max", hi)
             self.new_nodes.append(helper.make_node("Max", [x, lo_name], [f"{tag}_lo"], name=f"{tag}_Max"))
             self.new_nodes.append(helper.make_node("Min", [f"{tag}_lo", hi_name], [f"{tag}_clip"], name=f"{tag}_Min"))
             x = f"{tag}_clip"
-        s_name, z_name = self.const(f"{tag}_scale", scale), self.const(f"{tag}_zero_point", zero)
-        attrs = {"axis": axis} if per_channel else {}
+        s_name = self.const(f"{tag}_scale", scale)
+        z_name = f"{tag}_zero_point"
+        zshape = list(scale.shape)
+        if enc.dtype == "int" and ztype not in (TensorProto.INT4, TensorProto.UINT4):
+            self.const(z_name, np.asarray(zero).reshape(zshape))
+        else:  # int4 and float8 zero points: written through helper.make_tensor (no numpy dtype)
+            values = np.asarray(zero).reshape(-1).astype(np.int64).tolist() if enc.dtype == "int" else \
+                [0.0] * int(np.prod(zshape, dtype=np.int64))
+            self.graph.initializer.append(helper.make_tensor(z_name, ztype, zshape, values))
         self.new_nodes.append(helper.make_node("QuantizeLinear", [x, s_name, z_name], [f"{tag}_q"],
                                                name=f"{tag}_Q", **attrs))
         self.new_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_q", s_name, z_name], [target],
                                                name=f"{tag}_DQ", **attrs))
+
+    def dynamic_per_token(self, source: str, target: str, enc: Encoding, tag: str) -> None:
+        """``target`` = the simulation's per-token quantization of ``source`` (asymmetric integer grid).
+
+        ``lo, hi = min(min_t x, 0), max(max_t x, 0)`` per token, ``s = max((hi - lo) / qmax, eps)``,
+        ``o = clip(round(lo / s), -qmax, 0)``, ``target = s * min(max(round(x / s), o), o + qmax)``."""
+        if enc.dtype != "int" or enc.symmetric:
+            raise EncodingsFileError(f"{source}: dynamic per-token encodings are applied for asymmetric integer "
+                                     f"grids only; got {enc.dtype}, is_sym={enc.symmetric}")
+        from .encoding import SCALE_FLOOR, qmax_of
+
+        qmax = float(qmax_of(enc.bitwidth))
+        c = {k: self.const(f"{tag}_{k}", np.array(v, np.float32)) for k, v in
+             (("zero", 0.0), ("qmax", qmax), ("nqmax", -qmax), ("eps", SCALE_FLOOR))}
+        axes = self.const(f"{tag}_axes", np.array([-1], np.int64))
+        n = self.new_nodes
+
+        def node(op: str, inputs: list[str], out: str, **attrs) -> str:
+            n.append(helper.make_node(op, inputs, [f"{tag}_{out}"], name=f"{tag}_{out}_{op}", **attrs))
+            return f"{tag}_{out}"
+
+        lo = node("Min", [node("ReduceMin", [source, axes], "rmin", keepdims=1), c["zero"]], "lo")
+        hi = node("Max", [node("ReduceMax", [source, axes], "rmax", keepdims=1), c["zero"]], "hi")
+        scale = node("Max", [node("Div", [node("Sub", [hi, lo], "span"), c["qmax"]], "s0"), c["eps"]], "scale")
+        off = node("Min", [node("Max", [node("Round", [node("Div", [lo, scale], "lo_s")], "lo_r"), c["nqmax"]],
+                                "o0"), c["zero"]], "offset")
+        top = node("Add", [off, c["qmax"]], "top")
+        r = node("Round", [node("Div", [source, scale], "u")], "r")
+        clipped = node("Min", [node("Max", [r, off], "r_lo"), top], "c")
+        n.append(helper.make_node("Mul", [clipped, scale], [target], name=f"{tag}_out_Mul"))
 
     def rewire(self, old: str, new: str) -> None:
         for node in self.graph.node:
@@ -89,9 +174,27 @@ CONSUMER_AXIS = {("Conv", 1): 0, ("ConvTranspose", 1): 1, ("Gather", 0): 0, ("Ma
                  ("LSTM", 2): 1, ("GRU", 1): 1, ("GRU", 2): 1, ("RNN", 1): 1, ("RNN", 2): 1}
 
 
+def _block_axes(name: str, enc: Encoding, axis: int, dims: list[int], path) -> Encoding:
+    """A per-block encoding with its block axis (recorded, else the other axis of a 2-D weight), checked."""
+    block_axis = enc.block_axis
+    if block_axis == AXIS_UNKNOWN:
+        if len(dims) != 2:
+            raise EncodingsFileError(f"{path}: {name}: per-block encoding without 'block_axis' on a {len(dims)}-D "
+                                     "tensor; allowed: a recorded block_axis, or a 2-D tensor")
+        block_axis = 1 - axis
+    enc = dataclasses.replace(enc, axis=axis, block_axis=block_axis)
+    if not 0 <= block_axis < len(dims) or block_axis == axis or dims[block_axis] % enc.block_size or \
+            enc.scale.numel() != dims[axis] * dims[block_axis] // enc.block_size:
+        raise EncodingsFileError(f"{path}: {name}: {enc.scale.numel()} block scale(s) (axis {axis}, block axis "
+                                 f"{block_axis}, block_size {enc.block_size}) do not fit the tensor's shape {dims}")
+    return enc
+
+
 def _param_axis(graph: onnx.GraphProto, name: str, enc: Encoding, dims: list[int], path) -> int:
     """The channel axis of a per-channel param encoding: as recorded, else from the ops that consume it."""
     channels = enc.scale.numel()
+    if enc.per_block:  # the channel count: scales / blocks per channel are unknown until the axes are
+        channels = None
     if enc.axis != AXIS_UNKNOWN:
         axis = enc.axis
     else:
@@ -105,12 +208,12 @@ def _param_axis(graph: onnx.GraphProto, name: str, enc: Encoding, dims: list[int
                     axes.add(0 if trans else 1)
                 elif (node.op_type, i) in CONSUMER_AXIS:
                     axes.add(CONSUMER_AXIS[(node.op_type, i)] % len(dims))
-        matching = [d for d, size in enumerate(dims) if size == channels]
+        matching = [d for d, size in enumerate(dims) if size == channels and channels is not None]
         axis = axes.pop() if len(axes) == 1 else (matching[0] if len(matching) == 1 else None)
         if axis is None:
             raise EncodingsFileError(f"{path}: {name}: per-channel encoding without an axis, and the ops consuming "
                                      "it do not tell which axis holds its channels")
-    if not 0 <= axis < len(dims) or dims[axis] != channels:
+    if not 0 <= axis < len(dims) or (channels is not None and dims[axis] != channels):
         raise EncodingsFileError(f"{path}: {name}: {channels} channel encoding(s) on axis {axis}, but the tensor "
                                  f"has shape {dims}")
     return axis
@@ -152,8 +255,10 @@ def build_qdq_model(onnx_path: str | Path, encodings_path: str | Path) -> onnx.M
     for name, enc in params.items():
         dims = list(inits[name].dims)
         axis = _param_axis(graph, name, enc, dims, encodings_path) if enc.per_channel else None
+        if enc.per_block:
+            enc = _block_axes(name, enc, axis, dims, encodings_path)
         b.rewire(name, f"{name}__qdq")
-        b.qdq(name, f"{name}__qdq", enc, axis, len(dims))
+        b.qdq(name, f"{name}__qdq", enc, axis, len(dims), dims)
     graph.node.extend(b.new_nodes)
     _topological_sort(graph)
     for opset in model.opset_import:

@@ -28,10 +28,14 @@ import math
 import torch
 from torch import nn
 
-from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, qmax_of, symmetric_from_range
+from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, symmetric_from_range
 from .errors import CalibrationError, NotCalibratedError
 from . import kernels
 from .fake_quant import clamp_straight_through, fake_quantize, fake_quantize_learned, round_clamp_straight_through
+from .formats import Format, IntFormat
+from .granularity import Granularity, PerBlock, PerChannel, PerTensor, PerToken, blocks_as_rows, full_rank_scale, \
+    reduce_blocks
+from .reference import fake_quantize_general
 
 # A learned scale may shrink to this fraction of its calibrated value (per channel), no further.
 FLOOR_RATIO = 2.0**-10
@@ -43,12 +47,27 @@ def encoding_from_range(rmin: torch.Tensor, rmax: torch.Tensor, bitwidth: int,
     return (symmetric_from_range if symmetric else asymmetric_from_range)(rmin, rmax, bitwidth)
 
 
+def format_encoding_from_range(rmin: torch.Tensor, rmax: torch.Tensor,
+                               fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset (shapes of ``rmin``) of format ``fmt`` covering ``[rmin, rmax]``.
+
+    Integer: ``encoding_from_range``. Scaled float (FP8/FP4): ``s = max(|min|, |max|) / M`` (the
+    largest magnitude lands on the format's largest value ``M``; at least SCALE_FLOOR), offset 0.
+    Unscaled casts: ``s = 1``."""
+    if isinstance(fmt, IntFormat):
+        return encoding_from_range(rmin, rmax, fmt.bitwidth, fmt.symmetric)
+    if not fmt.scaled:
+        return torch.ones_like(rmin, dtype=torch.float32), torch.zeros_like(rmin, dtype=torch.float32)
+    amax = torch.maximum(rmin.float().abs(), rmax.float().abs())
+    return (amax / fmt.max).clamp_(min=SCALE_FLOOR), torch.zeros_like(amax)
+
+
 class QuantizeDequantize(nn.Module):
     """Fake quantization of one tensor; see the module docstring.
 
     Args:
         name: the quantizer's name in messages (the sim sets it to its qualified name).
-        bitwidth: 2-16.
+        bitwidth: 2-16 (integer formats; a float format has its own).
         symmetric: ``o = -2^(b-1)`` (weights) or an asymmetric grid holding 0 (activations).
         channels, axis: ``channels`` encodings along ``axis`` (``axis=None``: one per tensor).
         learnable: range learning (``log_scale``/``offset`` parameters).
@@ -56,32 +75,65 @@ class QuantizeDequantize(nn.Module):
         grad_scaling: scale LSQ gradients by ``1/sqrt(N * (2^b - 1))``, N the elements per
             encoding (per sample for activations).
         is_param: the quantizer quantizes a parameter (N counts every element per channel).
+        fmt: a ``formats`` format (default: ``IntFormat(bitwidth, symmetric)``); float formats
+            are symmetric (offset 0).
+        granularity: ``PerBlock`` (with ``shape``, the tensor's shape: scales ``[.., C, .., K/B, ..]``)
+            or ``PerToken`` (dynamic: the encoding is computed from each token at run time, never
+            calibrated or learned). Default: per channel when ``axis`` is given, else per tensor.
+
+    Integer per-tensor/per-channel quantizers run the fused op (``fake_quant.py``); every other
+    format or granularity runs the reference op (``reference.py``).
     """
 
     def __init__(self, name: str, bitwidth: int, symmetric: bool, channels: int = 1, axis: int | None = None,
                  learnable: bool = False, follow: bool = False, grad_scaling: bool = True,
-                 is_param: bool = False) -> None:
+                 is_param: bool = False, fmt: Format | None = None, granularity: Granularity | None = None,
+                 shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if learnable and follow:
             raise ValueError("a quantizer is either learned or follows its input, not both")
+        fmt = fmt if fmt is not None else IntFormat(bitwidth, symmetric)
+        if granularity is None:
+            granularity = PerChannel(axis) if axis is not None else PerTensor()
         self.name = name
-        self.bitwidth = bitwidth
-        self.qmax = qmax_of(bitwidth)
-        self.symmetric = symmetric
+        self.format = fmt
+        self.granularity = granularity
+        self.bitwidth = fmt.bitwidth
+        self.symmetric = fmt.symmetric
+        # The op's integer range; LSQ's Qp for float formats is their largest value.
+        self.qmax = fmt.qmax if isinstance(fmt, IntFormat) else int(fmt.max)
+        self.dynamic = isinstance(granularity, PerToken)
+        self.cast_only = fmt.is_float and not fmt.scaled
+        if self.dynamic or self.cast_only:
+            learnable, follow = False, False
+        if isinstance(granularity, PerBlock):
+            if shape is None:
+                raise ValueError(f"quantizer {name!r}: per-block quantization needs the tensor's shape")
+            self.scale_shape = tuple(granularity.scale_shape(tuple(shape)))
+            axis = granularity.axis
+        elif isinstance(granularity, PerChannel):
+            axis = granularity.axis
+            self.scale_shape = (channels,)
+        else:
+            axis = None
+            self.scale_shape = (1,)
         self.axis = axis
-        self.channels = channels if axis is not None else 1
+        self.channels = int(torch.Size(self.scale_shape).numel())
+        # Reference op: every format/granularity the fused integer op does not serve.
+        self.general = fmt.is_float or isinstance(granularity, (PerBlock, PerToken))
         self.learnable = learnable
         self.follow = follow
         self.grad_scaling = grad_scaling
         self.is_param = is_param
         self.enabled = True
         self.observer = None
-        n = self.channels
-        sym_offset = torch.full((n,), -float(1 << (bitwidth - 1))) if symmetric else torch.zeros(n)
+        n = self.scale_shape
+        sym_offset = torch.full(n, -float(1 << (fmt.bitwidth - 1))) if isinstance(fmt, IntFormat) and fmt.symmetric \
+            else torch.zeros(n)
         if learnable:
             self.log_scale = nn.Parameter(torch.zeros(n))
-            self.register_buffer("log_floor", torch.full((n,), -math.inf))
-            if symmetric:
+            self.register_buffer("log_floor", torch.full(n, -math.inf))
+            if self.symmetric:
                 self.register_buffer("offset", sym_offset)
             else:
                 self.offset = nn.Parameter(torch.zeros(n))
@@ -89,9 +141,9 @@ class QuantizeDequantize(nn.Module):
             self.register_buffer("ratio", torch.ones(n))
             self.register_buffer("offset", sym_offset, persistent=False)
         else:
-            self.register_buffer("scale", torch.zeros(n))
+            self.register_buffer("scale", torch.ones(n) if self.cast_only else torch.zeros(n))
             self.register_buffer("offset", sym_offset)
-        self.calibrated = follow
+        self.calibrated = follow or self.dynamic or self.cast_only
         kernels.backend()  # define the fused op before the first forward (builds the kernel once per machine)
 
     # ------------------------------------------------------------------ forward
@@ -106,8 +158,13 @@ class QuantizeDequantize(nn.Module):
             return x
         if not self.enabled:
             return x
+        if self.dynamic:
+            scale, offset = self._dynamic_encoding(x)
+            return fake_quantize_general(x, scale, offset, self.format)
         if self.follow:
             scale, offset = self._follow_encoding(x)
+            if self.general:
+                return fake_quantize_general(x, self._full(scale, x), self._full(offset, x), self.format)
             return fake_quantize(x, scale, offset, self.qmax, self.axis)
         if not self.calibrated:
             raise NotCalibratedError(
@@ -115,9 +172,25 @@ class QuantizeDequantize(nn.Module):
                 "or sim.load_encodings(...) before running sim.model"
             )
         if self.learnable:
+            if self.general:
+                return torch.ops.qat.quantize_dequantize_general_learned(
+                    x, self._full(self.log_scale, x), self._full(self.log_floor, x), self._full(self.offset, x),
+                    self.format.name, self.format.qmax, self._grad_factor(x), not self.symmetric)
             return fake_quantize_learned(x, self.log_scale, self.log_floor, self.offset, self.qmax, self.axis,
                                          self._grad_factor(x), not self.symmetric)
+        if self.general:
+            return fake_quantize_general(x, self._full(self.scale, x), self._full(self.offset, x), self.format)
         return fake_quantize(x, self.scale, self.offset, self.qmax, self.axis)
+
+    def _full(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A stored encoding tensor in the reference op's layout (full rank, or one element)."""
+        return full_rank_scale(t, x.dim(), self.axis) if isinstance(self.granularity, PerChannel) else t
+
+    @torch.no_grad()
+    def _dynamic_encoding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token: the encoding of each token's own min-max range (the last dim reduced), ``[..., 1]``."""
+        lo, hi = torch.aminmax(x.detach().float(), dim=-1, keepdim=True)
+        return format_encoding_from_range(lo, hi, self.format)
 
     def _grad_factor(self, x: torch.Tensor) -> float:
         if not self.grad_scaling:
@@ -138,6 +211,10 @@ class QuantizeDequantize(nn.Module):
     def _follow_encoding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min-max encoding of ``x`` per channel, the scale times the calibrated clip ``ratio``."""
         x = x.detach()
+        if isinstance(self.granularity, PerBlock):
+            lo, hi = reduce_blocks(x, self.scale_shape)
+            scale, offset = format_encoding_from_range(lo.float(), hi.float(), self.format)
+            return scale * self.ratio, offset
         if self.axis is None:
             lo, hi = (v.reshape(1) for v in torch.aminmax(x))
         elif self.axis % x.dim() == 0:
@@ -145,7 +222,7 @@ class QuantizeDequantize(nn.Module):
         else:
             dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
             lo, hi = x.amin(dim=dims), x.amax(dim=dims)
-        scale, offset = encoding_from_range(lo.float(), hi.float(), self.bitwidth, self.symmetric)
+        scale, offset = format_encoding_from_range(lo.float(), hi.float(), self.format)
         return scale * self.ratio, offset
 
     @torch.no_grad()
@@ -155,12 +232,13 @@ class QuantizeDequantize(nn.Module):
         if self.learnable:
             self.calibrated = bool(torch.isfinite(self.log_floor).all())
             return
-        if self.follow:
+        if self.follow or self.dynamic:
             return
         self.calibrated = bool(self.scale.gt(0).all())
         if self.calibrated:
             self.scale.clamp_(SCALE_FLOOR, SCALE_CEIL)
-            self.offset.round_().clamp_(-self.qmax, 0)
+            if not self.format.is_float:
+                self.offset.round_().clamp_(-self.qmax, 0)
 
     # ------------------------------------------------------------------ encodings
     @torch.no_grad()
@@ -170,38 +248,47 @@ class QuantizeDequantize(nn.Module):
         Learned: the floor becomes ``FLOOR_RATIO`` times this scale. Follow: sets nothing
         (the encoding follows the tensor); use ``set_ratio``.
         """
-        if self.follow:
-            raise ValueError(f"quantizer {self.name!r} follows its tensor; its encoding cannot be set")
-        scale = scale.reshape(self.channels).float().clamp(SCALE_FLOOR, SCALE_CEIL)
+        if self.follow or self.dynamic or self.cast_only:
+            raise ValueError(f"quantizer {self.name!r} computes its own encoding; it cannot be set")
+        scale = scale.reshape(self.scale_shape).float().clamp(SCALE_FLOOR, SCALE_CEIL)
         if self.learnable:
             self.log_scale.copy_(scale.log())
             self.log_floor.copy_((scale * FLOOR_RATIO).log())  # relative, even for scales at SCALE_FLOOR
         else:
             self.scale.copy_(scale)
         if offset is not None and not self.symmetric:
-            self.offset.copy_(offset.reshape(self.channels).to(self.offset))
+            self.offset.copy_(offset.reshape(self.scale_shape).to(self.offset))
         self._refresh()
 
     @torch.no_grad()
     def set_range(self, rmin: torch.Tensor, rmax: torch.Tensor) -> None:
-        """Set the encoding of the grid covering ``[rmin, rmax]`` (``[C]`` each)."""
-        scale, offset = encoding_from_range(rmin.reshape(-1).float(), rmax.reshape(-1).float(), self.bitwidth,
-                                            self.symmetric)
+        """Set the encoding of the grid covering ``[rmin, rmax]`` (``[C]`` each, or the scale's shape)."""
+        scale, offset = format_encoding_from_range(rmin.reshape(-1).float(), rmax.reshape(-1).float(), self.format)
         self.set_encoding(scale, offset)
 
     @torch.no_grad()
     def encoding(self, x: torch.Tensor | None = None) -> Encoding:
         """The encoding the forward pass uses now (``x``: the tensor, for a follow quantizer)."""
-        if self.follow:
+        if self.dynamic:
+            scale, offset = torch.ones(1), torch.zeros(1)  # computed per token at run time; nothing stored
+        elif self.follow:
             if x is None:
                 raise ValueError(f"quantizer {self.name!r} follows its tensor: pass it to encoding(x)")
             scale, offset = self._follow_encoding(x)
         elif self.learnable:
             scale, offset = self._learned_encoding()
+        elif self.format.is_float:
+            scale, offset = self.scale.clamp(SCALE_FLOOR, SCALE_CEIL), self.offset
         else:
             scale, offset = self.scale.clamp(SCALE_FLOOR, SCALE_CEIL), self.offset.round().clamp(-self.qmax, 0)
+        g = self.granularity
+        block_axis = block_size = None
+        if isinstance(g, PerBlock):  # the block size used (a block wider than the dim is the whole dim)
+            block_axis = g.block_axis
+            block_size = x.shape[block_axis] // self.scale_shape[block_axis] if x is not None else g.block_size
         return Encoding(self.bitwidth, self.symmetric, scale.detach().float().cpu().clone(),
-                        offset.detach().float().cpu().clone(), self.axis)
+                        offset.detach().float().cpu().clone(), self.axis, dtype=self.format.name,
+                        block_axis=block_axis, block_size=block_size, dynamic=self.dynamic)
 
     @torch.no_grad()
     def floor_hit(self) -> torch.Tensor:
@@ -226,37 +313,64 @@ class QuantizeDequantize(nn.Module):
             )
         self.set_range(*observer.range(self.bitwidth, self.symmetric))
 
+    @property
+    def needs_calibration(self) -> bool:
+        """False for quantizers that compute their own encoding (dynamic per token, fp16/bf16 casts)."""
+        return not (self.dynamic or self.cast_only)
+
+    @property
+    def observer_axis(self) -> int | None:
+        """The axis an observer of this quantizer's tensor reduces per: per block, the rows of
+        ``blocks_as_rows`` (axis 0); else the channel axis."""
+        return 0 if isinstance(self.granularity, PerBlock) else self.axis
+
     @torch.no_grad()
     def calibrate_on(self, tensor: torch.Tensor, observer) -> None:
-        """Calibrate from one tensor (a weight) with ``observer``.
+        """Calibrate from one tensor (a weight) with ``observer`` (made for ``observer_axis``).
 
         Fixed/learned: the observer's range becomes the encoding. Follow: the observer's scale
-        as a fraction of the tensor's min-max scale becomes the clip ``ratio`` per channel.
+        as a fraction of the tensor's min-max scale becomes the clip ``ratio`` per channel (per
+        block: the observer sees one row per block).
         """
+        if not self.needs_calibration:
+            return
+        if isinstance(self.granularity, PerBlock):
+            tensor = blocks_as_rows(tensor.detach(), self.scale_shape)
         observer.observe(tensor)
         rmin, rmax = observer.range(self.bitwidth, self.symmetric)
         if not self.follow:
             self.set_range(rmin, rmax)
             return
-        full, _ = encoding_from_range(*self._minmax(tensor), self.bitwidth, self.symmetric)
-        chosen, _ = encoding_from_range(rmin.float(), rmax.float(), self.bitwidth, self.symmetric)
-        self.ratio.copy_((chosen / full).clamp(0.0, 1.0).reshape(self.channels).to(self.ratio))
+        full, _ = format_encoding_from_range(*self._minmax(tensor), self.format)
+        chosen, _ = format_encoding_from_range(rmin.float(), rmax.float(), self.format)
+        self.ratio.copy_((chosen / full).clamp(0.0, 1.0).reshape(self.scale_shape).to(self.ratio))
 
     def _minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min and max of ``x`` per channel (``[C]``, float32, CPU)."""
+        """Min and max of ``x`` per channel on ``observer_axis`` (``[C]``, float32, CPU)."""
         x = x.detach().float()
-        if self.axis is None:
+        axis = self.observer_axis
+        if axis is None:
             lo, hi = torch.aminmax(x)
             return lo.reshape(1).cpu(), hi.reshape(1).cpu()
-        lo, hi = torch.aminmax(x.movedim(self.axis, 0).reshape(x.shape[self.axis], -1), dim=1)
+        lo, hi = torch.aminmax(x.movedim(axis, 0).reshape(x.shape[axis], -1), dim=1)
         return lo.cpu(), hi.cpu()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh()
 
+    def describe_granularity(self) -> str:
+        """``per tensor``, ``64 ch, axis 0``, ``blocks [64, 2] (axis 0, block axis 1)``, ``per token``."""
+        g = self.granularity
+        if isinstance(g, PerBlock):
+            return f"blocks {list(self.scale_shape)} (axis {g.axis}, block axis {g.block_axis})"
+        if isinstance(g, PerToken):
+            return "per token (dynamic)"
+        return "per tensor" if self.axis is None else f"{self.channels} ch, axis {self.axis}"
+
     def extra_repr(self) -> str:
-        kind = "learned" if self.learnable else ("follows its tensor" if self.follow else "fixed")
-        where = "per tensor" if self.axis is None else f"{self.channels} channels on axis {self.axis}"
-        return (f"{self.name!r}, bw={self.bitwidth}, {'symmetric' if self.symmetric else 'asymmetric'}, {where}, "
-                f"{kind}, enabled={self.enabled}")
+        kind = "dynamic" if self.dynamic else "learned" if self.learnable else (
+            "follows its tensor" if self.follow else "fixed")
+        fmt = f"bw={self.bitwidth}, {'symmetric' if self.symmetric else 'asymmetric'}" \
+            if isinstance(self.format, IntFormat) else self.format.name
+        return f"{self.name!r}, {fmt}, {self.describe_granularity()}, {kind}, enabled={self.enabled}"

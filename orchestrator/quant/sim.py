@@ -147,8 +147,9 @@ class QuantizationSimModel:
         cfg = self.config
         for entry in self._built.params.values():
             q = entry.quantizer
-            q.calibrate_on(entry.values(), make_observer(cfg.param_quant_scheme, q.name, q.axis, cfg.percentile))
-        quantizers = self._built.activations
+            q.calibrate_on(entry.values(),
+                           make_observer(cfg.param_quant_scheme, q.name, q.observer_axis, cfg.percentile))
+        quantizers = {n: q for n, q in self._built.activations.items() if q.needs_calibration}
         was_training = self.model.training
         self.model.eval()
         for q in quantizers.values():

@@ -28,7 +28,7 @@ def _weight_rows(sim: QuantizationSimModel) -> list[tuple[str, ...]]:
     rows = [("weight", "bw", "granularity", "encoding")]
     for name, entry in sim.quantized_params().items():
         q = entry.quantizer
-        where = "per tensor" if q.axis is None else f"{q.channels} ch, axis {q.axis}"
+        where = q.describe_granularity()
         kind = "learned" if q.learnable else "follows weights"
         if q.calibrated:
             e = q.encoding(entry.values())
@@ -37,7 +37,8 @@ def _weight_rows(sim: QuantizationSimModel) -> list[tuple[str, ...]]:
         else:
             enc = f"{kind}, not calibrated"
         tied = f" (tied: {', '.join(entry.names[1:])})" if len(entry.names) > 1 else ""
-        rows.append((name + tied, str(q.bitwidth), where, enc + ("" if q.enabled else " (disabled)")))
+        bw = str(q.bitwidth) if q.format.name == "int" else q.format.name
+        rows.append((name + tied, bw, where, enc + ("" if q.enabled else " (disabled)")))
     return rows
 
 
@@ -45,7 +46,12 @@ def _activation_rows(sim: QuantizationSimModel) -> list[tuple[str, ...]]:
     rows = [("activation", "bw", "what", "encoding")]
     sources = sim._built.activation_sources
     for name, q in sim.activation_quantizers().items():
-        if q.calibrated:
+        if q.dynamic:
+            enc = "per token, from each token's range at run time"
+        elif q.format.name != "int":
+            enc = f"{q.format.name}" + ("" if q.cast_only else f", scale {_fmt(float(q.encoding().scale))}"
+                                        if q.calibrated else ", not calibrated")
+        elif q.calibrated:
             e = q.encoding()
             enc = f"[{_fmt(float(e.min))}, {_fmt(float(e.max))}] scale {_fmt(float(e.scale))} offset {int(e.offset)}"
         else:

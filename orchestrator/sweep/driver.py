@@ -13,6 +13,7 @@ import errno
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..console import fail, fail_unexpected, first_line, quiet_libraries
@@ -67,12 +68,12 @@ def _drive(plan, started: float, errors, lock) -> None:
           f"{' (resuming)' if spec.resume else ''}", flush=True)
     from .runner import close_unfinished, mark_interrupted, shutdown_ray
 
-    RUN["run"] = None
+    open_run = Unrecorded()
     try:
-        _sweep(plan, started, errors)
+        _sweep(plan, started, errors, open_run)
     except KeyboardInterrupt:  # a signal before or after Tune's run, or a second one
-        if RUN["run"] is not None:
-            mark_interrupted(RUN["run"])
+        if open_run.run is not None:
+            mark_interrupted(open_run.run)
         from .plan import sweep_state_exists
 
         again = (f"resume with: {lifecycle.resume_command(spec.name)}" if sweep_state_exists(plan.sweep_dir)
@@ -83,10 +84,10 @@ def _drive(plan, started: float, errors, lock) -> None:
         if disk_full(plan.root):  # Tune then fails reading its own truncated state, in its own words
             exc = OSError(errno.ENOSPC, f"No space left on device under paths.root={str(plan.root)!r} "
                                         f"(then {first_line(exc)})")
-        run = RUN["run"]
+        run = open_run.run
         if run is not None:
             try:
-                close_unfinished(run, "FAILED", "failed", f"the sweep driver failed: {first_line(exc)}")
+                close_unfinished(run, "failed", f"the sweep driver failed: {first_line(exc)}")
             except Exception:  # the tracking store itself may be what failed
                 pass
         try:
@@ -103,10 +104,14 @@ def disk_full(root: Path) -> bool:
         return False
 
 
-RUN: dict = {"run": None}  # the started sweep until its end is recorded, for the error paths of run_from_hydra
+@dataclass
+class Unrecorded:
+    """The started sweep until its end is recorded in MLflow (for the error paths of ``_drive``)."""
+
+    run: object = None
 
 
-def _sweep(plan, started: float, errors) -> None:
+def _sweep(plan, started: float, errors, open_run: Unrecorded) -> None:
     """Start, fit and finish the planned sweep; on success print its table and links."""
     from .runner import fit, mark_interrupted, shutdown_ray, start
 
@@ -115,7 +120,7 @@ def _sweep(plan, started: float, errors) -> None:
         run, tuner = start(plan)
     except errors as exc:
         fail(exc)
-    RUN["run"] = run
+    open_run.run = run
     _links(run, f"started in {time.time() - started:.0f}s; {run.concurrency} trial(s) at a time")
     from ..tracking.system_metrics import system_metrics
     from .progress import CLOCK
@@ -132,7 +137,7 @@ def _sweep(plan, started: float, errors) -> None:
     from .finish import best_line, finish
 
     result = finish(run)
-    RUN["run"] = None  # recorded: nothing after this point may relabel it
+    open_run.run = None  # recorded: nothing after this point may relabel it
     shutdown_ray()
     print(f"\nsweep {spec.name}: {len(result.rows)} trial(s) in {time.time() - started:.0f}s")
     print(result.table)

@@ -15,8 +15,9 @@ from pathlib import Path
 from ..tracking.compare import Sweep, TrialRow, format_rows, rank, trial_rows, write_csv
 from ..tracking.mlflow_runs import RunLogger
 from ..tracking.plot import write_plot
-from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG
 from .runner import SweepRun
+
+REGISTERED_RUN_TAG = "qat.registered_run_id"  # the trial whose model the parent registered (once)
 
 
 @dataclass
@@ -47,7 +48,11 @@ def finish(run: SweepRun) -> SweepResult:
         parent.log_metrics({f"best_val_{m}": best.val, f"best_test_{m}": best.test, f"fp32_{m}": best.fp32,
                             f"ptq_{m}": best.ptq, f"val_{m}": best.val, f"test_{m}": best.test}, step=0)
         tags = {"best_run_id": best.run_id, "best_run_name": best.name}
-        if spec.register_best:
+        earlier = parent.tags()
+        if spec.register_best and earlier.get(REGISTERED_RUN_TAG) == best.run_id:  # a resumed, already finished sweep
+            name, _, version = earlier["registered_model"][len("models:/"):].rpartition("/")
+            registered = (name, version)
+        elif spec.register_best:
             from ..tracking.registry import register_trial_model
 
             version = register_trial_model(
@@ -57,15 +62,14 @@ def finish(run: SweepRun) -> SweepResult:
                 description=f"best of sweep {spec.name} by {spec.metric}: {best.name}")
             registered = (spec.registered_model, version)
             tags["registered_model"] = f"models:/{spec.registered_model}/{version}"
+            tags[REGISTERED_RUN_TAG] = best.run_id
         parent.set_tags(tags)
     counts = {o: sum(r.outcome == o for r in rows) for o in {r.outcome for r in rows}}
     tags = {f"qat.trials_{o}": str(n) for o, n in counts.items()}
     if best is None:  # nothing to show for the sweep: it failed
-        parent.set_tags({OUTCOME_TAG: "failed", FAILURE_REASON_TAG: "no trial finished", **tags})
-        parent.finish("FAILED")
+        parent.end("failed", "no trial finished", tags=tags)
     else:
-        parent.set_tags({OUTCOME_TAG: "finished", **tags})
-        parent.finish("FINISHED")
+        parent.end("finished", tags=tags)
     return SweepResult(rows, best, registered, format_rows(rows, spec.metric))
 
 

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from ..train.config import TrialConfig
+from ..train.labels import bits_label, mode_short
 
 # Swept keys the fixed part of the name already shows.
 SHOWN = {"quant", "quant.param_bw", "quant.output_bw", "qat", "qat.lr", "qat.epochs", "qat.range_learning",
@@ -34,16 +35,8 @@ def short_number(value: Any) -> str:
     return f"{mantissa}e{exponent}"
 
 
-def bits_label(cfg: TrialConfig) -> str:
-    return f"w{cfg.quant.param_bw}a{cfg.quant.output_bw}"
-
-
-def mode_label(cfg: TrialConfig) -> str:
-    return "RL" if cfg.qat.range_learning else "static"
-
-
 def trial_run_name(cfg: TrialConfig, point: dict[str, Any], number: int | None = None) -> str:
-    parts = [bits_label(cfg), f"lr={short_number(float(cfg.qat.lr))}", f"ep={cfg.qat.epochs}", mode_label(cfg)]
+    parts = [bits_label(cfg), f"lr={short_number(float(cfg.qat.lr))}", f"ep={cfg.qat.epochs}", mode_short(cfg)]
     if cfg.qat.distill.enabled:
         parts.append("KD")
     for key, value in point.items():

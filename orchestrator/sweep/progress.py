@@ -22,7 +22,7 @@ from ray.tune import Callback
 
 from ..console import paint
 from ..tracking.mlflow_runs import TRIAL_ID_TAG, RunLogger, ensure_experiment, find_run
-from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG
+from ..tracking.mlflow_runs import trial_outcome
 from . import lifecycle
 from .compose import Composer
 from .space import SearchSpace
@@ -130,19 +130,14 @@ class SweepProgress(Callback):
             self._line("stopped", trial, f"by {self.scheduler}{at}{value_text}", self._status(trials, ended=trial))
             child = self._child(trial)
             if child is not None:
-                child.set_tags({OUTCOME_TAG: "stopped_by_scheduler", "qat.stopped_at_epoch": str(epoch)})
-                child.finish("FINISHED")
+                child.end("stopped_by_scheduler", tags={"qat.stopped_at_epoch": str(epoch)})
 
     def _ensure_closed(self, trial, status: str) -> None:
         """A trial closes its run before its final report; one stopped by Tune right at that
         report (a multi-worker trial) may not have: close it as its report says."""
-        from ..train.launcher import run_outcome
-
         child = self._child(trial)
         if child is not None and child.status() == "RUNNING":
-            mlflow_status, outcome = run_outcome(status)
-            child.set_tags({OUTCOME_TAG: outcome})
-            child.finish(mlflow_status)
+            child.end(trial_outcome(status))
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self._line("retrying", trial, f"after a failure: {_error_line(trial)}")
@@ -154,8 +149,7 @@ class SweepProgress(Callback):
         self._line("FAILED", trial, reason, self._status(trials, ended=trial, ended_as="ERROR"))
         child = self._child(trial)
         if child is not None and child.status() == "RUNNING":
-            child.set_tags({OUTCOME_TAG: "failed", FAILURE_REASON_TAG: reason})
-            child.finish("FAILED")
+            child.end("failed", reason)
 
 
 def _error_line(trial) -> str:

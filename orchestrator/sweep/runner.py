@@ -14,8 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from ..tracking.links import save_sweep_view
-from ..tracking.mlflow_runs import KIND_TAG, SWEEP_ID_TAG, RunLogger, ensure_experiment, find_or_create_run
-from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG, trial_params
+from ..tracking.mlflow_runs import (FAILURE_REASON_TAG, KIND_TAG, OUTCOME_TAG, SWEEP_ID_TAG, RunLogger,
+                                    ensure_experiment, find_or_create_run)
+from ..tracking.run_content import trial_params
 from ..tracking.source import source_tags
 from ..train.launcher import prepare
 from . import lifecycle
@@ -137,9 +138,8 @@ def start(plan: SweepPlan, log=print) -> tuple[SweepRun, object]:
 
         interrupted = isinstance(exc, KeyboardInterrupt)
         parent_run = RunLogger(uri, parent_id)
-        parent_run.set_tags({OUTCOME_TAG: "interrupted" if interrupted else "failed",
-                             FAILURE_REASON_TAG: "interrupted before any trial ran" if interrupted else first_line(exc)})
-        parent_run.finish("KILLED" if interrupted else "FAILED")
+        parent_run.end("interrupted" if interrupted else "failed",
+                       "interrupted before any trial ran" if interrupted else first_line(exc))
         raise
 
 
@@ -180,26 +180,21 @@ def fit(run: SweepRun, tuner) -> None:
 def mark_interrupted(run: SweepRun) -> int:
     """Every child run still RUNNING and the parent: KILLED, ``qat.outcome=interrupted``.
     Returns how many trials were cut short."""
-    return close_unfinished(run, "KILLED", "interrupted", "the sweep was interrupted (SIGINT/SIGTERM)")
+    return close_unfinished(run, "interrupted", f"the sweep was interrupted ({lifecycle.STATE.signal_name})")
 
 
-def close_unfinished(run: SweepRun, status: str, outcome: str, reason: str) -> int:
-    """Every child run still RUNNING and the parent end with ``status`` (KILLED or FAILED),
-    ``qat.outcome`` and ``qat.failure_reason``. Returns how many trials were cut short."""
+def close_unfinished(run: SweepRun, outcome: str, reason: str) -> int:
+    """Every child run still RUNNING and the parent end with ``outcome`` (``interrupted``: KILLED,
+    ``failed``: FAILED) and ``qat.failure_reason``. Returns how many trials were cut short."""
     from ..tracking.mlflow_runs import PARENT_TAG, client, retrying
 
     c = client(run.tracking_uri)
     children = retrying(lambda: c.search_runs([run.experiment_id],
                                               filter_string=f"tags.`{PARENT_TAG}` = '{run.parent_run_id}' "
                                                             "and attributes.status = 'RUNNING'"))
-    tags = {OUTCOME_TAG: outcome, FAILURE_REASON_TAG: reason[:5000]}
     for child in children:
-        logger = RunLogger(run.tracking_uri, child.info.run_id)
-        logger.set_tags(tags)
-        logger.finish(status)
-    parent = RunLogger(run.tracking_uri, run.parent_run_id)
-    parent.set_tags(tags)
-    parent.finish(status)
+        RunLogger(run.tracking_uri, child.info.run_id).end(outcome, reason)
+    RunLogger(run.tracking_uri, run.parent_run_id).end(outcome, reason)
     return len(children)
 
 

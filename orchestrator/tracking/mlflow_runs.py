@@ -23,6 +23,16 @@ KIND_TAG = "qat.kind"  # "trial" or "sweep"
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MAX_PARAM_LENGTH = 6000
+OUTCOME_TAG = "qat.outcome"  # finished | stopped_by_scheduler | diverged | failed | interrupted
+FAILURE_REASON_TAG = "qat.failure_reason"  # why a run ended FAILED or KILLED, one line
+# a run's end: its outcome decides its MLflow status
+OUTCOME_STATUS = {"finished": "FINISHED", "stopped_by_scheduler": "FINISHED", "diverged": "FAILED",
+                  "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def trial_outcome(status: str | None) -> str:
+    """The outcome of a trial whose final report says ``status`` (``finished``, ``diverged``, ...)."""
+    return status if status in ("finished", "diverged") else "failed"
 
 
 def default_tracking_uri(root: str | Path) -> str:
@@ -149,9 +159,25 @@ class RunLogger:
             if key in run.data.tags:
                 retrying(lambda key=key: self._client.delete_tag(self.run_id, key))
 
+    def tags(self) -> dict[str, str]:
+        return dict(retrying(lambda: self._client.get_run(self.run_id)).data.tags)
+
     def status(self) -> str:
         return retrying(lambda: self._client.get_run(self.run_id)).info.status
 
-    def finish(self, status: str) -> None:
-        """``status``: FINISHED, FAILED or KILLED."""
-        retrying(lambda: self._client.set_terminated(self.run_id, status=status))
+    def end(self, outcome: str, reason: str | None = None, tags: dict[str, str] | None = None,
+            best_effort: bool = False) -> None:
+        """Close the run, the one way runs are closed: ``qat.outcome`` (``OUTCOME_STATUS``'s keys),
+        ``qat.failure_reason`` (one line) unless it finished, ``tags``, then the MLflow status the
+        outcome implies. ``best_effort``: on a failing path a broken tracking store must not hide
+        the error being reported, so a failure to close is swallowed."""
+        status = OUTCOME_STATUS[outcome]
+        labels = {OUTCOME_TAG: outcome, **(tags or {})}
+        if reason and status != "FINISHED":
+            labels[FAILURE_REASON_TAG] = reason.strip().splitlines()[0][:5000] if reason.strip() else reason
+        try:
+            self.set_tags(labels)
+            retrying(lambda: self._client.set_terminated(self.run_id, status=status))
+        except Exception:
+            if not best_effort:
+                raise

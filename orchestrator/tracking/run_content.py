@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from ..train.config import TrialConfig
-from .mlflow_runs import KIND_TAG, MAX_PARAM_LENGTH
+from ..train.labels import bits_label, mode_label
+from .mlflow_runs import FAILURE_REASON_TAG, KIND_TAG, MAX_PARAM_LENGTH, OUTCOME_TAG  # noqa: F401 (re-exported)
 
 EPOCH_METRICS = ("train_loss", "train_distill_loss", "lr", "epoch_time_s", "samples_per_s")
 FIRST_EPOCH_METRICS = ("startup_s", "worker_start_s", "compile_warmup_s")
-OUTCOME_TAG = "qat.outcome"  # finished | stopped_by_scheduler | diverged | failed | interrupted
-FAILURE_REASON_TAG = "qat.failure_reason"  # why a run ended FAILED or KILLED, one line
 
 _ALWAYS = ("model.name", "data.name", "task.name", "quant.param_bw", "quant.output_bw", "quant.quant_scheme",
            "quant.per_channel", "quant.fold_batchnorm", "qat.range_learning", "qat.optimizer", "qat.lr", "qat.epochs", "qat.batch_size",
@@ -61,6 +60,11 @@ def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[
         keys += ["qat.lr_step_epochs", "qat.lr_gamma"]
     if cfg.qat.distill.enabled:
         keys += ["qat.distill.temperature", "qat.distill.weight", "qat.distill.task_weight"]
+    if cfg.qat.init:  # PTQ steps before QAT, and the settings of those that run
+        keys.append("qat.init")
+        keys += [f"qat.ptq.{k}" for k in ("adaround_iterations", "adaround_lr", "adaround_reg",
+                                                   "adaround_quantized_inputs") if "adaround" in cfg.qat.init]
+        keys += ["qat.ptq.seqmse_candidates"] if "seqmse" in cfg.qat.init else []
     if cfg.qat.grad_clip_norm is not None:
         keys.append("qat.grad_clip_norm")
     if cfg.model._target_:
@@ -77,10 +81,9 @@ def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[
 
 def trial_tags(cfg: TrialConfig, launcher: str) -> dict[str, str]:
     """Labels and paths of the run. ``launcher``: ``in-process``, ``tune-actor`` or ``ray-train``."""
-    tags = {KIND_TAG: "trial", "qat.mode": "range_learning" if cfg.qat.range_learning else "static",
-            "qat.bits": f"w{cfg.quant.param_bw}a{cfg.quant.output_bw}", "qat.param_bw": str(cfg.quant.param_bw),
-            "qat.output_bw": str(cfg.quant.output_bw), "qat.model": cfg.model.name, "qat.data": cfg.data.name,
-            "qat.task": cfg.task.name,
+    tags = {KIND_TAG: "trial", "qat.mode": mode_label(cfg), "qat.bits": bits_label(cfg),
+            "qat.param_bw": str(cfg.quant.param_bw), "qat.output_bw": str(cfg.quant.output_bw),
+            "qat.model": cfg.model.name, "qat.data": cfg.data.name, "qat.task": cfg.task.name,
             "qat.launcher": launcher, "qat.output_dir": cfg.output_dir}
     if cfg.model.checkpoint:
         tags["qat.checkpoint"] = str(cfg.model.checkpoint)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..quant import QuantConfig, QuantConfigError
+from ..quant.ptq import STEPS, AdaRoundParams, SeqMseParams
 from ..tasks.registry import TASKS
 from ..zoo.registry import DATASETS, MODELS, RegistryError, check_name
 from .strategies import STRATEGIES
@@ -109,19 +110,58 @@ class TaskSpec:
 
 
 @dataclass
-class QuantSpec:
-    """Bit widths and calibration: the fields of ``QuantConfig`` that describe the target."""
+class MixedSpec:
+    """Mixed precision from per-quantizer sensitivity (``orchestrator/quant/ptq/sensitivity.py``):
+    after a first calibration, the output SQNR with each quantizer alone on ranks them; then the
+    ``keep_top_k`` most sensitive quantizers (weights or activations), or the most sensitive
+    weights for as long as the average weight bit width stays within ``budget``, are kept at
+    ``high`` bits, and the simulation is built again with those overrides. Off when both are null."""
 
-    param_bw: int = 8
-    output_bw: int = 8
-    quant_scheme: str = "min_max"
-    percentile: float = 99.99
-    per_channel: bool = True
-    fold_batchnorm: bool = True
-    leaf_modules: list[str] = field(default_factory=list)
+    keep_top_k: Optional[int] = None
+    budget: Optional[float] = None
+    high: int = 8
+
+    @property
+    def enabled(self) -> bool:
+        return self.keep_top_k is not None or self.budget is not None
 
     def validate(self) -> None:
-        pass  # checked through QuantConfig in TrialConfig.validate
+        _require(self.keep_top_k is None or self.budget is None, "quant.mixed.budget", self.budget,
+                 "null when quant.mixed.keep_top_k is set (one of the two)")
+        _require(self.keep_top_k is None or (_is_int(self.keep_top_k) and self.keep_top_k >= 1),
+                 "quant.mixed.keep_top_k", self.keep_top_k, "null or an integer >= 1")
+        _require(self.budget is None or (_is_finite(self.budget) and self.budget >= 2), "quant.mixed.budget",
+                 self.budget, "null or an average weight bit width >= 2")
+        _require(_is_int(self.high) and 2 <= self.high <= 16, "quant.mixed.high", self.high, "an integer from 2 to 16")
+
+
+@dataclass
+class QuantSpec:
+    """Bit widths, formats, granularities and calibration: the fields of ``QuantConfig`` that describe
+    the target (``param_format``/``output_format``, ``param_block_size``, ``output_granularity``,
+    ``quantize_activations``, ``param_quant_scheme``; ``overrides`` by quantizer-name pattern, e.g.
+    ``{"classifier*": {"enabled": false}, "*.attn.*": {"format": "float8_e4m3fn"}}``: see
+    ``QuantConfig``); ``mixed``: mixed precision chosen from sensitivity."""
+
+    # the core's own defaults (QuantConfig), written once there
+    param_bw: int = QuantConfig.param_bw
+    output_bw: int = QuantConfig.output_bw
+    quant_scheme: str = QuantConfig.quant_scheme
+    param_quant_scheme: str = QuantConfig.param_quant_scheme
+    percentile: float = QuantConfig.percentile
+    per_channel: bool = QuantConfig.per_channel
+    fold_batchnorm: bool = QuantConfig.fold_batchnorm
+    leaf_modules: list[str] = field(default_factory=list)
+    param_format: str = QuantConfig.param_format
+    output_format: str = QuantConfig.output_format
+    param_block_size: int = QuantConfig.param_block_size
+    output_granularity: str = QuantConfig.output_granularity
+    quantize_activations: bool = QuantConfig.quantize_activations
+    overrides: dict[str, Any] = field(default_factory=dict)
+    mixed: MixedSpec = field(default_factory=MixedSpec)
+
+    def validate(self) -> None:
+        self.mixed.validate()  # the rest is checked through QuantConfig in TrialConfig.validate
 
 
 @dataclass
@@ -148,6 +188,50 @@ class DistillSpec:
 
 
 @dataclass
+class PtqSpec:
+    """Settings of the PTQ steps of ``qat.init`` (``orchestrator/quant/ptq``). ``num_batches``:
+    how many of the ``qat.calibration_batches`` AdaRound and SeqMSE learn from (null: all).
+    AdaRound: ``adaround_iterations`` Adam steps per layer at ``adaround_lr`` on
+    ``adaround_batch_size`` samples each, rounding regulariser weight ``adaround_reg``, each layer
+    on its inputs in the quantized model (``adaround_quantized_inputs``) or the float model's. SeqMSE:
+    ``seqmse_candidates`` clipping ratios searched per output channel."""
+
+    num_batches: Optional[int] = None
+    adaround_iterations: int = AdaRoundParams.iterations
+    adaround_lr: float = AdaRoundParams.lr
+    adaround_reg: float = AdaRoundParams.reg
+    adaround_batch_size: int = AdaRoundParams.batch_size
+    adaround_quantized_inputs: bool = AdaRoundParams.quantized_inputs
+    seqmse_candidates: int = SeqMseParams.candidates
+
+    def validate(self) -> None:
+        _require(self.num_batches is None or (_is_int(self.num_batches) and self.num_batches >= 1), "qat.ptq.num_batches",
+                 self.num_batches, "null or an integer >= 1")
+        for key in ("adaround_iterations", "adaround_batch_size", "seqmse_candidates"):
+            value = getattr(self, key)
+            _require(_is_int(value) and value >= 1, f"qat.ptq.{key}", value, "an integer >= 1")
+        _require(_is_finite(self.adaround_lr) and 0 < self.adaround_lr <= MAX_LR, "qat.ptq.adaround_lr",
+                 self.adaround_lr, f"a finite number in (0, {MAX_LR:g}]")
+        _require(isinstance(self.adaround_quantized_inputs, bool), "qat.ptq.adaround_quantized_inputs",
+                 self.adaround_quantized_inputs, "true or false")
+        _require(_is_finite(self.adaround_reg) and self.adaround_reg >= 0, "qat.ptq.adaround_reg", self.adaround_reg,
+                 "a finite number >= 0")
+
+
+def check_init(steps: Any) -> None:
+    """``qat.init``: a list of distinct PTQ step names, the steps that go before activation
+    calibration (``cle``) first."""
+    allowed = f"a list of distinct names from {', '.join(STEPS)}, e.g. [cle,adaround]"
+    _require(isinstance(steps, (list, tuple)) and all(isinstance(s, str) for s in steps), "qat.init", steps, allowed)
+    for name in steps:
+        _require(name in STEPS, "qat.init", list(steps), allowed + f" ({name!r} is not one)")
+    _require(len(set(steps)) == len(steps), "qat.init", list(steps), allowed)
+    before = [STEPS[s].before_calibration for s in steps]
+    _require(before == sorted(before, reverse=True), "qat.init", list(steps),
+             "the steps that change weights before calibration (cle) ahead of adaround/seqmse")
+
+
+@dataclass
 class QatSpec:
     """The QAT fine-tuning: mode, optimizer, learning-rate schedule, batch sizes, distillation.
 
@@ -170,13 +254,19 @@ class QatSpec:
     ``encoding_lr``: learning rate of the trained encodings (range learning), in their own
     optimizer group without weight decay, stepped down with ``lr``. Scales are learned as
     ``log(scale)``, so Adam moves a scale by about ``encoding_lr`` *relative* per step (0.01: 1%).
+    ``init``: PTQ steps run in order on the calibration data before fine-tuning (``cle``,
+    ``adaround``, ``seqmse``; settings under ``ptq``); the trial logs ``ptq_after_<step>_<metric>``
+    and ``ptq_<step>_s`` for each, ``ptq_plain_<metric>`` for calibration alone.
+    ``bn_reestimate_batches``: with ``quant.fold_batchnorm=false``, after fine-tuning re-estimate
+    the BatchNorm statistics on this many training batches with the quantized model, then fold
+    them into the weights (and weight encodings) before the test and the export (0: off).
     ``restart``: start this run over even though its outputs hold another config or an earlier
     result; the old outputs are moved aside (``train/identity.py``), nothing is deleted.
     """
 
-    range_learning: bool = False
-    learn_weight_encodings: bool = False
-    lsq_grad_scaling: bool = True
+    range_learning: bool = QuantConfig.range_learning  # the core's defaults, written once there
+    learn_weight_encodings: bool = QuantConfig.learn_weight_encodings
+    lsq_grad_scaling: bool = QuantConfig.lsq_grad_scaling
     optimizer: Any = "adam"
     lr: float = 1e-3
     encoding_lr: float = 1e-2
@@ -197,8 +287,15 @@ class QatSpec:
     seed: int = 0
     restart: bool = False
     distill: DistillSpec = field(default_factory=DistillSpec)
+    init: list[str] = field(default_factory=list)
+    ptq: PtqSpec = field(default_factory=PtqSpec)
+    bn_reestimate_batches: int = 0
 
     def validate(self) -> None:
+        check_init(self.init)
+        self.ptq.validate()
+        _require(_is_int(self.bn_reestimate_batches) and self.bn_reestimate_batches >= 0, "qat.bn_reestimate_batches",
+                 self.bn_reestimate_batches, "an integer >= 0 (0: off)")
         from .optim import check_optimizer, check_schedule  # the presets' one owner
 
         check_optimizer(self.optimizer)
@@ -364,19 +461,28 @@ class TrialConfig(TrialSections):
         except RegistryError as exc:
             raise TrialConfigError(str(exc)) from None
         self.quant_config()
+        _require(not (self.trainer.strategy_name == "fsdp" and self.qat.bn_reestimate_batches), "trainer.strategy",
+                 "fsdp", "ddp or single with qat.bn_reestimate_batches > 0 (re-estimating and folding BatchNorms "
+                 "into a sharded model is not supported)")
+        _require(self.qat.bn_reestimate_batches == 0 or not self.quant.fold_batchnorm, "qat.bn_reestimate_batches",
+                 self.qat.bn_reestimate_batches, "0 when quant.fold_batchnorm=true (BatchNorms are folded before QAT)")
         _require(isinstance(self.export_prefix, str) and self.export_prefix.isidentifier(), "export_prefix",
                  self.export_prefix, "a plain file name such as 'model'")
         return self
 
-    def quant_config(self) -> QuantConfig:
-        """The ``QuantConfig`` of this trial; errors name the ``quant.``/``qat.`` key."""
+    def quant_config(self, overrides: dict[str, dict[str, Any]] | None = None) -> QuantConfig:
+        """The ``QuantConfig`` of this trial (with per-quantizer ``overrides``, e.g. mixed
+        precision's); errors name the ``quant.``/``qat.`` key."""
         q, t = self.quant, self.qat
         try:
             return QuantConfig(
                 param_bw=q.param_bw, output_bw=q.output_bw, quant_scheme=q.quant_scheme, percentile=q.percentile,
+                param_quant_scheme=q.param_quant_scheme,
                 per_channel=q.per_channel, fold_batchnorm=q.fold_batchnorm, leaf_modules=tuple(q.leaf_modules),
+                param_format=q.param_format, output_format=q.output_format, param_block_size=q.param_block_size,
+                output_granularity=q.output_granularity, quantize_activations=q.quantize_activations,
                 range_learning=t.range_learning, learn_weight_encodings=t.learn_weight_encodings,
-                lsq_grad_scaling=t.lsq_grad_scaling,
+                lsq_grad_scaling=t.lsq_grad_scaling, overrides={**q.overrides, **(overrides or {})},
             )
         except QuantConfigError as exc:
             msg = str(exc)

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import interrupts
-from ..tracking.mlflow_runs import TRIAL_ID_TAG, RunLogger, default_tracking_uri, find_or_create_run
+from ..tracking.mlflow_runs import TRIAL_ID_TAG, RunLogger, default_tracking_uri, find_or_create_run, trial_outcome
 from ..tracking.preflight import TrackingUnavailable, check_tracking
 from ..tracking.run_content import FAILURE_REASON_TAG, OUTCOME_TAG, trial_params, trial_tags
 from ..tracking.system_metrics import system_metrics
 from .builders import build_data, load_pretrained, new_model, pretrained_path, task_of
 from .config import TrialConfig, TrialConfigError
 from .data_checks import check_data
+from .labels import bits_label, mode_label
 from .identity import (FINGERPRINT_TAG, RunIdentity, RunMismatch, archive, check_output_dir, mismatch_message,
                        run_identity, write_identity)
 
@@ -48,12 +49,8 @@ class TrialResult:
     config: TrialConfig = field(repr=False)
 
 
-def mode_name(cfg: TrialConfig) -> str:
-    return "range_learning" if cfg.qat.range_learning else "static"
-
-
 def default_run_name(cfg: TrialConfig) -> str:
-    return (f"{cfg.model.name}-{cfg.data.name}-W{cfg.quant.param_bw}A{cfg.quant.output_bw}-{mode_name(cfg)}"
+    return (f"{cfg.model.name}-{cfg.data.name}-{bits_label(cfg).upper()}-{mode_label(cfg)}"
             f"-lr{cfg.qat.lr:g}-e{cfg.qat.epochs}")
 
 
@@ -204,8 +201,7 @@ def archive_runs(cfg: TrialConfig) -> None:
         logger = RunLogger(cfg.tracking.uri, run.info.run_id)
         logger.set_tags({TRIAL_ID_TAG: f"{cfg.tracking.trial_id}.archived-{stamp}"})
         if run.info.status == "RUNNING":
-            logger.set_tags({OUTCOME_TAG: "interrupted", FAILURE_REASON_TAG: "archived by qat.restart=true"})
-            logger.finish("KILLED")
+            logger.end("interrupted", "archived by qat.restart=true")
 
 
 def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, log=print, *, in_actor: bool = False,
@@ -257,11 +253,10 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
 
                 metrics = qat_worker(payload, on_report=report)
         except KeyboardInterrupt:
-            _end(tracker, "KILLED", "interrupted", f"interrupted ({interrupts.STATE.signal_name})")
+            tracker.end("interrupted", f"interrupted ({interrupts.STATE.signal_name})", best_effort=True)
             raise
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {_first_line(exc)}"
-            _end(tracker, "FAILED", "failed", reason)
+            tracker.end("failed", f"{type(exc).__name__}: {_first_line(exc)}", best_effort=True)
             raise TrialFailed(f"trial {cfg.tracking.run_name} failed: {_first_line(exc)}") from exc
     status = metrics.get("status")
     if not closed:
@@ -271,31 +266,11 @@ def run_trial(cfg: TrialConfig, callbacks: list | None = None, on_report=None, l
     return TrialResult("finished", metrics, run_id, cfg.tracking.uri, cfg.output_dir, cfg)
 
 
-def run_outcome(status: str | None) -> tuple[str, str]:
-    """``(MLflow status, qat.outcome)`` of a trial whose final report says ``status``."""
-    if status == "finished":
-        return "FINISHED", "finished"
-    return "FAILED", "diverged" if status == "diverged" else "failed"
-
-
 def _close(tracker: RunLogger, status: str | None, reason: str | None = None) -> str:
-    mlflow_status, outcome = run_outcome(status)
-    _end(tracker, mlflow_status, outcome, reason if mlflow_status != "FINISHED" else None)
+    """End the run as the trial's final report says (``status``); returns the outcome."""
+    outcome = trial_outcome(status)
+    tracker.end(outcome, reason, best_effort=outcome != "finished")
     return outcome
-
-
-def _end(tracker: RunLogger, status: str, outcome: str, reason: str | None = None) -> None:
-    """Close the run with ``status`` and its labels; on a failing path a broken tracking store must
-    not hide the trial's own error, so closing is best effort there."""
-    tags = {OUTCOME_TAG: outcome}
-    if reason:
-        tags[FAILURE_REASON_TAG] = reason[:5000]
-    try:
-        tracker.set_tags(tags)
-        tracker.finish(status)
-    except Exception:
-        if status == "FINISHED":
-            raise
 
 
 def _first_line(exc: BaseException) -> str:

@@ -44,6 +44,7 @@ from .divergence import stayed_at_chance
 from .fine_tune import Training, divergence, epoch_timing
 from .identity import check_state
 from .loops import Distillation, evaluate
+from .ptq_steps import build_sim, calibrate_with_init, reestimate_batchnorms
 from .session import LocalSession, RaySession, Session
 from .strategies import make_strategy
 from .trial_inputs import build_inputs
@@ -141,7 +142,8 @@ class Trial:
         cfg = self.cfg
         reseed(cfg.qat.seed, -1, 0)
         self.inputs = inputs = build_inputs(cfg, self.rank, self.world, self.device)
-        sim = QuantizationSimModel(inputs.model, inputs.dummy, cfg.quant_config())
+        # quant.mixed (ptq_steps.py): the sim, and the bit widths it chose
+        sim, self.mixed = build_sim(cfg, inputs.model, inputs.dummy, inputs.task, inputs.calibration, self.log)
         state = self.load_state()
         if state is not None and "final" in state:  # the trial had already ended: report it again
             self.log(f"this run already ended ({state['final']['status']}) with this same config: its results "
@@ -164,6 +166,7 @@ class Trial:
         ended = self.fine_tune(sim, training, history, distill, extra)
         if ended is not None:
             return ended
+        extra.update(reestimate_batchnorms(cfg.qat, sim, inputs.task, inputs.data, self.device, self.log))  # ptq_steps.py
         return self.finish(sim, training, history, extra)
 
     def load_state(self) -> dict[str, Any] | None:
@@ -175,18 +178,20 @@ class Trial:
 
     def calibrate(self, sim: QuantizationSimModel) -> tuple:
         """Steps 1-2 on a fresh trial: FP32 metrics, calibration, broadcast, PTQ metrics."""
-        task, data = self.inputs.task, self.inputs.data
-        fp32 = evaluate(self.inputs.model, self.inputs.loaders["test"], task, self.device)  # nothing sharded yet
-        sim.compute_encodings(lambda m, batches: [task.forward(m, b) for b in batches], self.inputs.calibration)
+        task, data, loaders = self.inputs.task, self.inputs.data, self.inputs.loaders
+        fp32 = evaluate(self.inputs.model, loaders["test"], task, self.device)  # nothing sharded yet
+        init = calibrate_with_init(self.cfg.qat, sim, task, self.inputs.calibration,
+                                   lambda: evaluate(sim.model, loaders["test"], task, self.device),
+                                   self.log) | self.mixed  # qat.init's PTQ steps, each measured (ptq_steps.py)
         local_digests = all_gather(digest(quantizer_state(sim.model)))
         broadcast_quantizer_state(sim.model)
         extra = {"calibration_digests": ",".join(all_gather(digest(quantizer_state(sim.model)))),
-                 "local_calibration_digests": ",".join(local_digests)}
-        ptq = evaluate(sim.model, self.inputs.loaders["test"], task, self.device)  # not sharded yet
+                 "local_calibration_digests": ",".join(local_digests), **init}
+        ptq = evaluate(sim.model, loaders["test"], task, self.device)  # not sharded yet
         if self.tracker is not None:
             sizes = {f"{split}_samples": len(getattr(data, split)) for split in ("val", "test")
                      if not is_iterable(getattr(data, split))}
-            self.tracker.log_metrics({**prefixed("fp32", fp32), **prefixed("ptq", ptq), **sizes}, step=0)
+            self.tracker.log_metrics({**prefixed("fp32", fp32), **prefixed("ptq", ptq), **sizes, **init}, step=0)
         self.log(f"FP32 {task.describe(fp32)}  PTQ {task.describe(ptq)}  ({len(sim.activation_quantizers())} "
                  f"activation quantizers, {len(sim.param_quantizers())} weight quantizers, {self.world} worker(s), "
                  f"strategy {self.strategy.name})")
@@ -326,7 +331,7 @@ class Trial:
         cfg, qat, inputs = self.cfg, self.cfg.qat, self.inputs
         cpu_dummy = to_device(inputs.dummy, torch.device("cpu"))
         full = self.strategy.export_sim(
-            sim, lambda: QuantizationSimModel(inputs.reload_model(cfg), cpu_dummy, cfg.quant_config()), self.rank)
+            sim, lambda: QuantizationSimModel(inputs.reload_model(cfg), cpu_dummy, sim.config), self.rank)
         if full is None:
             return {}
         export_dir = Path(cfg.output_dir) / "export"

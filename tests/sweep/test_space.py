@@ -79,3 +79,21 @@ def test_bad_sweeps_are_one_line_errors(override, message):
 def test_glob_sweeps_list_a_config_groups_options():
     (dim,) = space_of("quant=glob(w4*)").dims
     assert sorted(dim.values) == ["w4a4", "w4a8"]
+
+
+def test_lists_of_ptq_steps_sweep_as_values(tmp_path):
+    """``qat.init=[],[cle],[cle,adaround]``: one dimension of three lists; each point composes (Hydra,
+    the schema) into a valid trial config holding its list."""
+    from orchestrator.app_config import trial_config
+    from orchestrator.sweep.compose import Composer
+
+    with hydra_app() as (loader, master):
+        space = parse_space(["qat.init=[],[cle],[cle,adaround]"], loader)
+        (dim,) = space.dims
+        assert dim.key == "qat.init" and dim.values == ([], ["cle"], ["cle", "adaround"])
+        assert space.overrides({"qat.init": ["cle", "adaround"]}) == ["qat.init=[cle,adaround]"]
+        assert space.grid_size("grid") == 3
+        composer = Composer(loader, master)
+        for value in dim.values:
+            app = composer.compose(space.overrides({"qat.init": value}))
+            assert trial_config(app, tmp_path).qat.init == value

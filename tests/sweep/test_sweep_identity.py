@@ -46,13 +46,18 @@ def test_a_second_driver_is_refused_and_a_changed_resume_is_refused(tmp_path, ba
     assert parent.info.status == "FINISHED" and len(kids) == 2
     assert {k.info.status for k in kids} == {"FINISHED"}
 
-    changed = run_cli("qat-sweep", [*args, "sweep.resume=true", "quant=w4a4"], tmp_path, baseline_cache, check=False)
+    changed = run_cli("qat-sweep", [*args, "sweep.resume=true", "quant=w8a8"], tmp_path, baseline_cache, check=False)
     assert changed.returncode == 2, changed.stdout[-2000:] + changed.stderr[-2000:]
     (line,) = changed.stderr.strip().splitlines()
-    assert line.startswith("error: sweep 'dup': trial ") and "quant.param_bw: 8 -> 4" in line, line
+    assert line.startswith("error: sweep 'dup': trial ") and "quant.param_bw: 4 -> 8" in line, line
     assert "sweep.name=..." in line
     _, parent_after, kids_after = sweep_runs(sqlite(tmp_path), "dup")
     assert parent_after.info.status == "FINISHED" and len(kids_after) == 2
+
+    same = run_cli("qat-sweep", [*args, "sweep.resume=true"], tmp_path, baseline_cache)  # nothing left to run
+    assert "(resuming)" in same.stdout and "registered: models:/digits_cnn-digits-qat/1 " in same.stdout
+    client, parent_again, kids_again = sweep_runs(sqlite(tmp_path), "dup")
+    assert len(kids_again) == 2 and len(client.search_model_versions("name='digits_cnn-digits-qat'")) == 1
 
 
 def test_a_sweep_driven_from_another_host_is_refused_through_mlflow(tmp_path):

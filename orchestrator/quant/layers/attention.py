@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..granularity import LINEAR
 from .registry import QuantizedModule, register
 
 
 @register(nn.MultiheadAttention)
 class QuantizedMultiheadAttention(QuantizedModule, nn.MultiheadAttention):
-    QUANTIZED_PARAMS = {"in_proj_weight": 0, "q_proj_weight": 0, "k_proj_weight": 0, "v_proj_weight": 0,
-                        "out_proj.weight": 0}
+    QUANTIZED_PARAMS = {"in_proj_weight": LINEAR, "q_proj_weight": LINEAR, "k_proj_weight": LINEAR,
+                        "v_proj_weight": LINEAR, "out_proj.weight": LINEAR}
     TRANSPARENT = True
 
     @property

@@ -3,7 +3,8 @@
 Weights are quantized per output channel: axis 0 for Conv/Linear/Embedding weights
 (``[C_out, C_in, *k]``, ``[C_out, C_in]``, ``[num_embeddings, dim]``), axis 1 for transposed
 convolutions (``[C_in, C_out / groups, *k]``) and Hugging Face's ``Conv1D`` (``[nx, nf]``).
-Biases stay float.
+Biases stay float. Blocks (per-block granularity) run along the input axis: 1 for
+Conv/Linear/Embedding, 0 for transposed convolutions and ``Conv1D`` (``granularity.WeightAxes``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..granularity import LINEAR, TRANSPOSED
 from .registry import QuantizedModule, register
 
 
 class _QuantizedConv(QuantizedModule):
-    QUANTIZED_PARAMS = {"weight": 0}
+    QUANTIZED_PARAMS = {"weight": LINEAR}
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.qparam("weight"), self.bias)
@@ -38,7 +40,7 @@ class QuantizedConv3d(_QuantizedConv, nn.Conv3d):
 
 
 class _QuantizedConvTranspose(QuantizedModule):
-    QUANTIZED_PARAMS = {"weight": 1}
+    QUANTIZED_PARAMS = {"weight": TRANSPOSED}
     CONV_FN = staticmethod(F.conv_transpose2d)
     SPATIAL_DIMS = 2
 
@@ -71,7 +73,7 @@ class QuantizedConvTranspose3d(_QuantizedConvTranspose, nn.ConvTranspose3d):
 class QuantizedLinear(QuantizedModule, nn.Linear):
     """Linear on inputs of any rank (``[..., in_features]``)."""
 
-    QUANTIZED_PARAMS = {"weight": 0}
+    QUANTIZED_PARAMS = {"weight": LINEAR}
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.qparam("weight"), self.bias)
@@ -81,7 +83,7 @@ class QuantizedLinear(QuantizedModule, nn.Linear):
 class QuantizedEmbedding(QuantizedModule, nn.Embedding):
     """Rows of the quantized table: the output is already on the weight's grid (no output quantizer)."""
 
-    QUANTIZED_PARAMS = {"weight": 0}
+    QUANTIZED_PARAMS = {"weight": LINEAR}
     PASS_THROUGH = True
 
     def float_forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -93,7 +95,7 @@ class QuantizedEmbedding(QuantizedModule, nn.Embedding):
 class QuantizedHFConv1D(QuantizedModule):
     """Hugging Face's ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` of shape ``[nx, nf]``."""
 
-    QUANTIZED_PARAMS = {"weight": 1}
+    QUANTIZED_PARAMS = {"weight": TRANSPOSED}
 
     def float_forward(self, x: torch.Tensor) -> torch.Tensor:
         size_out = x.size()[:-1] + (self.nf,)

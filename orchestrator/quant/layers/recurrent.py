@@ -16,18 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..granularity import LINEAR, STACKED_RNN
 from .registry import QuantizedModule, register
 
 
 class _QuantizedRNNBase(QuantizedModule):
     def quantized_param_names(self) -> dict[str, int]:
-        return {name: 0 for name in self._flat_weights_names if name.startswith("weight_")}
+        return {name: LINEAR for name in self._flat_weights_names if name.startswith("weight_")}
 
     def quantized_param_groups(self) -> list[tuple[tuple[str, ...], int]]:
         names = [n for n in self._flat_weights_names if n.startswith("weight_") and not n.endswith("_reverse")]
         if not self.bidirectional:
-            return [((n,), 0) for n in names]
-        return [((n, f"{n}_reverse"), 1) for n in names]
+            return [((n,), LINEAR) for n in names]
+        return [((n, f"{n}_reverse"), STACKED_RNN) for n in names]
 
     def float_forward(self, *args: Any, **kwargs: Any) -> Any:
         float_weights = self._flat_weights

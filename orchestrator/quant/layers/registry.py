@@ -4,12 +4,13 @@ NVIDIA ModelOpt's ``QuantModuleRegistry``).
 A quantized class subclasses its float class, so ``isinstance`` and ``state_dict`` keys stay
 those of the original model (``fc.weight``), plus ``fc.param_quantizers.weight.*`` and
 ``fc.output_quantizers.0.*``. It declares which parameters it quantizes and on which channel
-axis (``QUANTIZED_PARAMS``); the simulation creates the quantizers. A new op type is one
+axis (``QUANTIZED_PARAMS``: a ``granularity.WeightAxes``, the channel axis that also names the
+input axis blocks run along; a bare int is a channel axis); the simulation creates the quantizers. A new op type is one
 registered class:
 
     @register(nn.Conv2d)
     class QuantizedConv2d(QuantizedModule, nn.Conv2d):
-        QUANTIZED_PARAMS = {"weight": 0}
+        QUANTIZED_PARAMS = {"weight": LINEAR}   # granularity.WeightAxes(channel=0, block=1)
         def float_forward(self, x):
             return self._conv_forward(x, self.qparam("weight"), self.bias)
 
