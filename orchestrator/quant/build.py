@@ -318,7 +318,7 @@ def _site_table(module: nn.Module, owner: str, built: BuiltSim) -> SiteTable | N
             sites[(op, int(k))] = OutputSite({0: quantizers})
         else:
             sites[(op, int(k))] = OutputSite({int(i): q for i, q in quantizers.items()})
-    params = {id(e.param): e.quantizer for e in built.params.values() if owner in e.owners and len(e.params) == 1}
+    params = {e.names[0]: e.quantizer for e in built.params.values() if owner in e.owners and len(e.params) == 1}
     if not sites and not params:
         return None
     return SiteTable(sites, params)
@@ -339,6 +339,7 @@ def _install_runtime(built: BuiltSim, runtime: SimRuntime) -> None:
         else:
             module.register_forward_hook(pop_frame, with_kwargs=True)
     root._qsim_runtime = runtime
+    runtime.root = root
     if "" not in graph.containers:
         root._qsim_sites = None
     root.__class__ = make_root_class(type(root))

@@ -292,8 +292,12 @@ class QuantizeDequantize(nn.Module):
 
     @torch.no_grad()
     def floor_hit(self) -> torch.Tensor:
-        """Learned: a bool tensor, True where a channel's scale sits at its floor (no host sync)."""
-        return (self.log_scale <= self.log_floor).any()
+        """Learned: a bool tensor, True where a channel's scale sits at its floor (no host sync).
+        A sharded ``log_scale`` (FSDP2's DTensor) is gathered whole: every rank must call this."""
+        log_scale = self.log_scale
+        if hasattr(log_scale, "full_tensor"):
+            log_scale = log_scale.full_tensor()
+        return (log_scale <= self.log_floor).any()
 
     # ------------------------------------------------------------------ calibration
     def start_observing(self, observer) -> None:

@@ -34,19 +34,35 @@ QUANTIZER_CONTAINERS = frozenset({"param_quantizers", "output_quantizers", "func
 
 
 class SiteTable:
-    """The functional sites of one module: ``(op, occurrence) -> site`` and its direct parameters' quantizers."""
+    """The functional sites of one module: ``(op, occurrence) -> site`` and the quantizers of the
+    parameters its code passes straight to ops, by qualified parameter name (from the root).
 
-    def __init__(self, sites: dict[tuple[str, int], Any], params: dict[int, nn.Module]) -> None:
+    Parameters are matched by name, not by the tensor object the simulation was built with: a wrapper
+    may hold other objects under the same names (FSDP2 swaps in sharded, then gathered, parameters).
+    """
+
+    def __init__(self, sites: dict[tuple[str, int], Any], params: dict[str, nn.Module]) -> None:
         self.sites = sites
-        self.params = params  # id(parameter) -> quantizer
+        self.params = params  # qualified parameter name -> quantizer
 
-    def substitute(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        params = self.params
-        args = tuple(params[id(a)](a) if isinstance(a, nn.Parameter) and id(a) in params else a for a in args)
-        if kwargs:
-            kwargs = {k: params[id(v)](v) if isinstance(v, nn.Parameter) and id(v) in params else v
-                      for k, v in kwargs.items()}
-        return args, kwargs
+    def bind(self, root: nn.Module) -> tuple[tuple[nn.Parameter, nn.Module], ...]:
+        """``(parameter as the model holds it now, its quantizer)`` pairs."""
+        return tuple((root.get_parameter(name), q) for name, q in self.params.items())
+
+
+def substitute(bound: tuple[tuple[nn.Parameter, nn.Module], ...], args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` with each bound parameter replaced by its quantized value."""
+    def swap(a: Any) -> Any:
+        if isinstance(a, nn.Parameter):
+            for p, q in bound:
+                if a is p:
+                    return q(a)
+        return a
+
+    args = tuple(swap(a) for a in args)
+    if kwargs:
+        kwargs = {k: swap(v) for k, v in kwargs.items()}
+    return args, kwargs
 
 
 class OutputSite:
@@ -83,7 +99,9 @@ class SimRuntime:
     """Per-simulation state: the frame stack, the input quantizers, the model's float ``forward``."""
 
     def __init__(self, float_forward, positional: list[str], inputs: dict[str, dict[int, nn.Module]]) -> None:
-        self.stack: list[tuple[SiteTable, dict[str, int]] | None] = []
+        # frames: (sites, op counts, [bound parameters, filled on first use]) or None
+        self.stack: list[tuple[SiteTable, dict[str, int], list] | None] = []
+        self.root: nn.Module | None = None  # sim.model (parameters are looked up by name from it)
         self.float_forward = float_forward
         self.positional = positional
         self.inputs = inputs  # argument name -> {leaf index: quantizer} (leaf 0 for a tensor argument)
@@ -148,9 +166,11 @@ class FunctionalQuantMode(TorchFunctionMode):
         frame = stack[-1] if stack else None
         if frame is None:
             return func(*args, **kwargs)
-        table, counts = frame
+        table, counts, bound = frame
         if table.params:
-            args, kwargs = table.substitute(args, kwargs)
+            if not bound:  # bound inside the frame: after any wrapper's pre-forward hooks gathered them
+                bound.append(table.bind(self.runtime.root))
+            args, kwargs = substitute(bound[0], args, kwargs)
         op = canonical_name(func)
         if op is None or not computes_on_floats(args, kwargs):  # integer arithmetic: not counted (see ops.py)
             return func(*args, **kwargs)
@@ -165,7 +185,7 @@ class FunctionalQuantMode(TorchFunctionMode):
 def push_frame(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: ``module``'s ops count in a frame of their own (None: not quantized)."""
     table = module._qsim_sites
-    module._qsim_runtime.stack.append(None if table is None else (table, {}))
+    module._qsim_runtime.stack.append(None if table is None else (table, {}, []))
 
 
 def pop_frame(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -190,7 +210,7 @@ def root_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     table = self._qsim_sites
     stack = runtime.stack
     stack.clear()
-    stack.append(None if table is None else (table, {}))
+    stack.append(None if table is None else (table, {}, []))
     try:
         with FunctionalQuantMode(runtime):
             return runtime.float_forward(self, *args, **kwargs)

@@ -17,9 +17,9 @@ from ..quant import QuantConfig, QuantConfigError
 from ..quant.ptq import STEPS, AdaRoundParams, SeqMseParams
 from ..tasks.registry import TASKS
 from ..zoo.registry import DATASETS, MODELS, RegistryError, check_name
+from .strategies import STRATEGIES
 
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "step", "constant")
+AUTOCAST_DTYPES = {"bf16": "bfloat16"}  # qat.autocast -> torch dtype name
 
 
 class TrialConfigError(ValueError):
@@ -235,9 +235,22 @@ def check_init(steps: Any) -> None:
 class QatSpec:
     """The QAT fine-tuning: mode, optimizer, learning-rate schedule, batch sizes, distillation.
 
-    ``schedule``: ``cosine`` anneals ``lr`` towards 0 over ``epochs`` (stepped per epoch), ``step``
-    divides it by ``lr_gamma`` every ``lr_step_epochs`` epochs, ``constant`` keeps it. ``batch_size`` is the
-    global batch, split evenly across workers (each gets ``batch_size // num_workers``).
+    ``optimizer``: a preset name (``sgd`` with ``momentum``, ``adam``, ``adamw``) or a ``_target_`` partial,
+    ``{_target_: torch.optim.AdamW, betas: [0.9, 0.95]}`` (any ``torch.optim`` class or a user's, called with
+    the parameter groups and the other keys; ``train/optim.py``).
+    ``schedule``: a preset name, ``cosine`` (anneals ``lr`` towards 0 over ``epochs``, stepped per epoch),
+    ``step`` (divides it by ``lr_gamma`` every ``lr_step_epochs`` epochs), ``constant``, ``warmup_cosine``
+    (linear warmup over ``warmup_steps`` optimizer steps, then cosine to 0; stepped per optimizer step),
+    ``onecycle`` (``torch.optim.lr_scheduler.OneCycleLR`` peaking at ``lr``, per optimizer step); or a
+    ``_target_`` partial called with the optimizer and the other keys, plus ``total_steps`` when it takes
+    that argument; its ``interval`` key (``epoch`` or ``step``, default ``epoch``) says when it steps.
+    ``loop``: the training epoch, the dotted path of a function or a ``_target_`` partial, called as
+    ``fn(model, loader, optimizer, ctx, **other keys)`` and returning an ``EpochResult``
+    (``train/loops.py``; ``ctx`` is a ``LoopContext``).
+    ``accumulation_steps``: optimizer steps every that many batches, on the sample-weighted mean gradient.
+    ``autocast``: null (float32) or ``bf16`` (CPU and GPU): mixed precision for the forward and loss.
+    ``batch_size`` is the global batch per forward, split evenly across workers (each gets
+    ``batch_size // num_workers``); an optimizer step sees ``batch_size * accumulation_steps`` samples.
     ``encoding_lr``: learning rate of the trained encodings (range learning), in their own
     optimizer group without weight decay, stepped down with ``lr``. Scales are learned as
     ``log(scale)``, so Adam moves a scale by about ``encoding_lr`` *relative* per step (0.01: 1%).
@@ -254,15 +267,19 @@ class QatSpec:
     range_learning: bool = QuantConfig.range_learning  # the core's defaults, written once there
     learn_weight_encodings: bool = QuantConfig.learn_weight_encodings
     lsq_grad_scaling: bool = QuantConfig.lsq_grad_scaling
-    optimizer: str = "adam"
+    optimizer: Any = "adam"
     lr: float = 1e-3
     encoding_lr: float = 1e-2
     momentum: float = 0.9
     weight_decay: float = 0.0
     epochs: int = 10
-    schedule: str = "cosine"
+    schedule: Any = "cosine"
     lr_step_epochs: int = 2
     lr_gamma: float = 10.0
+    warmup_steps: int = 0
+    loop: Any = "orchestrator.train.loops.train_epoch"
+    accumulation_steps: int = 1
+    autocast: Optional[str] = None
     batch_size: int = 64
     calibration_batches: int = 8
     eval_batch_size: int = 512
@@ -279,11 +296,23 @@ class QatSpec:
         self.ptq.validate()
         _require(_is_int(self.bn_reestimate_batches) and self.bn_reestimate_batches >= 0, "qat.bn_reestimate_batches",
                  self.bn_reestimate_batches, "an integer >= 0 (0: off)")
-        _require(self.optimizer in OPTIMIZERS, "qat.optimizer", self.optimizer, ", ".join(OPTIMIZERS))
+        from .optim import check_optimizer, check_schedule  # the presets' one owner
+
+        check_optimizer(self.optimizer)
+        check_schedule(self.schedule)
+        _require((isinstance(self.loop, str) and "." in self.loop) or (
+            isinstance(self.loop, dict) and isinstance(self.loop.get("_target_"), str) and bool(self.loop["_target_"])),
+            "qat.loop", self.loop, "the dotted path of an epoch function, or a mapping with _target_ (that path) and "
+            "its keyword arguments")
+        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "qat.warmup_steps", self.warmup_steps,
+                 "an integer >= 0")
+        _require(_is_int(self.accumulation_steps) and self.accumulation_steps >= 1, "qat.accumulation_steps",
+                 self.accumulation_steps, "an integer >= 1")
+        _require(self.autocast is None or self.autocast in AUTOCAST_DTYPES, "qat.autocast", self.autocast,
+                 "null, " + ", ".join(AUTOCAST_DTYPES))
         _require(_is_finite(self.lr) and 0 < self.lr <= MAX_LR, "qat.lr", self.lr, f"a finite number in (0, {MAX_LR:g}]")
         _require(_is_finite(self.encoding_lr) and 0 < self.encoding_lr <= MAX_LR, "qat.encoding_lr",
                  self.encoding_lr, f"a finite number in (0, {MAX_LR:g}]")
-        _require(self.schedule in SCHEDULES, "qat.schedule", self.schedule, ", ".join(SCHEDULES))
         self.distill.validate()
         _require(_is_finite(self.momentum) and 0 <= self.momentum < 1, "qat.momentum", self.momentum, "a number in [0, 1)")
         _require(_is_finite(self.weight_decay) and self.weight_decay >= 0, "qat.weight_decay", self.weight_decay,
@@ -317,13 +346,21 @@ class FaultInjection:
 
 @dataclass
 class TrainerSpec:
-    """Where the trial runs: ``num_workers`` Ray Train DDP workers, or 0 for in-process (no Ray).
+    """Where the trial runs: ``num_workers`` Ray Train workers, or 0 for in-process (no Ray).
+
+    ``strategy``: how the workers share the model (``train/strategies/``): ``single`` (one worker),
+    ``ddp`` (DistributedDataParallel: a full replica per worker), ``fsdp`` (PyTorch FSDP2: parameters,
+    gradients and optimizer state sharded, ``fully_shard`` per block); null picks ``single`` for 0 or 1
+    worker, ``ddp`` for more. ``fsdp_blocks``: class names of the modules sharded as one unit each (empty:
+    every child of the model's largest ``ModuleList``, else the whole model as one unit).
 
     ``compile``: ``torch.compile`` the (DDP-wrapped) ``sim.model`` for training; the first step
     (compilation) is left out of ``samples_per_s`` and reported as ``compile_warmup_s``.
     """
 
     num_workers: int = 1
+    strategy: Optional[str] = None
+    fsdp_blocks: list[str] = field(default_factory=list)
     compile: bool = False
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -337,6 +374,14 @@ class TrainerSpec:
     def validate(self) -> None:
         _require(_is_int(self.num_workers) and self.num_workers >= 0, "trainer.num_workers", self.num_workers,
                  "an integer >= 0 (0: in-process, no Ray)")
+        _require(self.strategy is None or self.strategy in STRATEGIES, "trainer.strategy", self.strategy,
+                 "null (single for 0 or 1 worker, else ddp), " + ", ".join(STRATEGIES))
+        _require(self.strategy not in ("ddp", "fsdp") or self.num_workers >= 2, "trainer.strategy", self.strategy,
+                 f"single with trainer.num_workers={self.num_workers} (ddp and fsdp need 2 or more workers)")
+        _require(self.strategy != "single" or self.num_workers <= 1, "trainer.strategy", self.strategy,
+                 f"ddp or fsdp with trainer.num_workers={self.num_workers} (single trains one worker)")
+        _require(isinstance(self.fsdp_blocks, list) and all(isinstance(b, str) and b for b in self.fsdp_blocks),
+                 "trainer.fsdp_blocks", self.fsdp_blocks, "a list of module class names")
         _require(_is_finite(self.cpus_per_worker) and self.cpus_per_worker > 0, "trainer.cpus_per_worker",
                  self.cpus_per_worker, "a number > 0")
         _require(_is_finite(self.gpus_per_worker) and self.gpus_per_worker > 0, "trainer.gpus_per_worker",
@@ -356,6 +401,11 @@ class TrainerSpec:
                      "an integer >= 1")
             _require(self.num_workers >= 1, "trainer.fault_injection.kill_rank", fi.kill_rank,
                      "null when trainer.num_workers=0")
+
+    @property
+    def strategy_name(self) -> str:
+        """``strategy``, or the default for ``num_workers``."""
+        return self.strategy or ("ddp" if self.num_workers > 1 else "single")
 
 
 @dataclass
@@ -412,6 +462,9 @@ class TrialConfig(TrialSections):
         except RegistryError as exc:
             raise TrialConfigError(str(exc)) from None
         self.quant_config()
+        _require(not (self.trainer.strategy_name == "fsdp" and self.qat.bn_reestimate_batches), "trainer.strategy",
+                 "fsdp", "ddp or single with qat.bn_reestimate_batches > 0 (re-estimating and folding BatchNorms "
+                 "into a sharded model is not supported)")
         _require(self.qat.bn_reestimate_batches == 0 or not self.quant.fold_batchnorm, "qat.bn_reestimate_batches",
                  self.qat.bn_reestimate_batches, "0 when quant.fold_batchnorm=true (BatchNorms are folded before QAT)")
         _require(isinstance(self.export_prefix, str) and self.export_prefix.isidentifier(), "export_prefix",

@@ -27,6 +27,11 @@ def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if "quantizer" in k}
 
 
+def full_quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``quantizer_state`` with sharded (DTensor) entries gathered whole: every rank must call it."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in quantizer_state(model).items()}
+
+
 def digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and raw bytes: equal digests mean bit-identical state."""
     h = hashlib.sha256()

@@ -11,7 +11,7 @@ from ..tasks import Task
 from ..zoo.datasets import DataSplits
 from ..zoo.pretrained import PretrainRecipe
 from .data import eval_loader, set_epoch, train_loader
-from .loops import evaluate, train_epoch
+from .loops import LoopContext, evaluate, train_epoch
 
 
 def train_fp32(model: nn.Module, data: DataSplits, task: Task, recipe: PretrainRecipe,
@@ -26,7 +26,7 @@ def train_fp32(model: nn.Module, data: DataSplits, task: Task, recipe: PretrainR
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
     for epoch in range(recipe.epochs):
         set_epoch(data.train, sampler, epoch)
-        result = train_epoch(model, loader, optimizer, params, task, device)
+        result = train_epoch(model, loader, optimizer, LoopContext(task, device, params))
         if result.diverged_step is not None:
             raise RuntimeError(f"the FP32 baseline diverged in epoch {epoch} (non-finite gradients); "
                                "lower model.pretrain_lr")

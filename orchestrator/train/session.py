@@ -3,7 +3,9 @@
 A session tells the workflow its rank, world size and device, hands it the last checkpoint
 state (or None) and takes per-epoch reports. Checkpoint *state* is a dict of tensors and
 plain values (model + quantizer state, optimizer, scheduler, epoch, history); only rank 0's
-state is persisted.
+state is persisted. A sharded strategy (FSDP) also passes a writer that every rank runs into
+the checkpoint's directory (``shards/``, ``torch.distributed.checkpoint``); a loaded state then
+names the complete shards directory under ``state["_shards"]``.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
 containers only, so a file planted on shared storage cannot run code in a worker. A file that
@@ -16,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -28,6 +31,7 @@ from ..fileio import atomic_write
 from ..zoo.pretrained import load_failure
 
 STATE_FILE = "trial_state.pt"
+SHARDS_DIR = "shards"  # a sharded strategy's torch.distributed.checkpoint files, beside STATE_FILE
 
 
 class CheckpointRefused(RuntimeError):
@@ -69,7 +73,26 @@ class Session(Protocol):
 
     def load_state(self) -> dict[str, Any] | None: ...
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None: ...
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None,
+               write_shards: Callable[[Path], None] | None = None) -> None: ...
+
+
+def shards_complete(directory: str | Path) -> bool:
+    """True when ``directory`` holds a DCP checkpoint with every file its metadata names, whole."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    d = Path(directory)
+    if not (d / ".metadata").is_file():
+        return False
+    try:
+        storage = FileSystemReader(str(d)).read_metadata().storage_data or {}
+    except Exception:  # a torn metadata file
+        return False
+    for info in storage.values():
+        f = d / info.relative_path
+        if not f.is_file() or f.stat().st_size < info.offset + info.length:
+            return False
+    return True
 
 
 class LocalSession:
@@ -98,8 +121,11 @@ class LocalSession:
                 continue
         return None
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None,
+               write_shards: Callable[[Path], None] | None = None) -> None:
         """Persist ``state`` (if any), then pass ``metrics`` to ``on_report`` (e.g. Ray Tune)."""
+        if write_shards is not None:
+            raise RuntimeError("a sharded checkpoint needs Ray Train workers (trainer.num_workers >= 2)")
         if state is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write(self.dir / f"epoch_{state['epoch']:04d}.pt", lambda tmp: torch.save(state, tmp))
@@ -145,10 +171,31 @@ def newest_state_in(root: str) -> dict[str, Any] | None:
         except OSError:  # missing: try the next older checkpoint
             continue
         try:
-            return load_state(data, f"{d}/{STATE_FILE}")
+            state = load_state(data, f"{d}/{STATE_FILE}")
         except CheckpointUnreadable:  # torn: try the next older checkpoint
             continue
+        if state.get("sharded"):
+            shards = _local_shards(fs, f"{d}/{SHARDS_DIR}", local=isinstance(fs, pafs.LocalFileSystem))
+            if shards is None:  # a rank's shards missing or torn: try the next older checkpoint
+                continue
+            state["_shards"] = shards
+        return state
     return None
+
+
+def _local_shards(fs, path: str, local: bool) -> str | None:
+    """A local directory holding the complete shards at ``path`` (copied from remote storage), or None."""
+    if not local:
+        import pyarrow.fs as pafs
+
+        target = tempfile.mkdtemp(prefix="qat-shards-")
+        try:
+            pafs.copy_files(path, target, source_filesystem=fs)
+        except OSError:
+            shutil.rmtree(target, ignore_errors=True)
+            return None
+        path = target
+    return path if shards_complete(path) else None
 
 
 class RaySession:
@@ -181,15 +228,28 @@ class RaySession:
             return None
         with checkpoint.as_directory() as d:
             try:
-                return load_state(os.path.join(d, STATE_FILE), checkpoint.path)
+                state = load_state(os.path.join(d, STATE_FILE), checkpoint.path)
             except CheckpointUnreadable:  # torn, as newest_state_in treats it: start over
                 return None
+            if state.get("sharded"):
+                kept = tempfile.mkdtemp(prefix="qat-shards-")
+                shutil.copytree(os.path.join(d, SHARDS_DIR), kept, dirs_exist_ok=True)
+                if not shards_complete(kept):
+                    return None
+                state["_shards"] = kept
+            return state
 
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        """Every rank must call this (it is a barrier); only rank 0 passes ``state``."""
-        if state is None or self.rank != 0:
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None,
+               write_shards: Callable[[Path], None] | None = None) -> None:
+        """Every rank must call this (it is a barrier); only rank 0 passes ``state``; with
+        ``write_shards`` every rank writes its shards into the same checkpoint (Ray Train merges
+        the ranks' files into one directory)."""
+        if write_shards is None and (state is None or self.rank != 0):
             self._train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state, os.path.join(d, STATE_FILE))
+            if state is not None and self.rank == 0:
+                torch.save(state, os.path.join(d, STATE_FILE))
+            if write_shards is not None:
+                write_shards(Path(d))
             self._train.report(metrics, checkpoint=self._train.Checkpoint.from_directory(d))

@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset, TensorDataset
 
 from orchestrator.tasks import Classification, LanguageModeling, batch_size, head, to_device
 from orchestrator.train.data import calibration_batches, eval_loader, train_loader
-from orchestrator.train.loops import Distillation, evaluate, train_epoch
+from orchestrator.train.loops import Distillation, LoopContext, evaluate, train_epoch
 
 N = 101  # odd: two ranks get 51 and 50 samples
 
@@ -149,13 +149,13 @@ def test_distillation_adds_the_tempered_kl_to_the_weighted_task_loss():
     loader, _ = train_loader(dataset, 64, 0, 1, seed=0, device=device)
     params = list(student.parameters())
     optimizer = torch.optim.SGD(params, lr=0.0)  # no step: the gradient of one batch is compared
-    result = train_epoch(student, loader, optimizer, params, task, device,
-                         distill=Distillation(teacher, temperature, weight=0.7, task_weight=0.3))
+    result = train_epoch(student, loader, optimizer, LoopContext(
+        task, device, params, distill=Distillation(teacher, temperature, weight=0.7, task_weight=0.3)))
     for n, p in student.named_parameters():
         torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-6)
     assert result.loss_sum / result.samples == pytest.approx(float(F.cross_entropy(s_logits, y)), rel=1e-5)
     assert result.distill_sum > 0
 
-    same = train_epoch(student, loader, optimizer, params, task, device,
-                       distill=Distillation(student, temperature, weight=1.0, task_weight=0.0))
+    same = train_epoch(student, loader, optimizer, LoopContext(
+        task, device, params, distill=Distillation(student, temperature, weight=1.0, task_weight=0.0)))
     assert same.distill_sum == pytest.approx(0.0, abs=1e-6)  # KL of a model with itself

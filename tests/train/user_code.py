@@ -122,3 +122,27 @@ def digits_rgb(**digits_args) -> DataSplits:
     rgb = {s: TensorDataset(getattr(d, s).tensors[0].expand(-1, 3, -1, -1).contiguous(), getattr(d, s).tensors[1])
            for s in ("train", "val", "test")}
     return _digits_splits(digits_args, **rgb)
+
+
+def accumulating_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, ctx, every: int = 2):
+    """A user's own training epoch (``qat.loop._target_``): one optimizer step per ``every`` batches, on
+    the sample-weighted mean gradient of the group (each batch's backward pass sums ``loss * samples``,
+    ``ctx.step`` divides by the group's samples), with the trial's loss, autocast and gradient norm."""
+    from orchestrator.tasks import to_device
+    from orchestrator.train.loops import EpochResult
+
+    model.train()
+    loss_sum, samples, group = 0.0, 0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(loader):
+        batch = to_device(batch, ctx.device)
+        n = ctx.task.samples(batch)
+        _, task_loss, loss, _ = ctx.losses(model, batch)
+        (loss * n).backward()
+        group, samples, loss_sum = group + n, samples + n, loss_sum + float(task_loss.detach()) * n
+        if (i + 1) % every == 0 or i == len(loader) - 1:
+            if not ctx.step(optimizer, float(group)):
+                return EpochResult(loss_sum, samples=samples, diverged_step=i)
+            optimizer.zero_grad(set_to_none=True)
+            group = 0
+    return EpochResult(loss_sum, samples=samples)
