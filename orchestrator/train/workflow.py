@@ -250,7 +250,7 @@ class Trial:
     def fine_tune(self, sim: QuantizationSimModel, training: Training, history: list,
                   distill: Distillation | None, extra: dict[str, Any]) -> dict[str, Any] | None:
         """Step 3; returns the final report when the trial diverged, else None."""
-        qat, task = self.cfg.qat, self.inputs.task
+        cfg, qat, task = self.cfg, self.cfg.qat, self.inputs.task
         train_set = self.inputs.data.train
         fault = cfg.trainer.fault_injection
         base, keys = self.base_metrics(), epoch_metric_keys(task)
