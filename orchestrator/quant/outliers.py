@@ -21,6 +21,7 @@ import torch
 
 
 LOW_SQNR_DB = 20.0  # per-tensor SQNR below which a tensor is reported
+OUTLIER_MIN_BITS = 8  # ... on grids of at least this many bits (fewer bits give < 20 dB to any tensor)
 SAMPLE = 1 << 15  # elements kept per quantizer
 
 

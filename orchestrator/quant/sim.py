@@ -28,7 +28,7 @@ from .config import QuantConfig
 from .encoding import Encoding
 from .errors import CalibrationError, QuantConfigError, QuantError
 from .observers import make_observer
-from .outliers import LOW_SQNR_DB, OutlierWarning, SampledObserver, tensor_sqnr, warning_text
+from .outliers import LOW_SQNR_DB, OUTLIER_MIN_BITS, OutlierWarning, SampledObserver, tensor_sqnr, warning_text
 from .quantizer import QuantizeDequantize
 
 QUANT_SCHEME_NAMES = {  # AIMET's names, for quantizer_args in the encodings file
@@ -181,7 +181,10 @@ class QuantizationSimModel:
                 q.observer = None
             self.model.train(was_training)
         self.tensor_sqnr = tensor_sqnr(quantizers, {n: o.sample() for n, o in sampled.items()})
-        self.low_sqnr_tensors = {n: db for n, db in self.tensor_sqnr.items() if db < LOW_SQNR_DB}
+        # 20 dB flags outliers on grids of 8 bits and more; a 3- or 4-bit grid gives ~10-20 dB to any
+        # tensor, so there the number says nothing about outliers and no warning is raised
+        self.low_sqnr_tensors = {n: db for n, db in self.tensor_sqnr.items()
+                                 if db < LOW_SQNR_DB and getattr(quantizers.get(n), "bitwidth", 8) >= OUTLIER_MIN_BITS}
         if self.low_sqnr_tensors:
             warnings.warn(warning_text(self.low_sqnr_tensors, cfg.output_bw), OutlierWarning, stacklevel=2)
 

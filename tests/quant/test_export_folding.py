@@ -193,6 +193,11 @@ def test_outliers_warn_at_calibration_and_16_bits_fix_them():
         fixed.compute_encodings(lambda m, b: [m(x) for x in b], xs)
     assert not [w for w in caught if issubclass(w.category, OutlierWarning)]
     assert fixed.tensor_sqnr["mul_0"] > sim.tensor_sqnr["mul_0"] + 40.0
+    with warnings.catch_warnings(record=True) as caught:  # a 4-bit grid: < 20 dB for any tensor, no outlier signal
+        warnings.simplefilter("always")
+        low = QuantizationSimModel(model, xs[0], dataclasses.replace(sim.config, output_bw=4))
+        low.compute_encodings(lambda m, b: [m(x) for x in b], xs)
+    assert not [w for w in caught if issubclass(w.category, OutlierWarning)] and low.tensor_sqnr["fc"] < 30.0
 
 
 @pytest.mark.parametrize("bad", [0, 1, 17])
