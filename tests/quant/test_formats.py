@@ -155,8 +155,9 @@ def test_reference_equals_the_fused_op_per_channel_forward_and_backward(bitwidth
     gx, gs, go = torch.ops.qat.quantize_dequantize_backward(g, x, scale, off, qmax, 0, 0.5, True)
     rx, rs, ro = quantize_dequantize_backward(g, x, scale[:, None], off[:, None], IntFormat(bitwidth, symmetric), 0.5)
     assert torch.equal(gx, rx)
-    torch.testing.assert_close(rs.reshape(-1), gs, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ro.reshape(-1), go, rtol=1e-5, atol=1e-5)
+    # the encoding gradients are sums over a channel: another summation order, within the 1e-4 contract
+    torch.testing.assert_close(rs.reshape(-1), gs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ro.reshape(-1), go, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fmt", [IntFormat(4, True), FORMATS["float8_e4m3fn"], FORMATS["float4_e2m1"]])

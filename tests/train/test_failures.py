@@ -17,6 +17,7 @@ import torch
 from helpers_trial import trial_config
 from mlflow import MlflowClient
 
+from orchestrator.train.identity import run_identity, write_identity
 from orchestrator.train.launcher import TrialFailed, run_trial
 from orchestrator.train.session import CheckpointRefused, LocalSession, newest_state_in
 
@@ -67,6 +68,8 @@ def test_a_trial_resuming_from_a_planted_checkpoint_fails_with_the_reason_in_mlf
     if os.path.exists(MARKER):
         os.unlink(MARKER)
     cfg = trial_config(tmp_path, baseline_cache, **{"trainer.num_workers": 0, "qat.epochs": 1})
+    # the planted file sits beside this run's own identity (whoever can write one can write the other)
+    write_identity(tmp_path / "trial", run_identity(cfg))
     _plant(tmp_path / "trial" / "checkpoints" / "epoch_0000.pt")
     with pytest.raises(TrialFailed, match="was refused: it asks to import and call Python objects"):
         run_trial(cfg)
