@@ -92,10 +92,7 @@ class SweepLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        try:
-            os.unlink(self.path)  # while still holding it: a waiting driver then re-opens a new file
-        except FileNotFoundError:
-            pass
+        self.path.unlink(missing_ok=True)  # while still holding it: a waiting driver then re-opens a new file
         os.close(self.fd)
         self.fd = None
         for d in self.created:
