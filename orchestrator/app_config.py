@@ -1,7 +1,7 @@
 """The Hydra schema of the CLI apps: the trial sections plus output paths and the sweep node.
 
 Registered in Hydra's ConfigStore as ``qat_app_schema``; the primary configs in
-``orchestrator/conf/`` (package data) list it first in their defaults, so every override is
+``conf/`` (shipped as the package ``orchestrator.conf``) list it first in their defaults, so every override is
 type-checked and unknown keys are rejected. Values are checked again, semantically, by
 ``TrialConfig.validate`` / ``SweepSpec.validate`` before Ray starts.
 """
@@ -16,9 +16,6 @@ from typing import Any
 from .fileio import check_writable_dir
 from .sweep.spec import SweepSpec
 from .train.config import SECTIONS, TrialConfig, TrialConfigError, TrialSections
-
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-
 
 @dataclass
 class PathsSpec:

@@ -1,6 +1,7 @@
 """Command-line entry points: ``qat-train`` and ``qat-sweep`` (Hydra apps), ``qat-compare``.
 
-Their configs are package data (``orchestrator/conf``), so an installed wheel finds them.
+Their configs live in the top-level ``conf/`` and ship as the package ``orchestrator.conf``
+(setup.py), so an installed wheel finds them.
 ``qat-sweep`` and ``qat-train -m`` sweep through the Hydra sweeper ``tune``
 (``hydra_plugins/qat_tune_sweeper``, ``orchestrator/sweep``). Configuration errors end the
 program with one line on stderr (``error: <key>=<value> ... allowed: ...``) and exit status 2,

@@ -45,7 +45,7 @@ def _text(value: object) -> str:
 def table() -> str:
     from orchestrator.app_config import AppConfig
 
-    conf = ROOT / "orchestrator" / "conf"
+    conf = ROOT / "conf"
     presets: dict[str, list[str]] = {}
     for path in sorted(conf.glob("*/*.yaml")):
         values = yaml.safe_load(path.read_text()) or {}

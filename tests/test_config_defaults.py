@@ -15,7 +15,7 @@ from orchestrator.train.config import SECTIONS
 from orchestrator.tasks.registry import TASKS
 from orchestrator.zoo.registry import DATASETS, MODELS
 
-CONF = Path(__file__).resolve().parents[1] / "orchestrator" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUP_FILES = sorted(p for section in SECTIONS for p in (CONF / section).glob("*.yaml"))
 # what a preset's name means is said in it even where it equals the schema (w8a8: 8 and 8 bits)
 DEFINING = {"model": {"name"}, "data": {"name"}, "task": {"name"}, "quant": {"param_bw", "output_bw"},
