@@ -159,7 +159,7 @@ class QatTrainer(Trainer):
         (``sim.export``, traced with the first calibration batch) and check them: onnxruntime with the
         encodings applied against ``sim.model`` on the first ``check_batches`` batches of the eval
         dataloader (the train dataloader without an ``eval_dataset``). The agreement
-        (``qdq_top1_agreement`` in [0, 1], ``qdq_sqnr_db``, ``qdq_max_abs_diff``) is logged to the
+        (``qdq_agree_top1`` in [0, 1], ``qdq_sqnr_db``, ``qdq_max_abs_diff``) is logged to the
         Trainer's metrics (``trainer.state.log_history``, its reporting integrations) and returned
         with the paths (``pth``, ``onnx``, ``encodings``). Only the main process exports; the others
         return ``{}``."""

@@ -22,6 +22,9 @@ from .qdq import QdqRunner
 from .sim import QuantizationSimModel, as_call
 
 
+SQNR_CAP_DB = 300.0  # identical outputs: float32 noise is never below this
+
+
 @dataclass(frozen=True)
 class ExportAgreement:
     """onnxruntime (QDQ) against ``sim.model`` on the same inputs.
@@ -38,9 +41,19 @@ class ExportAgreement:
     rows: int
 
     def metrics(self, prefix: str = "qdq") -> dict[str, float]:
-        """``{prefix}_top1_agreement``, ``{prefix}_sqnr_db``, ``{prefix}_max_abs_diff``: numbers for a metrics log."""
-        return {f"{prefix}_top1_agreement": self.top1, f"{prefix}_sqnr_db": self.sqnr_db,
+        """``{prefix}_agree_top1``, ``{prefix}_sqnr_db``, ``{prefix}_max_abs_diff``: numbers for a metrics
+        log. Identical outputs (``sqnr_db`` inf) are logged as ``SQNR_CAP_DB`` so that JSON and MLflow
+        hold a finite number."""
+        return {f"{prefix}_agree_top1": self.top1, f"{prefix}_sqnr_db": min(self.sqnr_db, SQNR_CAP_DB),
                 f"{prefix}_max_abs_diff": self.max_abs}
+
+    def problem(self, min_sqnr_db: float) -> str | None:
+        """Why this export disagrees with its simulation (SQNR below ``min_sqnr_db``), or None."""
+        if self.sqnr_db >= min_sqnr_db:
+            return None
+        return (f"onnxruntime's QDQ run of the export disagrees with the simulation: output SQNR "
+                f"{self.sqnr_db:.1f} dB < {min_sqnr_db:g} dB, top-1 agreement {100 * self.top1:.1f}% of "
+                f"{self.rows} rows, max |diff| {self.max_abs:.3g}")
 
 
 def _first_output(out: Any) -> torch.Tensor:

@@ -57,7 +57,7 @@ def test_example_script_trains_evaluates_exports_and_checks(tmp_path):
     names = encoding_names(export["encodings"])
     missing = sorted(set(names) - graph_tensor_names(export["onnx"]))
     assert len(names) > 20 and not missing, f"encodings naming no tensor of the ONNX graph: {missing}"
-    assert export["qdq_top1_agreement"] == 1.0 and export["qdq_sqnr_db"] >= 30.0, export
+    assert export["qdq_agree_top1"] == 1.0 and export["qdq_sqnr_db"] >= 30.0, export
     ptq, qat = results["ptq"], results["qat"]
     assert all(math.isfinite(v) for v in (ptq["ptq_loss"], qat["qat_loss"], results["fp32"]["fp32_loss"]))
     assert qat["qat_loss"] < ptq["ptq_loss"], (ptq, qat)  # measured 0.099 -> 0.060
@@ -130,7 +130,7 @@ def test_encodings_have_their_own_optimizer_group_and_are_learned(trained):
 def test_export_is_checked_in_onnxruntime_and_the_check_can_fail(trained, tmp_path):
     trainer, _ = trained
     result = trainer.export_quantized(str(tmp_path / "export"), prefix="bert")
-    assert result["qdq_top1_agreement"] == 1.0 and result["qdq_sqnr_db"] >= 30.0, result
+    assert result["qdq_agree_top1"] == 1.0 and result["qdq_sqnr_db"] >= 30.0, result
     assert any(e.get("qdq_sqnr_db") == result["qdq_sqnr_db"] for e in trainer.state.log_history)
     assert not sorted(set(encoding_names(result["encodings"])) - graph_tensor_names(result["onnx"]))
     # the same check on an encodings file whose activation scales are 8x too large: it must see it
@@ -142,6 +142,11 @@ def test_export_is_checked_in_onnxruntime_and_the_check_can_fail(trained, tmp_pa
     batches = [{k: v for k, v in b.items() if k != "labels"} for b in [next(iter(trainer.get_eval_dataloader()))]]
     bad = export_agreement(trainer.sim, {"onnx": result["onnx"], "encodings": str(wrong)}, batches)
     assert bad.sqnr_db < result["qdq_sqnr_db"] - 10.0 and bad.max_abs > 0.0, bad
+    # the rule a trial fails its export by (qat.qdq_min_sqnr_db, default 30 dB)
+    good = export_agreement(trainer.sim, result, batches)
+    assert good.problem(30.0) is None
+    assert bad.problem(good.sqnr_db).startswith("onnxruntime's QDQ run of the export disagrees with the simulation: "
+                                                 "output SQNR "), bad
 
 
 def test_save_model_writes_the_float_model_from_pretrained_loads(trained, tmp_path):
@@ -196,7 +201,7 @@ def test_a_causal_lm_trains_exports_and_saves(tmp_path):
     after = trainer.evaluate()["eval_loss"]
     assert math.isfinite(before) and math.isfinite(after) and after < before - 0.05, (before, after)
     result = trainer.export_quantized(str(tmp_path / "export"))
-    assert result["qdq_top1_agreement"] == 1.0 and result["qdq_sqnr_db"] >= 30.0, result
+    assert result["qdq_agree_top1"] == 1.0 and result["qdq_sqnr_db"] >= 30.0, result
     trainer.save_model(str(tmp_path / "model"))
     _, info = GPT2LMHeadModel.from_pretrained(tmp_path / "model", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
