@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{ptq['ptq_accuracy']:.1f}%  QAT {qat['qat_accuracy']:.1f}% (eval loss {ptq['ptq_loss']:.4f} -> "
           f"{qat['qat_loss']:.4f})")
     print(f"export {export['encodings']}: onnxruntime vs simulation top-1 agreement "
-          f"{export['qdq_top1_agreement']:.3f}, SQNR {export['qdq_sqnr_db']:.1f} dB  ({results['wall_s']:.0f} s)")
+          f"{export['qdq_agree_top1']:.3f}, SQNR {export['qdq_sqnr_db']:.1f} dB  ({results['wall_s']:.0f} s)")
     return results
 
 
