@@ -116,4 +116,5 @@ def warning_text(low: Mapping[str, float], bitwidth: int) -> str:
     more = f" and {len(worst) - 8} more" if len(worst) > 8 else ""
     return (f"{len(worst)} activation tensor(s) keep less than {LOW_SQNR_DB:g} dB SQNR on their calibrated per-tensor "
             f"{bitwidth}-bit grid (outliers widen the range): {shown}{more}. Fix: QuantConfig(overrides="
-            "sim.outlier_overrides()) keeps them at 16 bits (or quant_scheme='percentile' clips the outliers)")
+            "sim.outlier_overrides()) keeps them at 16 bits (trials: quant.overrides), quant_scheme='percentile' "
+            "clips the outliers, output_granularity='per_token' gives each token its own scale")
