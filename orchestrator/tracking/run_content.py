@@ -48,7 +48,8 @@ def _get(cfg: TrialConfig, dotted: str) -> Any:
 
 
 def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[str, str]:
-    """The run's params: the result-deciding keys of ``cfg`` plus the swept ``key=value`` pairs."""
+    """The run's params: the main result-deciding keys of ``cfg``, every other one not at its
+    default (``changed_decisive_keys``), plus the swept ``key=value`` pairs."""
     keys = list(_ALWAYS)
     if cfg.quant.quant_scheme == "percentile":
         keys.append("quant.percentile")
@@ -74,9 +75,25 @@ def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[
     if cfg.task._target_:
         keys.append("task._target_")
     params = {key: _text(_get(cfg, key)) for key in keys}
+    params.update({key: _text(value) for key, value in changed_decisive_keys(cfg).items() if key not in params})
     for key, value in (swept or {}).items():
         params[key.lstrip("+~")] = _text(value)
     return params
+
+
+def changed_decisive_keys(cfg: TrialConfig) -> dict[str, Any]:
+    """Every key of the run's identity (``train/identity.py``: what decides its result) whose value
+    is not the schema's default: the formats, block sizes, loop, accumulation, autocast, overrides,
+    a model's or dataset's ``args`` ... (the checkpoint's digest and the world size stay out: the
+    checkpoint is a tag, the workers a param)."""
+    from ..train.identity import decisive_config
+
+    defaults = decisive_config(TrialConfig())
+    return {k: v for k, v in decisive_config(cfg).items()
+            if k not in ("model.checkpoint", "trainer.world_size") and defaults.get(k, _MISSING) != v}
+
+
+_MISSING = object()
 
 
 def trial_tags(cfg: TrialConfig, launcher: str) -> dict[str, str]:

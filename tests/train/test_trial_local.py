@@ -45,6 +45,8 @@ def test_in_process_trial_logs_everything_to_mlflow(tmp_path, baseline_cache):
     assert run.info.status == "FINISHED"
     params = run.data.params
     assert params["qat.lr"] == "0.001" and params["quant.param_bw"] == "4" and params["qat.range_learning"] == "True"
+    assert params["model.pretrain_epochs"] == "15"  # every decisive key off its default is a param too
+    assert "qat.accumulation_steps" not in params  # ... and one at its default is not
     tags = run.data.tags
     assert tags["qat.mode"] == "range_learning" and tags["qat.param_bw"] == "4" and tags["qat.output_bw"] == "4"
     assert tags["qat.trial_id"] == result.config.tracking.trial_id
