@@ -67,7 +67,7 @@ def write_plot(path: str | Path, rows: list, metric: str, references: dict[str, 
     def drawn(v: float) -> float:
         return v if math.isfinite(v) else ceiling
 
-    fig, ax = plt.subplots(figsize=(8.0, 1.9 + 0.32 * len(shown)))
+    fig, ax = plt.subplots(figsize=(8.0, 1.7 + 0.32 * len(shown)))
     ys = list(range(len(shown)))
     height = 0.38
     for offset, attr, label, color in ((-height / 2, "only_on", "only this quantizer on", "#d62728"),
@@ -89,6 +89,6 @@ def write_plot(path: str | Path, rows: list, metric: str, references: dict[str, 
     ax.set_title(f"{title}\nmost sensitive first{more}", fontsize=9)
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
+    fig.tight_layout(rect=(0, 0.28 / fig.get_figheight(), 1, 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

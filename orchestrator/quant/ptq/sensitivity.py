@@ -147,9 +147,9 @@ def mixed_precision_overrides(rows: list[Sensitivity], high: int, keep_top_k: in
 
 
 def render(rows: list[Sensitivity], limit: int | None = None) -> str:
-    """``rows`` as a text table, most sensitive first (``limit``: only the first rows); scores to 5
-    significant digits (a perplexity's differences sit in its fourth)."""
+    """``rows`` as a text table, most sensitive first (``limit``: only the first rows); scores with
+    3 decimals (a perplexity's differences sit in its third)."""
     shown = rows if limit is None else rows[:limit]
     lines = [f"{'quantizer':<40} {'kind':<10} {'bits':>4} {'only on':>9} {'all but':>9}"]
-    lines += [f"{r.name[:40]:<40} {r.kind:<10} {r.bitwidth:>4} {r.only_on:>9.5g} {r.all_but:>9.5g}" for r in shown]
+    lines += [f"{r.name[:40]:<40} {r.kind:<10} {r.bitwidth:>4} {r.only_on:>9.3f} {r.all_but:>9.3f}" for r in shown]
     return "\n".join(lines)
