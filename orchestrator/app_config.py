@@ -15,6 +15,7 @@ from typing import Any
 
 from .fileio import check_writable_dir
 from .sweep.spec import SweepSpec
+from .train.analyze_config import AnalyzeSpec
 from .train.config import SECTIONS, TrialConfig, TrialConfigError, TrialSections
 
 @dataclass
@@ -26,12 +27,15 @@ class PathsSpec:
 
 @dataclass
 class AppConfig(TrialSections):
-    """``name``: the run's directory under ``<paths.root>/train`` (``qat-train``).
-    ``sweep``: how ``qat-sweep`` and ``qat-train -m`` search (``SweepSpec``)."""
+    """``name``: the run's directory under ``<paths.root>/train`` (``qat-train``; ``qat-analyze``:
+    under ``<paths.root>/analyze``). ``sweep``: how ``qat-sweep`` and ``qat-train -m`` search
+    (``SweepSpec``). ``analyze``: what ``qat-analyze`` measures (``AnalyzeSpec``; one schema for
+    the three apps, so ``qat-analyze`` composes exactly ``qat-train``'s config)."""
 
     paths: PathsSpec = field(default_factory=PathsSpec)
     name: str = "qat-train"
     sweep: SweepSpec = field(default_factory=SweepSpec)
+    analyze: AnalyzeSpec = field(default_factory=AnalyzeSpec)
 
 
 _registered = False
@@ -64,13 +68,13 @@ def output_root(app: dict[str, Any]) -> Path:
     return root
 
 
-def check_run_name(root: Path, name: Any) -> Path:
-    """``<root>/train/<name>``: ``name`` is one plain path component (no ``/``, no ``..``), so a run
-    can never write outside ``paths.root``."""
+def check_run_name(root: Path, name: Any, under: str = "train") -> Path:
+    """``<root>/<under>/<name>``: ``name`` is one plain path component (no ``/``, no ``..``), so a
+    run can never write outside ``paths.root``. ``under``: ``train`` (qat-train), ``analyze``."""
     if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or ".." in name:
         raise TrialConfigError(f"name={name!r} is not allowed; allowed: letters, digits and _ . , : = + - "
-                               "(one directory name under paths.root/train)")
-    run_dir = (root / "train" / name).resolve()
+                               f"(one directory name under paths.root/{under})")
+    run_dir = (root / under / name).resolve()
     if not run_dir.is_relative_to(root):  # a symbolic link out of the root
         raise TrialConfigError(f"name={name!r}: {run_dir} is outside paths.root={str(root)!r}")
     return run_dir

@@ -1,4 +1,4 @@
-"""Command-line entry points: ``qat-train`` and ``qat-sweep`` (Hydra apps), ``qat-compare``.
+"""Command-line entry points: ``qat-train``, ``qat-sweep`` and ``qat-analyze`` (Hydra apps), ``qat-compare``.
 
 Their configs live in the top-level ``conf/`` and ship as the package ``orchestrator.conf``
 (setup.py), so an installed wheel finds them.
@@ -98,6 +98,39 @@ def _train_app(cfg: DictConfig) -> None:
     print(train_summary(result), flush=True)
 
 
+@hydra.main(version_base="1.3", config_path="conf", config_name="analyze")
+def _analyze_app(cfg: DictConfig) -> None:
+    interrupts.install()
+    app = _resolve(cfg)
+    quiet_libraries(app["sweep"]["verbose"])
+    from .tracking.mlflow_runs import default_tracking_uri
+    from .tracking.source import source_tags
+    from .train.analyze import run_analysis
+    from .train.analyze_config import AnalyzeSpec
+
+    errors = _config_errors()
+    try:
+        root = output_root(app)
+        out_dir = check_run_name(root, app["name"], under="analyze")
+        trial = trial_config(app, out_dir)
+        if not trial.tracking.uri:
+            trial.tracking.uri = default_tracking_uri(root)
+        trial.tracking.run_name = trial.tracking.run_name or app["name"]
+        result = run_analysis(trial, AnalyzeSpec(**app["analyze"]), log=lambda msg: print(msg, flush=True),
+                              tags=source_tags())
+    except errors as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        fail(f"qat-analyze {app['name']} interrupted ({interrupts.STATE.signal_name})",
+             status=interrupts.STATE.exit_status)
+    except Exception as exc:  # a full disk, a tracking store that died mid-run, ...
+        fail_unexpected(exc, f"qat-analyze {app['name']}")
+    print(result.summary(limit=ANALYZE_ROWS_SHOWN), flush=True)
+
+
+ANALYZE_ROWS_SHOWN = 40  # rows of the table qat-analyze prints (the CSV holds them all)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="sweep")
 def _sweep_app(cfg: DictConfig) -> None:
     # qat-sweep runs in Hydra's MULTIRUN mode (its config sets hydra.mode), where the Tune
@@ -161,6 +194,14 @@ def sweep_main() -> None:
     sys.argv[1:] = open_args(sys.argv[1:])
     check_overrides("sweep", sys.argv[1:])
     _sweep_app()
+
+
+def analyze_main() -> None:
+    if any(a in ("-m", "--multirun") for a in sys.argv[1:]):
+        fail("qat-analyze analyses one config: run it once per config (no -m)")
+    sys.argv[1:] = open_args(sys.argv[1:])
+    check_overrides("analyze", sys.argv[1:])
+    _analyze_app()
 
 
 def compare_main(argv: list[str] | None = None) -> None:

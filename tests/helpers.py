@@ -41,3 +41,25 @@ def run_batches(model, batches):
     """The forward_pass_callback used with compute_encodings."""
     for b in batches:
         model(b)
+
+
+def plant_fragile_layer(first: torch.nn.Linear, middle: torch.nn.Linear) -> None:
+    """Make ``middle`` (the linear layer after ``first`` and a ReLU) fragile: hidden unit 5 of
+    ``first`` always 0 (a dead ReLU), and every row of ``middle`` holds a weight 50x its others on
+    that unit. Harmless in float (the unit is 0), but at 4 bits per channel the rest of each row
+    rounds to a grid 50x too coarse."""
+    with torch.no_grad():
+        first.weight[5] = 0.0
+        first.bias[5] = -1.0
+        middle.weight[:, 5] = 50 * middle.weight.abs().max()
+
+
+def fragile_mlp(inputs: int = 16, outputs: int = 8) -> torch.nn.Module:
+    """Three linear layers (``inputs`` -> 32 -> 32 -> ``outputs``, seeded) whose middle one
+    (``2.weight``) is made fragile by ``plant_fragile_layer``: the planted fragile layer."""
+    from torch import nn
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, outputs)).eval()
+    plant_fragile_layer(model[0], model[2])
+    return model

@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 TRIAL_ID_TAG = "qat.trial_id"
 SWEEP_ID_TAG = "qat.sweep_id"
-KIND_TAG = "qat.kind"  # "trial" or "sweep"
+KIND_TAG = "qat.kind"  # "trial", "sweep" or "analysis" (qat-analyze)
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MAX_PARAM_LENGTH = 6000
@@ -113,6 +113,13 @@ def find_or_create_run(uri: str, experiment: str, tag: str, value: str, run_name
     return run.info.run_id, True
 
 
+def create_run(uri: str, experiment: str, run_name: str | None, tags: dict[str, str]) -> str:
+    """The id of a new RUNNING run of ``experiment`` (created if missing) with ``tags``."""
+    experiment_id = ensure_experiment(uri, experiment)
+    c = client(uri)
+    return retrying(lambda: c.create_run(experiment_id, tags=tags, run_name=run_name)).info.run_id
+
+
 class RunLogger:
     """Writes to one existing run; used by rank 0 (and the driver for status)."""
 
@@ -151,6 +158,10 @@ class RunLogger:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         retrying(lambda: self._client.log_text(self.run_id, text, artifact_file))
+
+    def log_table(self, columns: dict[str, list[Any]], artifact_file: str) -> None:
+        """``columns`` (``{name: values}``, equal lengths) as a JSON table the MLflow UI shows."""
+        retrying(lambda: self._client.log_table(self.run_id, columns, artifact_file))
 
     def delete_tags(self, keys: list[str]) -> None:
         """Remove the tags ``keys`` that the run has (stale labels of an earlier attempt)."""

@@ -1,5 +1,5 @@
-"""``pip install`` of the built wheel (not editable) gives working qat-train, qat-sweep, qat-compare:
-the Hydra configs ship as package data and the `tune` sweeper is found in the installed tree."""
+"""``pip install`` of the built wheel (not editable) gives working qat-train, qat-sweep, qat-compare and
+qat-analyze: the Hydra configs ship as package data and the `tune` sweeper is found in the installed tree."""
 
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def installed(tmp_path_factory):
 def test_the_wheel_carries_the_configs_and_the_sweeper(installed):
     wheel, _, _ = installed
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("orchestrator/conf/sweep.yaml", "orchestrator/conf/train.yaml", "orchestrator/conf/sweep/default.yaml",
+    for name in ("orchestrator/conf/sweep.yaml", "orchestrator/conf/train.yaml", "orchestrator/conf/analyze.yaml",
+                 "orchestrator/conf/sweep/default.yaml",
                  "orchestrator/conf/quant/w4a4.yaml", "hydra_plugins/qat_tune_sweeper/tune_sweeper.py"):
         assert name in names, name
 
@@ -60,6 +61,8 @@ def test_installed_clis_work_outside_the_checkout(installed, baseline_cache):
     assert "qat-train: run one quantization-aware-training trial" in run([venv / "bin" / "qat-train", "--help"],
                                                                          work, env).stdout
     assert "usage: qat-compare" in run([venv / "bin" / "qat-compare", "--help"], work, env).stdout
+    assert "qat-analyze: the sensitivity of every weight" in run([venv / "bin" / "qat-analyze", "--help"], work,
+                                                                 env).stdout
     sweep = run([venv / "bin" / "qat-sweep", f"paths.root={work / 'out'}", "sweep=smoke"], work, env)
     assert "sweep smoke: 2 trial(s) in" in sweep.stdout and "registered: models:/" in sweep.stdout
     compare = run([venv / "bin" / "qat-compare", "--tracking-uri", f"sqlite:///{work / 'out' / 'mlflow.db'}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import fragile_mlp
 from torch import nn
 
 from orchestrator.quant import QuantConfig, QuantizationSimModel
@@ -212,23 +213,11 @@ def test_bn_reestimation_recovers_shifted_statistics_and_folds(range_learning):
 
 
 # ---------------------------------------------------------------------------- sensitivity, mixed precision
-def fragile_mlp() -> nn.Module:
-    """Three linear layers. Hidden unit 5 of the first is always 0 (a dead ReLU), and every row of
-    the middle layer holds a weight 50x its others on that unit: harmless in float, but at 4 bits
-    per channel the rest of each row rounds to a grid 50x too coarse: the planted fragile layer."""
-    torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-    with torch.no_grad():
-        model[0].weight[5] = 0.0
-        model[0].bias[5] = -1.0
-        model[2].weight[:, 5] = 50 * model[2].weight.abs().max()
-    return model
-
-
 def test_sensitivity_ranks_the_planted_fragile_layer_first_and_mixed_precision_meets_its_budget(tmp_path):
     import json
 
-    from orchestrator.quant.ptq.sensitivity import mixed_precision_overrides, render, sensitivity, weight_bits
+    from orchestrator.quant.ptq.sensitivity import (mixed_precision_overrides, quantized_sqnr, render, sensitivity,
+                                                   weight_bits)
 
     batches = mlp_data(2)
     cfg = QuantConfig(param_bw=4, output_bw=16)
@@ -239,6 +228,15 @@ def test_sensitivity_ranks_the_planted_fragile_layer_first_and_mixed_precision_m
     assert rows[0].all_but == max(r.all_but for r in rows)  # turning it off helps the most, too
     assert {r.name for r in rows} >= {"0.weight", "2.weight", "4.weight", "input"}
     assert all(q.enabled for q in sim.param_quantizers().values())  # flags restored
+    # a metric where lower is better (mode="min"): the noise in dB ranks the same way, reversed sign
+    by_noise = sensitivity(sim, run, batches, metric=lambda: -quantized_sqnr(sim, run, batches), mode="min")
+    assert [r.name for r in by_noise] == [r.name for r in rows]
+    assert by_noise[0].only_on == pytest.approx(-rows[0].only_on)
+    assert abs(quantized_sqnr(sim, run, batches) - rows[0].only_on) < 1  # all on: the fragile layer's noise
+    with quantization_off(sim):
+        assert quantized_sqnr(sim, run, batches) == float("inf")
+    with pytest.raises(ValueError, match=r"mode='lower' is not allowed; allowed: max, min"):
+        sensitivity(sim, run, batches, mode="lower")
     table = render(rows, 2).splitlines()
     assert len(table) == 3 and table[1].startswith("2.weight") and "weight" in table[1]
     numel = {"0.weight": 512, "2.weight": 1024, "4.weight": 256}

@@ -5,8 +5,11 @@ parameter name, activations by their names in ``sim.summary()``), a score with *
 quantizer on** and with **all but that one on**. The score is ``metric()`` when given (e.g. test
 accuracy: higher is better) or else the output SQNR in dB of ``sim.model`` against the float
 model on the calibration batches (``10 log10(sum y^2 / sum (y - y_q)^2)``, all output tensors
-together). A quantizer is the more sensitive the lower its only-on score (it alone costs the
-most); ties are broken by the higher all-but-one score (turning it off recovers the most).
+together). A quantizer is the more sensitive the worse its only-on score (it alone costs the
+most: the lower for ``mode="max"``, a metric where higher is better such as accuracy or SQNR; the
+higher for ``mode="min"``, such as perplexity); ties are broken by the better all-but-one score
+(turning it off recovers the most). ``quantized_sqnr`` is the SQNR with every quantizer on, the
+reference both columns are read against.
 
 ``mixed_precision_overrides`` turns a ranking into ``QuantConfig.overrides``: the ``keep_top_k``
 most sensitive quantizers at ``high`` bits, or (``budget``) the most sensitive weight quantizers
@@ -55,9 +58,30 @@ def sqnr_db(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> flo
     return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
 
 
-def sensitivity(sim, run: Run, batches: list, metric: Callable[[], float] | None = None) -> list[Sensitivity]:
+def quantized_sqnr(sim, run: Run, batches: list) -> float:
+    """SQNR in dB of the calibrated ``sim`` (its quantizers as they are set) against its float
+    model, on ``batches`` (all output tensors together)."""
+    was_training = sim.model.training
+    sim.model.eval()
+    try:
+        with quantization_off(sim):
+            reference = _outputs(sim, run, batches)
+        return sqnr_db(reference, _outputs(sim, run, batches))
+    finally:
+        sim.model.train(was_training)
+
+
+MODES = ("max", "min")
+
+
+def sensitivity(sim, run: Run, batches: list, metric: Callable[[], float] | None = None,
+                mode: str = "max") -> list[Sensitivity]:
     """Scores of every enabled quantizer of the calibrated ``sim``, most sensitive first (see the
-    module docstring). ``run(sim.model, batch)`` runs one batch. Costs two measurements per quantizer."""
+    module docstring). ``run(sim.model, batch)`` runs one batch; ``mode``: ``max`` when a higher
+    ``metric()`` is better, ``min`` when a lower one is (the SQNR is ``max``). Costs two
+    measurements per quantizer."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not allowed; allowed: {', '.join(MODES)}")
     weights = {n: e.quantizer for n, e in sim.quantized_params().items()}
     numels = {n: e.values().numel() for n, e in sim.quantized_params().items()}
     named = [(n, "weight", q) for n, q in weights.items() if q.enabled]
@@ -84,7 +108,8 @@ def sensitivity(sim, run: Run, batches: list, metric: Callable[[], float] | None
             rows.append(Sensitivity(name, kind, q.bitwidth, only, all_but, numels.get(name, 0) if kind == "weight" else 0))
     finally:
         sim.model.train(was_training)
-    return sorted(rows, key=lambda r: (r.only_on, -r.all_but))
+    sign = 1.0 if mode == "max" else -1.0
+    return sorted(rows, key=lambda r: (sign * r.only_on, -sign * r.all_but))
 
 
 def weight_bits(rows: list[Sensitivity], overrides: dict[str, dict]) -> float:
@@ -122,8 +147,9 @@ def mixed_precision_overrides(rows: list[Sensitivity], high: int, keep_top_k: in
 
 
 def render(rows: list[Sensitivity], limit: int | None = None) -> str:
-    """``rows`` as a text table, most sensitive first (``limit``: only the first rows)."""
+    """``rows`` as a text table, most sensitive first (``limit``: only the first rows); scores with
+    3 decimals (a perplexity's differences sit in its third)."""
     shown = rows if limit is None else rows[:limit]
     lines = [f"{'quantizer':<40} {'kind':<10} {'bits':>4} {'only on':>9} {'all but':>9}"]
-    lines += [f"{r.name[:40]:<40} {r.kind:<10} {r.bitwidth:>4} {r.only_on:>9.2f} {r.all_but:>9.2f}" for r in shown]
+    lines += [f"{r.name[:40]:<40} {r.kind:<10} {r.bitwidth:>4} {r.only_on:>9.3f} {r.all_but:>9.3f}" for r in shown]
     return "\n".join(lines)
