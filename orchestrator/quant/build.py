@@ -23,11 +23,11 @@ from torch.utils import _pytree as pytree
 
 from .attention_math import SDPA_PARTS
 from .batchnorm_fold import FoldedPair, fold_batchnorms
+from .block_formats import BLOCK_FORMATS
 from .capture import CapturedGraph, capture, input_names, positional_names
 from .config import QuantConfig
 from .errors import QuantConfigError
 from .formats import format_from_name
-from .block_formats import BLOCK_FORMATS
 from .granularity import PerBlock, PerTensor, PerToken, weight_axes
 from .layers import QuantizedModule, quantized_class_for, to_quantized
 from .placement import Plan, make_plan

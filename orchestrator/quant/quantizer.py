@@ -82,8 +82,9 @@ class QuantizeDequantize(nn.Module):
             a two-level block granularity (``LPBQ``, ``MX``, ``NVFP4``: weights; the block scales
             follow the weights by ``block_scales.py``'s rules; learned: LPBQ only, its per-channel
             float scale ``log_scale`` ``[.., C, .., 1, ..]`` by LSQ under the integer block scales
-            ``block_int`` fixed at calibration) or ``PerToken`` (dynamic: the encoding is computed from each token at run time, never
-            calibrated or learned). Default: per channel when ``axis`` is given, else per tensor.
+            ``block_int`` fixed at calibration) or ``PerToken`` (dynamic: the encoding is computed from
+            each token at run time, never calibrated or learned). Default: per channel when ``axis``
+            is given, else per tensor.
 
     Integer per-tensor/per-channel quantizers run the fused op (``fake_quant.py``); every other
     format or granularity runs the reference op (``reference.py``).
@@ -185,8 +186,9 @@ class QuantizeDequantize(nn.Module):
                 "or sim.load_encodings(...) before running sim.model"
             )
         if self.lpbq_learned:  # s = s_c * i: the product a consumer of the file computes
-            scale_c, _ = self._learned_encoding()
-            return fake_quantize_general(x, scale_c * self.block_int, self.offset, self.format, self._grad_factor(x))
+            return torch.ops.qat.quantize_dequantize_lpbq_learned(x, self.log_scale, self.log_floor, self.block_int,
+                                                                  self.offset, self.format.name, self.format.qmax,
+                                                                  self._grad_factor(x))
         if self.learnable:
             if self.general:
                 return torch.ops.qat.quantize_dequantize_general_learned(

@@ -84,8 +84,8 @@ def lpbq_oracle(w: np.ndarray, block: int, bits: int = 4) -> np.ndarray:
     rows, cols = w.shape
     v = w.reshape(rows, cols // block, block).astype(f32)
     half = 1 << (bits - 1)
-    raw = np.maximum(np.maximum(v.max(axis=-1, keepdims=True) / f32(half - 1), v.min(axis=-1, keepdims=True) / f32(-half)),
-                     np.finfo(f32).eps)
+    raw = np.maximum(v.max(axis=-1, keepdims=True) / f32(half - 1), v.min(axis=-1, keepdims=True) / f32(-half))
+    raw = np.maximum(raw, np.finfo(f32).eps)
     s_c = raw.max(axis=1, keepdims=True) / f32(1 << bits)
     ints = np.clip(np.round(raw / s_c), 1, 1 << bits)
     s = (ints * s_c).astype(f32)
@@ -290,4 +290,26 @@ def test_each_block_format_compiles_to_one_graph_equal_to_eager(name):
     eager.backward(g)
     comp.backward(g)
     assert torch.equal(we.grad, wc.grad)
+    torch._dynamo.reset()
+
+
+def test_learned_lpbq_compiles_to_one_graph_with_one_quantize_op():
+    torch._dynamo.reset()
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    bf = BLOCK_FORMATS["lpbq"]
+    q = QuantizeDequantize("w", 4, True, channels=64, axis=0, learnable=True, is_param=True, fmt=bf.element_format(4),
+                           granularity=bf.granularity_for(0, 1, 64, 4), shape=(64, 128))
+    blocks = w.reshape(64, 2, 64)
+    q.set_range(blocks.amin(-1).reshape(-1), blocks.amax(-1).reshape(-1))
+    explained = torch._dynamo.explain(q)(w)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    ops = [n for g in explained.graphs for n in g.graph.nodes if "quantize_dequantize" in str(n.target)]
+    assert len(ops) == 1
+    compiled = torch.compile(q, fullgraph=True)
+    eager, comp = q(w), compiled(w)
+    assert torch.equal(eager, comp)
+    g = torch.randn_like(eager)
+    (ge,) = torch.autograd.grad(eager, q.log_scale, g)
+    (gc,) = torch.autograd.grad(comp, q.log_scale, g)
+    torch.testing.assert_close(ge, gc, rtol=1e-4, atol=0)  # compiled sums reduce in another order
     torch._dynamo.reset()
