@@ -155,3 +155,25 @@ def test_compiled_sim_of_each_preset_is_one_graph(preset):
         eager, comp = sim.model(batches[1]), compiled(batches[1])
     assert sqnr_db(eager, comp) > 40, sqnr_db(eager, comp)
     torch._dynamo.reset()
+
+
+def test_range_learning_trains_lpbq_channel_scales_and_the_export_stays_exact(model, tmp_path):
+    sim = sim_of(model, **PRESETS["w4lpbq"], range_learning=True, learn_weight_encodings=True)
+    proj = "transformer.h.0.mlp.c_proj.weight"  # Conv1D [in=256, out=64]: 4 blocks of 64 per channel
+    q = sim.param_quantizers()[proj]
+    assert q.learnable and q.log_scale.shape == (1, 64) and q.block_int.shape == (4, 64)
+    ints, start = q.block_int.clone(), q.log_scale.detach().clone()
+    opt = torch.optim.Adam(sim.quantizer_parameters(), lr=1e-2)
+    for seed in range(2):
+        out = logits_of(feed(sim.model, tokens(10 + seed)))
+        loss = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 100),
+                                                 tokens(10 + seed)["input_ids"][:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (q.log_scale.detach() != start).float().mean() > 0.9 and torch.equal(q.block_int, ints)
+    paths = sim.export(str(tmp_path), "m", encoding_version="2.1.0")
+    theirs = _weights_through_the_qdq_graph(paths, [proj])[proj]
+    with torch.no_grad():
+        ours = q(sim.quantized_params()[proj].values()).numpy()
+    np.testing.assert_array_equal(theirs, ours)
