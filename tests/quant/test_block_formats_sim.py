@@ -177,3 +177,31 @@ def test_range_learning_trains_lpbq_channel_scales_and_the_export_stays_exact(mo
     with torch.no_grad():
         ours = q(sim.quantized_params()[proj].values()).numpy()
     np.testing.assert_array_equal(theirs, ours)
+
+
+@pytest.mark.parametrize("preset", ["fp8", "w4g32a8"])
+def test_earlier_presets_round_trip_through_encodings_2_0_0(model, preset, tmp_path):
+    """2.x on request for every format: per-channel float8 and per-block int4 entries, dynamic
+    per-token activations; onnxruntime and ``load_encodings`` read them back."""
+    from test_formats_sim import PRESETS as EARLIER
+
+    sim = sim_of(model, **EARLIER[preset])
+    paths = sim.export(str(tmp_path), "m", encoding_version="2.0.0")
+    doc = json.load(open(paths["encodings"]))
+    e = _entry(doc, FC)
+    if preset == "fp8":
+        assert (e["output_dtype"], e["axis"], len(e["y_scale"])) == ("float8e4m3fn", 1, 256)
+        assert any(not x["is_param"] and isinstance(x["y_scale"], float) for x in doc["encodings"])
+    else:
+        assert (e["output_dtype"], e["axis"], e["block_size"], np.shape(e["y_scale"])) == ("int4", 0, 32, (2, 256))
+        assert doc["dynamic_activation_encodings"]
+    batch = tokens(7)
+    args, kwargs = numpy_inputs(batch)
+    theirs = QdqRunner(paths["onnx"], paths["encodings"])(*args, **kwargs)
+    with torch.no_grad():
+        ours = logits_of(feed(sim.model, batch)).numpy()
+    assert sqnr_db(ours, theirs) > (200 if preset == "fp8" else 30)
+    again = QuantizationSimModel(model, tokens(0), QuantConfig(**EARLIER[preset]))
+    again.load_encodings(paths["encodings"])
+    with torch.no_grad():
+        assert torch.equal(logits_of(feed(again.model, batch)), logits_of(feed(sim.model, batch)))
