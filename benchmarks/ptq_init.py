@@ -1,6 +1,7 @@
 """PTQ steps before QAT (``qat.init``) on MNIST-1D: accuracy after each step, and its cost.
 
     python benchmarks/ptq_init.py [--iterations 1000] [--calibration-batches 8]
+    python benchmarks/ptq_init.py --calibration-only --settings W8A8,W4A8,W4A4,W3A3 --schemes min_max,sqnr,percentile
 
 The cached FP32 baseline of ``mnist1d_cnn`` (trained once, as trials do), calibrated on
 ``calibration-batches`` batches of 64 training samples (the trial's draw, seed 0), measured on
@@ -11,11 +12,14 @@ cumulative result; ``[cle, adaround]``, ``[adaround]``, ``[seqmse]`` the steps o
 ``[seqmse, adaround]`` and ``[adaround]`` again with AdaRound learning from the float model's
 inputs (``qat.ptq.adaround_quantized_inputs=false``) instead of the quantized model's.
 Times are seconds per step (CLE: with the recalibration after it) on this machine.
+``--calibration-only``: no steps, each setting x activation calibration scheme once (the choice
+of the default ``quant.quant_scheme``), with the calibration's seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +37,7 @@ from orchestrator.train.loops import evaluate  # noqa: E402
 from orchestrator.train.ptq_steps import calibrate_with_init  # noqa: E402
 
 SETTINGS = (("W4A4", 4, 4, "min_max"), ("W4A4", 4, 4, "sqnr"), ("W3A16", 3, 16, "min_max"))
+BITS = re.compile(r"W(\d+)A(\d+)")
 SEQUENCES = (("cle", "seqmse", "adaround"), ("cle", "adaround"), ("adaround",), ("seqmse",))
 FLOAT_INPUTS = (("seqmse", "adaround"), ("adaround",))  # again with qat.ptq.adaround_quantized_inputs=false
 
@@ -41,7 +46,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iterations", type=int, default=PtqSpec.adaround_iterations)
     p.add_argument("--calibration-batches", type=int, default=8)
-    p.add_argument("--settings", default=",".join(f"{n}-{s}" for n, _, _, s in SETTINGS))
+    p.add_argument("--settings", default=",".join(f"{n}-{s}" for n, _, _, s in SETTINGS),
+                   help="NAME-SCHEME pairs (steps), or with --calibration-only bit settings: W8A8,W4A4,...")
+    p.add_argument("--calibration-only", action="store_true")
+    p.add_argument("--schemes", default="min_max,sqnr,percentile", help="with --calibration-only")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: a shared 2-core VM does not stall at OpenMP barriers)")
     args = p.parse_args()
@@ -58,6 +66,9 @@ def main() -> None:
     calib = calibration_batches(data.train, 64, args.calibration_batches, 0, data.collate_fn)
     dummy = task.inputs(calib[0])
     fp32 = evaluate(model, test, task, cpu)["acc"]
+    if args.calibration_only:
+        calibration_table(cfg, model, task, calib, dummy, test, args, fp32)
+        return
     wanted = set(args.settings.split(","))
     rows = []
     for name, wbits, abits, scheme in SETTINGS:
@@ -86,6 +97,30 @@ def main() -> None:
     print(f"PTQ init steps: mnist1d_cnn (FP32 test acc {fp32:.2f}), {args.calibration_batches} x 64 calibration "
           f"samples, AdaRound {args.iterations} iterations/layer, {args.threads} thread(s); {machine()}")
     print(table(("setting", "act. calibration", "init steps", "PTQ test acc %", "seconds per step"), rows))
+
+
+def calibration_table(cfg: TrialConfig, model, task, calib, dummy, test, args, fp32: float) -> None:
+    """PTQ test accuracy per bit setting x activation calibration scheme, and its seconds."""
+    cpu = torch.device("cpu")
+    rows = []
+    for setting in args.settings.split(","):
+        match = BITS.fullmatch(setting)
+        if not match:
+            raise SystemExit(f"--settings: {setting!r} is not of the form W<bits>A<bits> (e.g. W4A4)")
+        cfg.quant.param_bw, cfg.quant.output_bw = int(match[1]), int(match[2])
+        cfg.qat.init = []
+        for scheme in args.schemes.split(","):
+            cfg.quant.quant_scheme = scheme
+            sim = QuantizationSimModel(model, dummy, cfg.quant_config())
+            start = time.perf_counter()
+            sim.compute_encodings(lambda m, batches: [task.forward(m, b) for b in batches], calib)
+            seconds = time.perf_counter() - start
+            acc = evaluate(sim.model, test, task, cpu)["acc"]
+            rows.append((setting, scheme, f"{acc:.2f}", f"{seconds:.2f}"))
+            print(f"  {setting} {scheme}: {rows[-1][2]}", file=sys.stderr, flush=True)
+    print(f"Activation calibration: mnist1d_cnn (FP32 test acc {fp32:.2f}), {args.calibration_batches} x 64 "
+          f"calibration samples, {args.threads} thread(s); {machine()}")
+    print(table(("setting", "act. calibration", "PTQ test acc %", "calibration seconds"), rows))
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
     python benchmarks/step_overhead.py [--models resnet_cifar bert vit] [--compile] [--rounds 5]
 
 One step = forward + cross-entropy + backward + SGD update on random data. Models: the
-built-in ``digits_cnn`` and ``resnet_cifar``; ``transformers`` BERT and ViT built from small
+built-in ``digits_cnn`` and ``resnet_cifar``, ``residual_nobn`` (a residual CNN without BatchNorm:
+nothing to fold, the fairest CPU comparison with torch.ao); ``transformers`` BERT and ViT built from small
 configs (every block quantized: projections, attention matmuls, softmax, norms, GELU, adds);
 on a GPU with torchvision also ResNet-18/50, MobileNetV2 and ViT-B/16. Variants: FP32 as given
 (what a user trains), FP32 with BN folded (the sim's graph without quantizers: the baseline of
 pure quantization overhead), the floor (that graph plus one elementwise pass per quantizer:
 what any fake quantization must pay), our sim at W8A8 static and with range learning, and
-torch.ao eager QAT for the CNNs. ``--compile`` compiles every variant (``torch.compile``,
+torch.ao eager QAT for the CNNs, and the ``w4g128`` / ``fp8`` presets static where the model's layers
+take them (a block of 128 needs input dimensions that are multiples of 128). ``--compile`` compiles every variant (``torch.compile``,
 compile time excluded): compiled vs compiled. Variants are timed in turns and ratios taken
 within each turn (a shared machine's speed drifts). Memory: on CUDA the step's peak
 allocation; on CPU the bytes saved for backward in the forward pass.
@@ -76,6 +78,31 @@ def _torchvision(name: str) -> Callable[[], nn.Module]:
     return build
 
 
+class ResidualNoBN(nn.Module):
+    """Issue 18's fairest CPU case: a residual CNN without BatchNorm (nothing to fold), 3x3 convs of
+    32-64 channels on 32x32 inputs: stem 3->32, two residual blocks at 32, a strided 32->64 conv,
+    two residual blocks at 64, pooled linear head. Input ``[N, 3, 32, 32]``, logits ``[N, 10]``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        conv = lambda i, o, stride=1: nn.Conv2d(i, o, 3, stride=stride, padding=1)  # noqa: E731
+        self.stem = conv(3, 32)
+        self.blocks32 = nn.ModuleList(nn.ModuleList([conv(32, 32), conv(32, 32)]) for _ in range(2))
+        self.down = conv(32, 64, stride=2)
+        self.blocks64 = nn.ModuleList(nn.ModuleList([conv(64, 64), conv(64, 64)]) for _ in range(2))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        for blocks in (self.blocks32, None, self.blocks64):
+            if blocks is None:
+                x = F.relu(self.down(x))
+                continue
+            for a, b in blocks:
+                x = F.relu(x + b(F.relu(a(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 def _images(shape: tuple[int, ...]):
     return lambda n, device: torch.randn(n, *shape, device=device)
 
@@ -83,6 +110,7 @@ def _images(shape: tuple[int, ...]):
 CASES = {
     "digits_cnn": Case(lambda: DigitsCNN(num_classes=10), _images((1, 8, 8)), 64, 10, torch_ao=True),
     "resnet_cifar": Case(lambda: ResNetCifar(num_classes=10), _images((3, 32, 32)), 64, 10, torch_ao=True),
+    "residual_nobn": Case(ResidualNoBN, _images((3, 32, 32)), 64, 10, torch_ao=True),
     "bert": Case(_bert, lambda n, d: {"input_ids": torch.randint(0, 8000, (n, 128), device=d),
                                       "attention_mask": torch.ones(n, 128, dtype=torch.long, device=d)}, 16, 10),
     "vit": Case(_vit, lambda n, d: {"pixel_values": torch.randn(n, 3, 64, 64, device=d)}, 32, 10),
@@ -91,6 +119,13 @@ CASES = {
     "mobilenet_v2": Case(_torchvision("mobilenet_v2"), _images((3, 224, 224)), 128, 10, torch_ao=True,
                          gpu_only=True),
     "vit_b_16": Case(_torchvision("vit_b_16"), _images((3, 224, 224)), 64, 10, gpu_only=True),
+}
+
+
+# conf/quant presets timed beside W8A8 (their QuantConfig fields; they run on the reference op)
+FORMAT_VARIANTS = {
+    "w4g128": dict(param_bw=4, param_block_size=128, quantize_activations=False),
+    "fp8": dict(param_format="float8_e4m3fn", output_format="float8_e4m3fn", quant_scheme="min_max"),
 }
 
 
@@ -166,6 +201,13 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> li
     }
     if case.torch_ao and not args.compile:
         variants["torch.ao eager QAT W8A8"] = lambda: torch_ao_qat(base)
+    for preset, cfg in FORMAT_VARIANTS.items():  # the new formats, where the model's layers take them
+        try:
+            make_sim(base, example, calib[:1], **cfg)
+        except Exception as exc:  # e.g. a block size that does not divide a layer's input dimension
+            print(f"  {name}: sim {preset} skipped: {str(exc).splitlines()[0]}", file=sys.stderr)
+            continue
+        variants[f"sim {preset} static"] = lambda cfg=cfg: make_sim(base, example, calib, **cfg).model
     steps, mems = {}, {}
     for label, make in variants.items():
         model = make().to(device).train()

@@ -3,6 +3,7 @@
     from orchestrator.quant import QuantizationSimModel, QuantConfig
 """
 
+from .agreement import ExportAgreement, export_agreement
 from .config import QuantConfig
 from .encoding import Encoding
 from .errors import (
@@ -27,6 +28,7 @@ __all__ = [
     "EncodingCollapseWarning",
     "OutlierWarning",
     "EncodingsFileError",
+    "ExportAgreement",
     "ExportError",
     "NotCalibratedError",
     "QdqRunner",
@@ -38,6 +40,7 @@ __all__ = [
     "QuantizeDequantize",
     "QuantizedModule",
     "build_qdq_model",
+    "export_agreement",
     "keep_freed_host_memory",
     "register",
 ]

@@ -137,6 +137,13 @@ class QuantizationSimModel:
         without weight decay."""
         return [p for name, p in self.model.named_parameters() if is_quantizer_key(name)]
 
+    def encoding_param_group(self, lr: float) -> dict[str, Any] | None:
+        """The trainable encodings as one optimizer parameter group, or None without any (no range
+        learning): learning rate ``lr`` of their own (scales are learned in log-scale, so Adam moves
+        a scale by about ``lr`` *relative* per step) and no weight decay (decay would shrink the ranges)."""
+        params = self.quantizer_parameters()
+        return {"params": params, "weight_decay": 0.0, "lr": lr} if params else None
+
     def model_parameters(self) -> list[nn.Parameter]:
         """The model's own parameters (weights, biases), without quantizer parameters."""
         return [p for name, p in self.model.named_parameters() if not is_quantizer_key(name)]

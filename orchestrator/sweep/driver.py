@@ -123,9 +123,6 @@ def _sweep(plan, started: float, errors, open_run: Unrecorded) -> None:
     open_run.run = run
     _links(run, f"started in {time.time() - started:.0f}s; {run.concurrency} trial(s) at a time")
     from ..tracking.system_metrics import system_metrics
-    from .progress import CLOCK
-
-    CLOCK["start"] = started
     with system_metrics(run.tracking_uri, run.parent_run_id):
         fit(run, tuner)
     if run.interrupted:

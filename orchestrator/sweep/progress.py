@@ -18,6 +18,7 @@ import math
 import time
 from typing import Any
 
+import psutil
 from ray.tune import Callback
 
 from ..console import paint
@@ -28,13 +29,10 @@ from .compose import Composer
 from .space import SearchSpace
 from .trial import SweepContext, build_trial_config
 
-# Lines show seconds since the command started (set by the driver; a resumed sweep's callback
-# comes back from Tune's state and reads the new command's clock).
-CLOCK = {"start": time.time()}
-
-
 def elapsed() -> str:
-    return f"[{time.time() - CLOCK['start']:5.0f}s]"
+    """``[  14s]``: seconds since this command's process started (the callback runs in the driver;
+    a resumed sweep's callback comes back from Tune's state and still reads its own command's clock)."""
+    return f"[{time.time() - psutil.Process().create_time():5.0f}s]"
 
 
 class SweepProgress(Callback):

@@ -262,6 +262,10 @@ class QatSpec:
     them into the weights (and weight encodings) before the test and the export (0: off).
     ``restart``: start this run over even though its outputs hold another config or an earlier
     result; the old outputs are moved aside (``train/identity.py``), nothing is deleted.
+    ``qdq_check_batches``: after the export, rank 0 runs the exported files in onnxruntime (QDQ) on
+    the first this many test batches (at most 64 samples each) against the simulation and logs
+    ``qdq_agree_top1``, ``qdq_sqnr_db`` and ``qdq_max_abs_diff`` (0: no check). ``qdq_min_sqnr_db``:
+    an export whose output SQNR against the simulation is lower fails the trial (dB).
     """
 
     range_learning: bool = QuantConfig.range_learning  # the core's defaults, written once there
@@ -290,6 +294,8 @@ class QatSpec:
     init: list[str] = field(default_factory=list)
     ptq: PtqSpec = field(default_factory=PtqSpec)
     bn_reestimate_batches: int = 0
+    qdq_check_batches: int = 2
+    qdq_min_sqnr_db: float = 30.0
 
     def validate(self) -> None:
         check_init(self.init)
@@ -330,6 +336,9 @@ class QatSpec:
                  "qat.grad_clip_norm", self.grad_clip_norm, "null or a number > 0")
         _require(_is_int(self.seed), "qat.seed", self.seed, "an integer")
         _require(isinstance(self.restart, bool), "qat.restart", self.restart, "true or false")
+        _require(_is_int(self.qdq_check_batches) and self.qdq_check_batches >= 0, "qat.qdq_check_batches",
+                 self.qdq_check_batches, "an integer >= 0 (0: no check)")
+        _require(_is_finite(self.qdq_min_sqnr_db), "qat.qdq_min_sqnr_db", self.qdq_min_sqnr_db, "a finite number (dB)")
 
 
 @dataclass

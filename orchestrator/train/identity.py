@@ -4,8 +4,9 @@ resumed or rerun trial is the same trial.
 The *decisive* config is the trial's ``model``, ``data``, ``task``, ``quant`` and ``qat`` sections
 and its world size (the per-rank batch and the data shards depend on it), with a user's
 ``model.checkpoint`` replaced by the SHA-256 of the file's bytes (a built-in baseline is decided
-by its recipe, which is in ``model``). Paths, tracking, logging, loader workers, compilation and
-``qat.restart`` are not decisive. The fingerprint is the SHA-256 of that flat mapping.
+by its recipe, which is in ``model``). Paths, tracking, logging, loader workers, compilation,
+``qat.restart`` and the export check's settings (``qat.qdq_*``) are not decisive. The fingerprint
+is the SHA-256 of that flat mapping.
 
 It is recorded three times: ``<output_dir>/identity.json`` (written once the trial is accepted,
 before anything trains), in every checkpoint (``state["identity"]``), and as the MLflow run's
@@ -32,7 +33,8 @@ from .config import TrialConfig, TrialConfigError
 IDENTITY_FILE = "identity.json"
 FINGERPRINT_TAG = "qat.fingerprint"  # the MLflow run's record of it
 DECISIVE_SECTIONS = ("model", "data", "task", "quant", "qat")
-NOT_DECISIVE = frozenset({"model.cache_dir", "data.loader_workers", "qat.restart"})
+NOT_DECISIVE = frozenset({"model.cache_dir", "data.loader_workers", "qat.restart", "qat.qdq_check_batches",
+                          "qat.qdq_min_sqnr_db"})
 EARLIER_RUN_ENTRIES = ("checkpoints", "export", "ray")  # what an earlier trial leaves in its output directory
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 

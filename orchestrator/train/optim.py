@@ -73,11 +73,12 @@ def optimizer_partial(qat) -> dict[str, Any]:
     return partial
 
 
-def make_optimizer(qat, model_params: list, encoding_params: list) -> torch.optim.Optimizer:
-    """The optimizer over the weights' group and (when any) the encodings' own group."""
+def make_optimizer(qat, model_params: list, encoding_group: dict[str, Any] | None) -> torch.optim.Optimizer:
+    """The optimizer over the weights' group and (when any) the encodings' own group
+    (``sim.encoding_param_group(qat.encoding_lr)``)."""
     groups = [{"params": model_params, "weight_decay": qat.weight_decay, "lr": qat.lr}]
-    if encoding_params:
-        groups.append({"params": encoding_params, "weight_decay": 0.0, "lr": qat.encoding_lr})
+    if encoding_group is not None:
+        groups.append(encoding_group)
     cls, kwargs = split_partial(optimizer_partial(qat), "qat.optimizer")
     try:
         optimizer = cls(groups, **{"lr": qat.lr, **kwargs})

@@ -12,7 +12,9 @@
    optimizer, scheduler, epoch, metric history; sharded for FSDP);
 4. measure ``test_<metric>``;
 5. rank 0 exports ``{prefix}.pth/.onnx/.encodings`` to ``<output_dir>/export`` and logs them (a
-   sharded model is gathered on rank 0 first).
+   sharded model is gathered on rank 0 first), then checks the export in onnxruntime against the
+   simulation on the first test batches (``qdq_agree_top1``, ``qdq_sqnr_db``; below
+   ``qat.qdq_min_sqnr_db`` the trial fails).
 
 Rank 0's MLflow writes run in call order on a background thread (``BackgroundRunLogger``), off
 the path to the first training step; all of them land before the final report.
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import random
 import time
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..quant import QuantizationSimModel, keep_freed_host_memory
-from ..tasks import to_device
+from ..quant import ExportError, QuantizationSimModel, export_agreement, keep_freed_host_memory
+from ..tasks import head, to_device
 from ..tracking.run_content import epoch_metric_keys, log_export
 from .config import TrialConfig
 from .data import is_iterable
@@ -51,6 +54,8 @@ from .trial_inputs import build_inputs
 
 if TYPE_CHECKING:
     from ..tracking.background import BackgroundRunLogger
+
+QDQ_CHECK_SAMPLES = 64  # samples of each test batch the export check runs (onnxruntime is not fast)
 
 
 def reseed(seed: int, epoch: int, rank: int) -> None:
@@ -336,9 +341,28 @@ class Trial:
             return {}
         export_dir = Path(cfg.output_dir) / "export"
         paths = full.export(str(export_dir), cfg.export_prefix, cpu_dummy)
+        check = self.check_export(full, paths)
         if self.tracker is not None:
-            self.tracker.log_metrics(prefixed("test", test), step=max(qat.epochs - 1, 0))
+            self.tracker.log_metrics({**prefixed("test", test), **check}, step=max(qat.epochs - 1, 0))
             if cfg.tracking.log_artifacts:
                 log_export(self.tracker, export_dir, cfg.export_prefix, full.summary())
         self.log(f"test {inputs.task.describe(test)}  exported to {export_dir}")
-        return {"export_dir": str(export_dir), **{f"export_{kind}": p for kind, p in paths.items()}}
+        return {"export_dir": str(export_dir), **{f"export_{kind}": p for kind, p in paths.items()}, **check}
+
+    def check_export(self, full: QuantizationSimModel, paths: dict[str, str]) -> dict[str, float]:
+        """The export against its simulation in onnxruntime on the first test batches (rank 0, CPU):
+        the ``qdq_*`` metrics; raises ``ExportError`` when they disagree (``qat.qdq_min_sqnr_db``)."""
+        qat, inputs = self.cfg.qat, self.inputs
+        if qat.qdq_check_batches == 0:
+            return {}
+        cpu = torch.device("cpu")
+        batches = [to_device(head(inputs.task.inputs(b), QDQ_CHECK_SAMPLES), cpu)
+                   for b in islice(inputs.loaders["test"], qat.qdq_check_batches)]
+        agreement = export_agreement(full, paths, batches)
+        self.log(f"export check (onnxruntime QDQ vs the simulation, {agreement.rows} rows): top-1 agreement "
+                 f"{100 * agreement.top1:.1f}%, output SQNR {agreement.sqnr_db:.1f} dB")
+        problem = agreement.problem(qat.qdq_min_sqnr_db)
+        if problem:
+            raise ExportError(f"{problem} (qat.qdq_min_sqnr_db={qat.qdq_min_sqnr_db:g}); the export is kept in "
+                                   f"{Path(paths['onnx']).parent} for inspection")
+        return agreement.metrics()

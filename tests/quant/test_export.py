@@ -61,7 +61,7 @@ def test_export_writes_three_files_per_contract(pretrained, calibration_batches,
     assert conv2["enc_type"] == "PER_CHANNEL" and conv2["is_sym"] is True and len(conv2["scale"]) == 32
     assert conv2["axis"] == 0 and set(conv2["offset"]) == {-128} and "source" not in conv2
     assert all(e["enc_type"] == "PER_TENSOR" and e["is_sym"] is False and e["bw"] == 8 for e in acts)
-    assert doc["quantizer_args"]["quant_scheme"] == "post_training_tf"
+    assert doc["quantizer_args"]["quant_scheme"] == "post_training_tf_enhanced"  # sqnr, the default
     enc = {e["name"]: e for e in acts}["relu1"]
     q = sim.activation_quantizers()["relu1"].encoding()
     assert enc["scale"] == [float(q.scale)] and enc["offset"] == [int(q.offset)]
@@ -131,7 +131,9 @@ def test_qdq_onnx_covers_functional_ops_and_odd_bit_widths(model_cls, shape, bit
     torch.manual_seed(0)
     model = model_cls().eval()
     batches = [torch.randn(*shape) for _ in range(4)]
-    sim = calibrated_sim(model, batches, param_bw=bits, output_bw=bits)
+    # min_max: at 16 bits the sqnr default clips fc to a ~1e-5 step, where float summation order
+    # alone moves 10% of the outputs one step (still within the one-step contract asserted below)
+    sim = calibrated_sim(model, batches, param_bw=bits, output_bw=bits, quant_scheme="min_max")
     paths = sim.export(str(tmp_path), "m")
     tensors, initializers, _ = onnx_tensors(paths["onnx"])
     doc = json.loads(open(paths["encodings"]).read())

@@ -20,7 +20,7 @@ from orchestrator.quant.granularity import PerBlock, PerToken
 PRESETS = {
     "w4g128": dict(param_bw=4, param_block_size=128, quantize_activations=False),
     "w4g32a8": dict(param_bw=4, param_block_size=32, output_bw=8, output_granularity="per_token"),
-    "fp8": dict(param_format="float8_e4m3fn", output_format="float8_e4m3fn"),
+    "fp8": dict(param_format="float8_e4m3fn", output_format="float8_e4m3fn", quant_scheme="min_max"),
 }
 
 
@@ -64,7 +64,10 @@ def sim_of(model, **cfg) -> QuantizationSimModel:
     (dict(param_block_size=32, per_channel=False), "param_block_size=32 needs per_channel=True"),
     (dict(output_granularity="per_row"), "output_granularity='per_row' is not allowed; allowed: per_tensor, per_token"),
     (dict(param_format="float8_e4m3fn", param_quant_scheme="sqnr"),
-     "param_quant_scheme='sqnr' is not available for format 'float8_e4m3fn'; allowed: min_max, percentile"),
+     r"param_quant_scheme='sqnr' is not available for format 'float8_e4m3fn' \(the sqnr search is for integer "
+     r"grids\); allowed: min_max, percentile"),
+    (dict(output_format="float8_e4m3fn"),  # the default activation calibration, sqnr
+     r"quant_scheme='sqnr' is not available for format 'float8_e4m3fn' \(the sqnr search"),
     (dict(overrides={"*.mlp.*": {"block_size": "32"}}),
      r"overrides\['\*.mlp.\*'\].block_size='32' is not a block size"),
     (dict(overrides={"*": {"format": "int3"}}), r"overrides\['\*'\].format='int3' is not a known format"),
@@ -265,7 +268,7 @@ def test_float4_weights_are_checked_by_onnx_reference_and_float4_activations_ref
     with torch.no_grad():
         ours = logits_of(feed(sim.model, tokens(7))).numpy()
     assert sqnr_db(ours, runner(*args, **kwargs)) > 100
-    acts = sim_of(model, output_format="float4_e2m1")
+    acts = sim_of(model, output_format="float4_e2m1", quant_scheme="min_max")
     paths = acts.export(str(tmp_path / "acts"), "m")
     with pytest.raises(Exception, match=r"onnxruntime has no QuantizeLinear for float4_e2m1 \(activation '") as err:
         QdqRunner(paths["onnx"], paths["encodings"])

@@ -35,6 +35,8 @@ def test_in_process_trial_logs_everything_to_mlflow(tmp_path, baseline_cache):
     result = run_trial(cfg)
     m = result.metrics
     assert m["status"] == "finished" and m["test_acc"] >= m["fp32_acc"] - 1.5
+    # the trial checked its own export in onnxruntime (2 test batches of at most 64 samples)
+    assert m["qdq_agree_top1"] == 1.0 and m["qdq_sqnr_db"] >= 30.0, m
     for kind in ("pth", "onnx", "encodings"):
         assert (tmp_path / "trial" / "export" / f"model.{kind}").is_file()
 
@@ -46,7 +48,7 @@ def test_in_process_trial_logs_everything_to_mlflow(tmp_path, baseline_cache):
     tags = run.data.tags
     assert tags["qat.mode"] == "range_learning" and tags["qat.param_bw"] == "4" and tags["qat.output_bw"] == "4"
     assert tags["qat.trial_id"] == result.config.tracking.trial_id
-    for key in METRICS:
+    for key in (*METRICS, "qdq_agree_top1", "qdq_sqnr_db", "qdq_max_abs_diff"):
         assert key in run.data.metrics, key
     for key in ("train_loss", "val_acc", "val_top5", "lr", "epoch_time_s", "samples_per_s"):
         assert [h.step for h in client.get_metric_history(result.run_id, key)] == [0, 1, 2], key
