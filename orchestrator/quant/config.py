@@ -211,6 +211,10 @@ class QuantConfig:
                                        f"weights; allowed for activations: {', '.join(FORMAT_NAMES)}")
             _check_block_format(f"format of {name!r}", values["format"], values["block_size"],
                                 self.param_quant_scheme, self.learn_weight_encodings)
+            if values["granularity"] != "per_channel":
+                raise QuantConfigError(f"format {values['format']!r} for {name!r} with granularity "
+                                       f"{values['granularity']!r}: its blocks are per output channel; allowed: "
+                                       "granularity 'per_channel'")
         elif values["format"] in FORMATS and values["block_size"]:
             raise QuantConfigError(f"{name!r}: format {values['format']!r} with block_size={values['block_size']} "
                                    "is not supported yet; allowed: block sizes with format 'int'")

@@ -225,6 +225,10 @@ def test_an_override_may_set_a_block_format_by_name_but_not_on_activations():
     with pytest.raises(QuantConfigError, match="format 'nvfp4' for activation 'h.mlp.fc': block formats are for "
                                                "weights"):
         cfg.quantizer_settings("h.mlp.fc", is_param=False)
+    with pytest.raises(QuantConfigError, match="format 'mxfp4' for 'fc.weight' with granularity 'per_tensor': its "
+                                               "blocks are per output channel"):
+        QuantConfig(overrides={"fc.*": {"format": "mxfp4", "granularity": "per_tensor"}}).quantizer_settings(
+            "fc.weight", is_param=True)
     with pytest.raises(QuantConfigError, match="with learn_weight_encodings=True"):
         QuantConfig(range_learning=True, learn_weight_encodings=True,
                     overrides={"*": {"format": "mxfp8"}}).quantizer_settings("fc.weight", is_param=True)
