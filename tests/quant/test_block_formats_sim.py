@@ -242,3 +242,14 @@ def _no_warning():
             warnings.simplefilter("error", UserWarning)
             yield
     return ctx()
+
+
+def test_export_agreement_of_an_nvfp4_export_says_which_weights_onnx_reference_ran(model, tmp_path):
+    from orchestrator.quant import export_agreement
+
+    sim = sim_of(model, **PRESETS["nvfp4"])
+    paths = sim.export(str(tmp_path), "m")
+    with pytest.warns(UserWarning, match="checked by onnx.reference instead"):
+        agreement = export_agreement(sim, paths, [tokens(7)])
+    assert agreement.top1 == 1.0 and agreement.problem(100.0) is None
+    assert any(n.startswith(f"{FC}: onnxruntime has no float4_e2m1") for n in agreement.notes)
