@@ -377,8 +377,7 @@ class _Reader:
         scheme = e.get("block_format")
         if "per_block_int_scale" in e:  # 2.0.0 LPBQ
             inner = torch.tensor(e["per_block_int_scale"], dtype=torch.float32)
-            outer = torch.tensor(e["per_channel_float_scale"], dtype=torch.float32).reshape(
-                [inner.shape[d] if inner.shape[d] > 1 and d != axis else 1 for d in range(inner.dim())])
+            outer = torch.tensor(e["per_channel_float_scale"], dtype=torch.float32)  # full rank, 1 on the block axis
             scheme = "lpbq"
         elif isinstance(y_scale, dict):  # 2.1.0 meta encoding: LPBQ (integer x) or NVFP4 (e4m3 x)
             inner = torch.tensor(y_scale.get("x"), dtype=torch.float32)
@@ -399,7 +398,9 @@ class _Reader:
                                 f"got {y_scale!r}") from None
         if not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
             raise self.fail(f"{where}: y_scale must hold finite numbers > 0")
-        channel_axis = e.get("channel_axis", AXIS_UNKNOWN)
+        channel_axis = e.get("channel_axis")
+        if block_size is not None and channel_axis is None:  # AIMET's convention: the axis before the block axis
+            channel_axis = axis - 1 if axis else 1
         if block_size is not None:  # back to our full-rank layout: one element on dims the ONNX shape repeats
             index = [slice(None) if d in (axis, channel_axis) else slice(0, 1) for d in range(scale.dim())]
             scale = scale[tuple(index)].contiguous()
