@@ -9,10 +9,12 @@ step = forward + next-token cross-entropy + backward + SGD on random tokens; the
 FP32 step, timed in turns (``common.interleaved_ms``). Memory: bytes saved for backward in one
 forward pass (CPU), as ``step_overhead.py`` reports.
 
-Variants: weight-only int4 per output channel; weight-only int4 in blocks of 32 and 128 along the
+Variants: weight-only int4 per output channel; weight-only int4 in blocks of 32, 64 and 128 along the
 input dim (``quant=w4g128``); int4 g32 weights + int8 dynamic per-token activations
-(``quant=w4g32a8``); FP8 e4m3 weights per channel + activations per tensor (``quant=fp8``); W8A8.
-The block/float paths run the reference op (ATen), the per-channel int paths the fused C++ op.
+(``quant=w4g32a8``); FP8 e4m3 weights per channel + activations per tensor (``quant=fp8``); W4 LPBQ
+in blocks of 64 (``quant=w4lpbq``, with its 16-bit activations, and weight-only); MXFP8, MXFP4 and
+NVFP4 weights (``quant=mxfp8``/``mxfp4``/``nvfp4``, weight-only); W8A8. The block/float paths run
+the reference op (ATen), the per-channel int paths the fused C++ op.
 """
 
 from __future__ import annotations
@@ -34,7 +36,14 @@ VARIANTS = {
     "W4 g128 (weight-only)": dict(param_bw=4, param_block_size=128, quantize_activations=False),
     "W4 g32 (weight-only)": dict(param_bw=4, param_block_size=32, quantize_activations=False),
     "W4 g32 A8 per-token": dict(param_bw=4, param_block_size=32, output_granularity="per_token"),
-    "FP8 e4m3 W+A": dict(param_format="float8_e4m3fn", output_format="float8_e4m3fn"),
+    "FP8 e4m3 W+A": dict(param_format="float8_e4m3fn", output_format="float8_e4m3fn", quant_scheme="min_max"),
+    "W4 g64 (weight-only)": dict(param_bw=4, param_block_size=64, quantize_activations=False),
+    "W4 LPBQ g64 A16 (quant=w4lpbq)": dict(param_bw=4, param_format="lpbq", param_block_size=64, output_bw=16),
+    "W4 LPBQ g64 (weight-only)": dict(param_bw=4, param_format="lpbq", param_block_size=64,
+                                      quantize_activations=False),
+    "MXFP8 (quant=mxfp8, weight-only)": dict(param_format="mxfp8", quantize_activations=False),
+    "MXFP4 (quant=mxfp4, weight-only)": dict(param_format="mxfp4", quantize_activations=False),
+    "NVFP4 (quant=nvfp4, weight-only)": dict(param_format="nvfp4", quantize_activations=False),
     "W8A8 (per-channel/per-tensor)": dict(),
 }
 VOCAB, SEQ, BATCH = 256, 32, 4

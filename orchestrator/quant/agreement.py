@@ -32,13 +32,15 @@ class ExportAgreement:
     ``top1``: fraction of rows (every position of every sample, argmax over the last axis) whose
     argmax agrees, in [0, 1]; ``sqnr_db``: the ONNX output's signal-to-noise ratio against the
     simulation's, dB (``inf``: identical); ``max_abs``: the largest absolute difference;
-    ``rows``: how many rows ``top1`` counts.
+    ``rows``: how many rows ``top1`` counts; ``notes``: one line per weight whose Q/DQ onnxruntime
+    has no kernel for (FP4: applied by ``onnx.reference`` instead, ``QdqRunner.notes``).
     """
 
     top1: float
     sqnr_db: float
     max_abs: float
     rows: int
+    notes: tuple[str, ...] = ()
 
     def metrics(self, prefix: str = "qdq") -> dict[str, float]:
         """``{prefix}_agree_top1``, ``{prefix}_sqnr_db``, ``{prefix}_max_abs_diff``: numbers for a metrics
@@ -97,4 +99,4 @@ def export_agreement(sim: QuantizationSimModel, paths: dict[str, str], batches: 
     matches = torch.cat(agree)
     return ExportAgreement(top1=float(matches.float().mean()), sqnr_db=sqnr_db(ours, theirs),
                            max_abs=max(float((a - b).abs().max()) for a, b in zip(ours, theirs)),
-                           rows=int(matches.numel()))
+                           rows=int(matches.numel()), notes=tuple(runner.notes))

@@ -23,6 +23,7 @@ from torch.utils import _pytree as pytree
 
 from .attention_math import SDPA_PARTS
 from .batchnorm_fold import FoldedPair, fold_batchnorms
+from .block_formats import BLOCK_FORMATS
 from .capture import CapturedGraph, capture, input_names, positional_names
 from .config import QuantConfig
 from .errors import QuantConfigError
@@ -146,15 +147,18 @@ class _Builder:
         """The quantizer of weight ``name``; ``axis``: the layer type's declaration (``WeightAxes``)."""
         cfg = self.cfg
         st = cfg.quantizer_settings(name, is_param=True)
-        fmt = format_from_name(st.format, st.bitwidth, True)
+        block_format = BLOCK_FORMATS.get(st.format)
+        fmt = block_format.element_format(st.bitwidth) if block_format else format_from_name(st.format, st.bitwidth,
+                                                                                              True)
         axes = weight_axes(axis, param.dim()) if param.dim() else None
         granularity = None
         if axes is None or not st.per_channel:
             axis, channels = None, 1
         else:
             axis, channels = axes.channel, param.shape[axes.channel]
-            if st.block_size:
-                granularity = PerBlock(axes.channel, axes.block, st.block_size)
+            if st.block_size or block_format:
+                granularity = block_format.granularity_for(axes.channel, axes.block, st.block_size, st.bitwidth) \
+                    if block_format else PerBlock(axes.channel, axes.block, st.block_size)
                 try:
                     granularity.scale_shape(tuple(param.shape))
                 except ValueError as exc:

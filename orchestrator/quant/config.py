@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import QuantConfigError
+from .block_formats import BLOCK_FORMATS
 from .formats import FORMAT_NAMES, FORMATS
 from .observers import OBSERVERS, PERCENTILE
 
@@ -16,6 +17,8 @@ OVERRIDE_KEYS = {"bitwidth": int, "enabled": bool, "format": str, "block_size": 
 ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
 # Calibration schemes that hold for float formats (``sqnr`` searches an integer grid).
 FLOAT_SCHEMES = ("min_max", "percentile")
+# Weight formats: element formats and block formats (``block_formats.py``: lpbq, mxfp8, mxfp4, nvfp4, ...).
+PARAM_FORMAT_NAMES = (*FORMAT_NAMES, *BLOCK_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,15 @@ class QuantConfig:
             "*.mlp.*": {"block_size": 32, "bitwidth": 4}, "lm_head.*": {"bitwidth": 8}}``.
         param_format, output_format: ``int`` (``param_bw``/``output_bw`` bits) or a float format:
             ``float8_e4m3fn``, ``float8_e5m2``, ``float4_e2m1`` (scaled: weights per channel,
-            activations per tensor), ``float16``, ``bfloat16`` (plain casts).
+            activations per tensor), ``float16``, ``bfloat16`` (plain casts). Weights also take a
+            block format (``block_formats.py``): ``lpbq`` (AIMET's LPBQ: ``param_bw``-bit integers
+            in blocks of ``param_block_size``, integer block scales under a float per-channel
+            scale), ``mxfp8``/``mxfp8_e5m2``/``mxfp4``/``mxint8`` (OCP MX: E8M0 scale per 32) and
+            ``nvfp4`` (e4m3 scale per 16 under a float32 per-tensor scale). MX and NVFP4 scales
+            follow the weights by the format's own rule (``param_quant_scheme`` ``min_max``, no
+            ``learn_weight_encodings``); LPBQ learns its per-channel scale. Weights whose layer
+            type declares no axes (a norm's scale used by ``mul``) take the element format per
+            tensor.
         param_block_size: > 0: integer weights per block of this many elements along the
             layer's input axis (group-wise int4: 32/64/128), one scale per (output channel,
             block); 0: per channel (``per_channel``). A block larger than the input dim is one
@@ -145,8 +156,8 @@ class QuantConfig:
             )
         object.__setattr__(self, "leaf_modules", tuple(leaves))
         object.__setattr__(self, "overrides", _check_overrides(self.overrides))
-        for key in ("param_format", "output_format"):
-            _check_format(key, getattr(self, key))
+        _check_format("param_format", self.param_format, is_param=True)
+        _check_format("output_format", self.output_format, is_param=False)
         _check_block_size("param_block_size", self.param_block_size)
         _check_choice("output_granularity", self.output_granularity, ACTIVATION_GRANULARITIES)
         _check_bool("quantize_activations", self.quantize_activations)
@@ -157,6 +168,12 @@ class QuantConfig:
             if fmt in FORMATS and getattr(self, key) not in FLOAT_SCHEMES:
                 raise QuantConfigError(f"{key}={getattr(self, key)!r} is not available for format {fmt!r} (the sqnr "
                                        f"search is for integer grids); allowed: {', '.join(FLOAT_SCHEMES)}")
+        if self.param_format in BLOCK_FORMATS:
+            if not self.per_channel:
+                raise QuantConfigError(f"param_format={self.param_format!r} needs per_channel=True (its blocks are "
+                                       "per output channel); allowed: per_channel=True")
+            _check_block_format("param_format", self.param_format, self.param_block_size, self.param_quant_scheme,
+                                self.learn_weight_encodings)
 
     def settings_for(self, name: str, bitwidth: int) -> tuple[int, bool]:
         """``(bitwidth, enabled)`` of the quantizer called ``name`` after ``overrides``."""
@@ -188,7 +205,17 @@ class QuantConfig:
         if values["block_size"] and not is_param:
             raise QuantConfigError(f"block_size={values['block_size']} for activation {name!r}: blocks are for "
                                    "weights; allowed for activations: 0")
-        if values["format"] in FORMATS and values["block_size"]:
+        if values["format"] in BLOCK_FORMATS:
+            if not is_param:
+                raise QuantConfigError(f"format {values['format']!r} for activation {name!r}: block formats are for "
+                                       f"weights; allowed for activations: {', '.join(FORMAT_NAMES)}")
+            _check_block_format(f"format of {name!r}", values["format"], values["block_size"],
+                                self.param_quant_scheme, self.learn_weight_encodings)
+            if values["granularity"] != "per_channel":
+                raise QuantConfigError(f"format {values['format']!r} for {name!r} with granularity "
+                                       f"{values['granularity']!r}: its blocks are per output channel; allowed: "
+                                       "granularity 'per_channel'")
+        elif values["format"] in FORMATS and values["block_size"]:
             raise QuantConfigError(f"{name!r}: format {values['format']!r} with block_size={values['block_size']} "
                                    "is not supported yet; allowed: block sizes with format 'int'")
         return QuantizerSettings(values["bitwidth"], values["enabled"], values["format"], values["block_size"],
@@ -219,7 +246,7 @@ def _check_overrides(overrides: Any) -> dict[str, dict[str, Any]]:
             if key == "bitwidth":
                 check_bitwidth(where, value)
             elif key == "format":
-                _check_format(where, value)
+                _check_format(where, value, is_param=True)
             elif key == "block_size":
                 _check_block_size(where, value)
             elif key == "granularity":
@@ -230,9 +257,30 @@ def _check_overrides(overrides: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _check_format(name: str, value: Any) -> None:
-    if value not in FORMAT_NAMES:
-        raise QuantConfigError(f"{name}={value!r} is not a known format; allowed: {', '.join(FORMAT_NAMES)}")
+def _check_format(name: str, value: Any, is_param: bool) -> None:
+    allowed = PARAM_FORMAT_NAMES if is_param else FORMAT_NAMES
+    if value not in allowed:
+        extra = " (block formats such as mxfp4 are for weights)" if value in BLOCK_FORMATS else ""
+        raise QuantConfigError(f"{name}={value!r} is not a known format{extra}; allowed: {', '.join(allowed)}")
+
+
+def _check_block_format(name: str, fmt: str, block_size: int, scheme: str, learn: bool) -> None:
+    """A block format's own constraints: LPBQ needs a block size; MX/NVFP4 fix theirs, calibrate by
+    the format's rule (min_max) and do not learn their scales."""
+    bf = BLOCK_FORMATS[fmt]
+    if bf.block_size == 0 and not block_size:
+        raise QuantConfigError(f"{name}={fmt!r} needs a block size; allowed: param_block_size (or an override's "
+                               "block_size) > 0, e.g. 64")
+    if bf.block_size and block_size not in (0, bf.block_size):
+        raise QuantConfigError(f"{name}={fmt!r} has blocks of {bf.block_size} by definition, not {block_size}; "
+                               f"allowed: block size 0 or {bf.block_size}")
+    if not bf.learnable and learn:
+        raise QuantConfigError(f"{name}={fmt!r} with learn_weight_encodings=True: its block scales are derived from "
+                               "the weights by the format's rule and are not learned; allowed: "
+                               "learn_weight_encodings=False (or format lpbq, int or a float format)")
+    if not bf.learnable and scheme != "min_max":
+        raise QuantConfigError(f"{name}={fmt!r} with param_quant_scheme={scheme!r}: its block scales come from each "
+                               "block's maximum by the format's rule; allowed: param_quant_scheme='min_max'")
 
 
 def _check_block_size(name: str, value: Any) -> None:

@@ -43,6 +43,10 @@ class Encoding:
     elements along ``block_axis``; ``scale``/``offset`` hold them in the full-rank layout
     (``granularity.py``) or flattened row-major as a file stores them (``scale_for(shape)``).
     ``dynamic``: computed per token at run time (no values stored).
+    Two-level blocks (``block_scales.py``): ``scheme`` ``"lpbq"``/``"mx"``/``"nvfp4"``; ``scale`` is
+    the effective per-block scale, ``inner`` what each block stores (LPBQ integers, MX exponents,
+    NVFP4 e4m3 values) and ``outer`` the float scale above them (LPBQ per channel, full rank;
+    NVFP4 one element), both in the layout of ``scale``; ``scale_bitwidth``: LPBQ's integer bits.
     """
 
     bitwidth: int
@@ -54,6 +58,10 @@ class Encoding:
     block_axis: int | None = None
     block_size: int | None = None
     dynamic: bool = False
+    scheme: str | None = None
+    inner: torch.Tensor | None = None
+    outer: torch.Tensor | None = None
+    scale_bitwidth: int | None = None
 
     @property
     def per_block(self) -> bool:

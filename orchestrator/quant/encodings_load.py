@@ -16,6 +16,7 @@ import torch
 from .encoding import Encoding
 from .encodings_io import param_sources, read_encodings
 from .errors import EncodingsFileError
+from .granularity import PerBlock
 
 if TYPE_CHECKING:
     from .quantizer import QuantizeDequantize
@@ -91,8 +92,11 @@ def load_into(sim: QuantizationSimModel, path: str, partial: bool) -> None:
         if enc.bitwidth != q.bitwidth or not enc.symmetric or enc.scale.numel() != q.channels:
             raise fail(f"{name}: file has bw={enc.bitwidth}, is_sym={enc.symmetric}, {enc.scale.numel()} channel(s); "
                        f"the model's quantizer is bw={q.bitwidth}, symmetric, {q.channels} channel(s)")
-        if enc.dtype != q.format.name or enc.per_block != (q.granularity.name == "per_block"):
-            raise fail(f"{name}: file has a {enc.dtype} {'per-block' if enc.per_block else ''} encoding; the model's "
+        blocked = isinstance(q.granularity, PerBlock)
+        scheme = q.granularity.name if blocked and q.granularity.name != "per_block" else None
+        if enc.dtype != q.format.name or enc.per_block != blocked or enc.scheme != scheme:
+            kind = f"{enc.scheme.upper()} " if enc.scheme else "per-block " if enc.per_block else ""
+            raise fail(f"{name}: file has a {kind}{enc.dtype} encoding; the model's "
                        f"quantizer is {q.format.name} {q.describe_granularity()}")
         if enc.per_block:
             shape = q.scale_shape if enc.axis == q.axis else q.scale_shape[::-1]  # a transposed copy (2-D)

@@ -37,7 +37,7 @@ from torch.utils import _pytree as pytree
 from ..fileio import atomic_write_json
 from .capture import flat_input_leaves, named_arguments
 from .encoding import Encoding
-from .encodings_io import check_version, encodings_document
+from .encodings_io import check_version, default_version, encodings_document
 from .errors import QuantError, QuantFileError
 from .onnx_params import ParamLocator
 from .runtime import root_forward
@@ -339,12 +339,14 @@ def _map_encoding(name: str, enc: Encoding, loc, rank: int, graph: onnx.GraphPro
         raise ExportError(f"parameter {name!r}: its per-block encoding cannot follow the exporter's reshape to "
                           f"{init_rank} dims ({current!r}); quantize it per channel (overrides block_size: 0)")
     block_axis = enc.block_axis
+    parts = {"scale": scale, "offset": offset, "inner": enc.inner, "outer": enc.outer}
+    parts = {k: v for k, v in parts.items() if v is not None and v.dim() == rank}  # NVFP4's outer: one element
     if loc.kind == "transposed":
-        scale, offset, block_axis = scale.T, offset.T, 1 - block_axis
+        parts, block_axis = {k: v.T for k, v in parts.items()}, 1 - block_axis
     elif loc.order is not None:
         index = torch.tensor(loc.order)
-        scale, offset = scale.index_select(enc.axis, index), offset.index_select(enc.axis, index)
-    return dataclasses.replace(enc, scale=scale.contiguous(), offset=offset.contiguous(), axis=loc.axis,
+        parts = {k: v.index_select(enc.axis, index) if v.shape[enc.axis] > 1 else v for k, v in parts.items()}
+    return dataclasses.replace(enc, **{k: v.contiguous() for k, v in parts.items()}, axis=loc.axis,
                                block_axis=block_axis)
 
 
@@ -387,9 +389,11 @@ def _alive(pid: int) -> bool:
 
 
 def export_sim(sim: QuantizationSimModel, path: str, prefix: str, dummy_input: Any,
-               encoding_version: str = "1.0.0") -> dict[str, str]:
-    """Write ``{prefix}.pth``, ``{prefix}.onnx`` and ``{prefix}.encodings`` under ``path``."""
-    check_version(encoding_version)
+               encoding_version: str | None = None) -> dict[str, str]:
+    """Write ``{prefix}.pth``, ``{prefix}.onnx`` and ``{prefix}.encodings`` under ``path``
+    (``encoding_version`` None: 1.0.0, or 2.1.0 where an encoding needs it: ``encodings_io``)."""
+    if encoding_version is not None:
+        check_version(encoding_version)
     if not isinstance(prefix, str) or not prefix or os.sep in prefix or prefix.startswith("."):
         raise ExportError(f"filename_prefix={prefix!r} must be a plain file name such as 'model'")
     if not sim.calibrated:
@@ -416,8 +420,10 @@ def export_sim(sim: QuantizationSimModel, path: str, prefix: str, dummy_input: A
         _check_names(model, acts, params)
         onnx.checker.check_model(model)
         onnx.save(model, staged["onnx"])
+        shapes = {i.name: list(i.dims) for i in model.graph.initializer if i.name in params}
         doc = encodings_document(acts, params, sim.quantizer_args(), list(sim.config.leaf_modules),
-                                 encoding_version, sources)
+                                 encoding_version or default_version([*acts.values(), *params.values()]), sources,
+                                 shapes)
         atomic_write_json(staged["encodings"], doc)
         for kind, p in final.items():
             os.replace(staged[kind], p)

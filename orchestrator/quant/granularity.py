@@ -15,6 +15,14 @@ FastForward's tiles). Per-channel scales are also kept in the older 1-D ``[C]`` 
   scale). Shape ``[.., C, .., K / block_size, .., 1]``. ``block_size`` larger than the dim: one
   block per row (the dim's size). A dim that is not a multiple of ``block_size`` (a partial last
   block) is rejected with ``ValueError`` naming both.
+- Two-level blocks, ``PerBlock`` whose scale is constrained to what the target stores
+  (``block_scales.py`` has the rules): ``LPBQ(.., scale_bitwidth)`` (AIMET's low-power blockwise
+  quantization: integer block scales under a float per-channel scale), ``MX(.., block_size=32)``
+  (OCP Microscaling: a power-of-two E8M0 scale per block), ``NVFP4(.., block_size=16)`` (e4m3
+  block scales under a float32 per-tensor scale). ``scales(raw, amax, fmt)`` gives the block
+  scales from each block's plain symmetric scale ``raw`` and largest magnitude ``amax``. A dim
+  smaller than the block is one block (as if zero-padded, which leaves every block maximum as it
+  is); a dim that is not a multiple of it is rejected, as for ``PerBlock``.
 - ``PerToken()``: dynamic activations: one scale per token, computed at run time from that
   token's values (the last dim reduced); shape ``[..., 1]``.
 
@@ -28,6 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .block_scales import BlockScales, lpbq_scales, mx_scales, nvfp4_scales
 
 
 class WeightAxes(int):
@@ -106,6 +116,40 @@ class PerBlock:
 
 
 @dataclass(frozen=True)
+class LPBQ(PerBlock):
+    """AIMET's LPBQ: ``scale_bitwidth``-bit integer block scales (AIMET's ``decompressed_bw - bitwidth``)."""
+
+    scale_bitwidth: int = 4
+    name = "lpbq"
+
+    def scales(self, raw: torch.Tensor, amax: torch.Tensor, fmt) -> BlockScales:
+        return lpbq_scales(raw, self.block_axis, self.scale_bitwidth)
+
+
+@dataclass(frozen=True)
+class MX(PerBlock):
+    """OCP MX: one E8M0 (power-of-two) scale per ``block_size`` (32) elements."""
+
+    name = "mx"
+
+    def scales(self, raw: torch.Tensor, amax: torch.Tensor, fmt) -> BlockScales:
+        return mx_scales(amax, fmt)
+
+
+@dataclass(frozen=True)
+class NVFP4(PerBlock):
+    """NVFP4: one e4m3 scale per ``block_size`` (16) elements under a float32 per-tensor scale."""
+
+    name = "nvfp4"
+
+    def scales(self, raw: torch.Tensor, amax: torch.Tensor, fmt) -> BlockScales:
+        return nvfp4_scales(amax, amax.amax())
+
+
+TWO_LEVEL = (LPBQ, MX, NVFP4)
+
+
+@dataclass(frozen=True)
 class PerToken:
     name = "per_token"
 
@@ -113,7 +157,7 @@ class PerToken:
         return (*shape[:-1], 1)
 
 
-Granularity = PerTensor | PerChannel | PerBlock | PerToken
+Granularity = PerTensor | PerChannel | PerBlock | LPBQ | MX | NVFP4 | PerToken
 
 
 def full_rank_scale(scale: torch.Tensor, rank: int, axis: int | None) -> torch.Tensor:

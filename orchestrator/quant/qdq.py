@@ -17,8 +17,16 @@ Per-block weights: opset-21 blocked ``QuantizeLinear``/``DequantizeLinear`` (``a
 block axis, ``block_size``; the scale has the weight's shape but ``dim / block_size`` on that
 axis, as ONNX requires), in an int4 container for 4 bits (no clip needed), else as above.
 Float formats: FP8 ``QuantizeLinear`` to ``float8e4m3fn``/``float8e5m2`` (saturating, round to
-nearest even); fp16/bf16 casts as ``Cast`` there and back. onnxruntime has no FP4 (e2m1)
-``QuantizeLinear`` at this opset: such an encoding is refused in one line.
+nearest even); fp16/bf16 casts as ``Cast`` there and back.
+Two-level blocks: LPBQ as AIMET's graph, ``DequantizeLinear(integer block scales as uint8,
+per-channel float scale)`` feeding the blocked int4 ``QuantizeLinear``/``DequantizeLinear`` as its
+scale; MXFP8/MXINT8 as blocked float8/int8 Q/DQ with the power-of-two scales; NVFP4's scale is its
+effective ``x_scale * x`` (what ``DequantizeLinear`` of the meta encoding gives, in float32).
+onnxruntime has no FP4 (e2m1) ``QuantizeLinear`` kernel (opset 21 or 23): a weight in FP4 (MXFP4,
+NVFP4, per channel) is quantized by ONNX's own numpy reference implementation
+(``onnx.reference``, opset 23 ``QuantizeLinear``/``DequantizeLinear``), and onnxruntime runs the graph
+with the dequantized weight as its initializer; ``notes`` (and a one-line warning) say so. FP4
+activations cannot be checked so and are refused in one line.
 Dynamic per-token activations: the reference arithmetic as ONNX ops (``ReduceMin``/``ReduceMax``
 over the last axis, the scale and offset of ``asymmetric_from_range``, ``Div``, ``Round``,
 ``Max``/``Min``, ``Mul``), which compute exactly what the simulation computes.
@@ -41,6 +49,8 @@ QDQ_OPSET = 21
 
 
 FLOAT_CONTAINERS = {"float8_e4m3fn": TensorProto.FLOAT8E4M3FN, "float8_e5m2": TensorProto.FLOAT8E5M2}
+NO_ORT_KERNEL = {"float4_e2m1": TensorProto.FLOAT4E2M1}  # applied by onnx.reference instead
+REFERENCE_OPSET = 23
 CASTS = {"float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
 
@@ -119,6 +129,15 @@ class _Builder:
             self.new_nodes.append(helper.make_node("Min", [f"{tag}_lo", hi_name], [f"{tag}_clip"], name=f"{tag}_Min"))
             x = f"{tag}_clip"
         s_name = self.const(f"{tag}_scale", scale)
+        if enc.scheme == "lpbq":  # the scale as AIMET's graph computes it: DQ(integers, per-channel scale)
+            graph_inits = self.graph.initializer
+            graph_inits.remove(next(i for i in graph_inits if i.name == s_name))
+            ints = np.ascontiguousarray(np.broadcast_to(enc.inner.numpy().reshape(bshape), full)).astype(np.uint8)
+            channel = enc.outer.numpy().astype(np.float32).reshape(-1)
+            self.const(f"{tag}_int_scale", ints)
+            self.const(f"{tag}_channel_scale", channel)
+            self.new_nodes.append(helper.make_node("DequantizeLinear", [f"{tag}_int_scale", f"{tag}_channel_scale"],
+                                                   [s_name], name=f"{tag}_scale_DQ", axis=axis))
         z_name = f"{tag}_zero_point"
         zshape = list(scale.shape)
         if enc.dtype == "int" and ztype not in (TensorProto.INT4, TensorProto.UINT4):
@@ -232,12 +251,26 @@ def _load_model(onnx_path: str | Path) -> onnx.ModelProto:
 
 def build_qdq_model(onnx_path: str | Path, encodings_path: str | Path) -> onnx.ModelProto:
     """The ONNX model of ``onnx_path`` with the encodings of ``encodings_path`` applied as QDQ."""
+    model, _ = build_qdq_model_with_notes(onnx_path, encodings_path)
+    return model
+
+
+def build_qdq_model_with_notes(onnx_path: str | Path, encodings_path: str | Path) -> tuple[onnx.ModelProto, list[str]]:
+    """``build_qdq_model`` and one line per tensor that onnxruntime's kernels could not quantize."""
     model = _load_model(onnx_path)
     acts, params = read_encodings(encodings_path)
+    notes: list[str] = []
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
     inputs = {i.name for i in graph.input}
     inits = {i.name: i for i in graph.initializer}
+    for name in [n for n in acts if n in inits and n not in producers]:  # 2.x lists params with activations
+        params[name] = acts.pop(name)
+    fp4 = [n for n, e in acts.items() if e.dtype in NO_ORT_KERNEL]
+    if fp4:
+        raise EncodingsFileError(f"{encodings_path}: onnxruntime has no QuantizeLinear for "
+                                 f"{acts[fp4[0]].dtype} (activation {fp4[0]!r}); allowed activation formats: int, "
+                                 f"{', '.join([*FLOAT_CONTAINERS, *CASTS])}")
     missing = [n for n in acts if n not in producers and n not in inputs and n not in inits] + \
         [n for n in params if n not in inits]
     if missing:
@@ -257,6 +290,15 @@ def build_qdq_model(onnx_path: str | Path, encodings_path: str | Path) -> onnx.M
         axis = _param_axis(graph, name, enc, dims, encodings_path) if enc.per_channel else None
         if enc.per_block:
             enc = _block_axes(name, enc, axis, dims, encodings_path)
+        if enc.dtype in NO_ORT_KERNEL:
+            weight = numpy_helper.to_array(inits[name]).astype(np.float32)
+            dequantized = reference_qdq(weight, enc, axis)
+            b.const(f"{name}__qdq", dequantized)
+            b.rewire(name, f"{name}__qdq")
+            graph.initializer.remove(inits[name])  # the float weight is no longer read
+            notes.append(f"{name}: onnxruntime has no {enc.dtype} QuantizeLinear kernel; quantized by onnx.reference "
+                         f"(opset {REFERENCE_OPSET}) and run as a float initializer")
+            continue
         b.rewire(name, f"{name}__qdq")
         b.qdq(name, f"{name}__qdq", enc, axis, len(dims), dims)
     graph.node.extend(b.new_nodes)
@@ -265,7 +307,36 @@ def build_qdq_model(onnx_path: str | Path, encodings_path: str | Path) -> onnx.M
         if opset.domain in ("", "ai.onnx") and opset.version < QDQ_OPSET:
             opset.version = QDQ_OPSET
     onnx.checker.check_model(model)
-    return model
+    return model, notes
+
+
+def reference_qdq(weight: np.ndarray, enc: Encoding, axis: int | None) -> np.ndarray:
+    """``DequantizeLinear(QuantizeLinear(weight))`` for ``enc`` by ``onnx.reference`` (opset 23):
+    per tensor, per channel on ``axis``, or blocked (``enc.block_axis``, ``enc.block_size``)."""
+    from onnx.reference import ReferenceEvaluator
+
+    dims = list(weight.shape)
+    scale = enc.scale.numpy().astype(np.float32)
+    attrs = {}
+    if enc.per_block:
+        bshape = list(enc.block_scale_shape(tuple(dims)))
+        full = list(dims)
+        full[enc.block_axis] = bshape[enc.block_axis]
+        scale = np.ascontiguousarray(np.broadcast_to(scale.reshape(bshape), full))
+        attrs = {"axis": enc.block_axis, "block_size": enc.block_size}
+    elif axis is not None:
+        attrs = {"axis": axis}
+    else:
+        scale = scale.reshape(())
+    ztype = NO_ORT_KERNEL[enc.dtype]
+    zero = helper.make_tensor("z", ztype, list(scale.shape), [0.0] * scale.size)
+    nodes = [helper.make_node("QuantizeLinear", ["w", "s", "z"], ["q"], **attrs),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **attrs)]
+    g = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("w", TensorProto.FLOAT, dims)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+                          [numpy_helper.from_array(scale, "s"), zero])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", REFERENCE_OPSET)])
+    return ReferenceEvaluator(m).run(None, {"w": weight})[0].astype(np.float32)
 
 
 def _topological_sort(graph: onnx.GraphProto) -> None:
@@ -292,9 +363,14 @@ class QdqRunner:
     """
 
     def __init__(self, onnx_path: str | Path, encodings_path: str | Path) -> None:
+        import warnings
+
         import onnxruntime as ort
 
-        model = build_qdq_model(onnx_path, encodings_path)
+        model, self.notes = build_qdq_model_with_notes(onnx_path, encodings_path)
+        if self.notes:
+            warnings.warn(f"QdqRunner: {len(self.notes)} weight(s) without an onnxruntime kernel checked by "
+                          f"onnx.reference instead ({self.notes[0].split(':')[0]}, ...)", stacklevel=2)
         options = ort.SessionOptions()
         # Keep QDQ pairs as float ops: fusing them into integer kernels would change the numerics.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -33,8 +33,9 @@ from .errors import CalibrationError, NotCalibratedError
 from . import kernels
 from .fake_quant import clamp_straight_through, fake_quantize, fake_quantize_learned, round_clamp_straight_through
 from .formats import Format, IntFormat
-from .granularity import Granularity, PerBlock, PerChannel, PerTensor, PerToken, blocks_as_rows, full_rank_scale, \
-    reduce_blocks
+from .block_scales import BlockScales
+from .granularity import LPBQ, TWO_LEVEL, Granularity, PerBlock, PerChannel, PerTensor, PerToken, blocks_as_rows, \
+    full_rank_scale, reduce_blocks
 from .reference import fake_quantize_general
 
 # A learned scale may shrink to this fraction of its calibrated value (per channel), no further.
@@ -77,9 +78,13 @@ class QuantizeDequantize(nn.Module):
         is_param: the quantizer quantizes a parameter (N counts every element per channel).
         fmt: a ``formats`` format (default: ``IntFormat(bitwidth, symmetric)``); float formats
             are symmetric (offset 0).
-        granularity: ``PerBlock`` (with ``shape``, the tensor's shape: scales ``[.., C, .., K/B, ..]``)
-            or ``PerToken`` (dynamic: the encoding is computed from each token at run time, never
-            calibrated or learned). Default: per channel when ``axis`` is given, else per tensor.
+        granularity: ``PerBlock`` (with ``shape``, the tensor's shape: scales ``[.., C, .., K/B, ..]``),
+            a two-level block granularity (``LPBQ``, ``MX``, ``NVFP4``: weights; the block scales
+            follow the weights by ``block_scales.py``'s rules; learned: LPBQ only, its per-channel
+            float scale ``log_scale`` ``[.., C, .., 1, ..]`` by LSQ under the integer block scales
+            ``block_int`` fixed at calibration) or ``PerToken`` (dynamic: the encoding is computed from
+            each token at run time, never calibrated or learned). Default: per channel when ``axis``
+            is given, else per tensor.
 
     Integer per-tensor/per-channel quantizers run the fused op (``fake_quant.py``); every other
     format or granularity runs the reference op (``reference.py``).
@@ -92,6 +97,9 @@ class QuantizeDequantize(nn.Module):
         super().__init__()
         if learnable and follow:
             raise ValueError("a quantizer is either learned or follows its input, not both")
+        if isinstance(granularity, TWO_LEVEL) and not isinstance(granularity, LPBQ) and not follow:
+            raise ValueError(f"quantizer {name!r}: {granularity.name} block scales follow the tensor by the format's "
+                             "rule; allowed: follow=True")
         fmt = fmt if fmt is not None else IntFormat(bitwidth, symmetric)
         if granularity is None:
             granularity = PerChannel(axis) if axis is not None else PerTensor()
@@ -130,6 +138,12 @@ class QuantizeDequantize(nn.Module):
         n = self.scale_shape
         sym_offset = torch.full(n, -float(1 << (fmt.bitwidth - 1))) if isinstance(fmt, IntFormat) and fmt.symmetric \
             else torch.zeros(n)
+        self.lpbq_learned = learnable and isinstance(granularity, LPBQ)
+        if self.lpbq_learned:  # the per-channel float scale is learned; the integer block scales stay
+            channel = list(n)
+            channel[granularity.block_axis] = 1
+            self.register_buffer("block_int", torch.ones(n))
+            n = tuple(channel)
         if learnable:
             self.log_scale = nn.Parameter(torch.zeros(n))
             self.register_buffer("log_floor", torch.full(n, -math.inf))
@@ -171,6 +185,10 @@ class QuantizeDequantize(nn.Module):
                 f"quantizer {self.name!r} has no encoding yet: call sim.compute_encodings(...) "
                 "or sim.load_encodings(...) before running sim.model"
             )
+        if self.lpbq_learned:  # s = s_c * i: the product a consumer of the file computes
+            return torch.ops.qat.quantize_dequantize_lpbq_learned(x, self.log_scale, self.log_floor, self.block_int,
+                                                                  self.offset, self.format.name, self.format.qmax,
+                                                                  self._grad_factor(x))
         if self.learnable:
             if self.general:
                 return torch.ops.qat.quantize_dequantize_general_learned(
@@ -214,6 +232,8 @@ class QuantizeDequantize(nn.Module):
         if isinstance(self.granularity, PerBlock):
             lo, hi = reduce_blocks(x, self.scale_shape)
             scale, offset = format_encoding_from_range(lo.float(), hi.float(), self.format)
+            if isinstance(self.granularity, TWO_LEVEL):
+                return self._two_level(scale * self.ratio, lo, hi).scale, offset
             return scale * self.ratio, offset
         if self.axis is None:
             lo, hi = (v.reshape(1) for v in torch.aminmax(x))
@@ -224,6 +244,22 @@ class QuantizeDequantize(nn.Module):
             lo, hi = x.amin(dim=dims), x.amax(dim=dims)
         scale, offset = format_encoding_from_range(lo.float(), hi.float(), self.format)
         return scale * self.ratio, offset
+
+    def _two_level(self, raw: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> BlockScales:
+        """The two-level block scales of blocks with plain scales ``raw`` and range ``[lo, hi]``."""
+        amax = torch.maximum(lo.float().abs(), hi.float().abs())
+        return self.granularity.scales(raw, amax, self.format)
+
+    def _parts(self, x: torch.Tensor | None) -> BlockScales | None:
+        """The stored parts of a two-level encoding now (``x``: the tensor, for a follow quantizer)."""
+        if not isinstance(self.granularity, TWO_LEVEL):
+            return None
+        if self.lpbq_learned:
+            scale_c, _ = self._learned_encoding()
+            return BlockScales(scale_c * self.block_int, self.block_int.clone(), scale_c)
+        lo, hi = reduce_blocks(x.detach(), self.scale_shape)
+        raw, _ = format_encoding_from_range(lo.float(), hi.float(), self.format)
+        return self._two_level(raw * self.ratio, lo, hi)
 
     @torch.no_grad()
     def _refresh(self) -> None:
@@ -251,6 +287,10 @@ class QuantizeDequantize(nn.Module):
         if self.follow or self.dynamic or self.cast_only:
             raise ValueError(f"quantizer {self.name!r} computes its own encoding; it cannot be set")
         scale = scale.reshape(self.scale_shape).float().clamp(SCALE_FLOOR, SCALE_CEIL)
+        if self.lpbq_learned:  # compress: the integers stay, the per-channel scale is learned from here
+            parts = self.granularity.scales(scale, scale, self.format)
+            self.block_int.copy_(parts.inner)
+            scale = parts.outer
         if self.learnable:
             self.log_scale.copy_(scale.log())
             self.log_floor.copy_((scale * FLOOR_RATIO).log())  # relative, even for scales at SCALE_FLOOR
@@ -275,6 +315,9 @@ class QuantizeDequantize(nn.Module):
             if x is None:
                 raise ValueError(f"quantizer {self.name!r} follows its tensor: pass it to encoding(x)")
             scale, offset = self._follow_encoding(x)
+        elif self.lpbq_learned:
+            scale, offset = self._learned_encoding()
+            scale = scale * self.block_int
         elif self.learnable:
             scale, offset = self._learned_encoding()
         elif self.format.is_float:
@@ -286,9 +329,14 @@ class QuantizeDequantize(nn.Module):
         if isinstance(g, PerBlock):  # the block size used (a block wider than the dim is the whole dim)
             block_axis = g.block_axis
             block_size = x.shape[block_axis] // self.scale_shape[block_axis] if x is not None else g.block_size
+        parts = self._parts(x)
+        two_level = {} if parts is None else dict(
+            scheme=g.name, inner=parts.inner.detach().float().cpu().clone(),
+            outer=None if parts.outer is None else parts.outer.detach().float().cpu().clone(),
+            scale_bitwidth=getattr(g, "scale_bitwidth", None))
         return Encoding(self.bitwidth, self.symmetric, scale.detach().float().cpu().clone(),
                         offset.detach().float().cpu().clone(), self.axis, dtype=self.format.name,
-                        block_axis=block_axis, block_size=block_size, dynamic=self.dynamic)
+                        block_axis=block_axis, block_size=block_size, dynamic=self.dynamic, **two_level)
 
     @torch.no_grad()
     def floor_hit(self) -> torch.Tensor:
@@ -363,7 +411,8 @@ class QuantizeDequantize(nn.Module):
         """``per tensor``, ``64 ch, axis 0``, ``blocks [64, 2] (axis 0, block axis 1)``, ``per token``."""
         g = self.granularity
         if isinstance(g, PerBlock):
-            return f"blocks {list(self.scale_shape)} (axis {g.axis}, block axis {g.block_axis})"
+            kind = {"per_block": "blocks"}.get(g.name, f"{g.name.upper()} blocks")
+            return f"{kind} {list(self.scale_shape)} (axis {g.axis}, block axis {g.block_axis})"
         if isinstance(g, PerToken):
             return "per token (dynamic)"
         return "per tensor" if self.axis is None else f"{self.channels} ch, axis {self.axis}"

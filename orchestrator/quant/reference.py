@@ -205,6 +205,44 @@ def _backward_learned(ctx, grad):
 quantize_dequantize_general_learned.register_autograd(_backward_learned, setup_context=_setup_learned)
 
 
+@torch.library.custom_op("qat::quantize_dequantize_lpbq_learned", mutates_args=())
+def quantize_dequantize_lpbq_learned(x: torch.Tensor, log_scale: torch.Tensor, log_floor: torch.Tensor,
+                                     block_int: torch.Tensor, offset: torch.Tensor, fmt: str, qmax: int,
+                                     grad_factor: float) -> torch.Tensor:
+    """Learned LPBQ as one op: ``s = exp(log_scale) * block_int`` (the per-channel float scale,
+    floored as ``learned_encoding``, times the integer block scales; ``log_scale`` broadcasts over
+    the blocks), then the reference quantize-dequantize. The product is the one a reader of the
+    encodings file computes, and the ``exp`` is the eager one under compile too."""
+    scale, _ = learned_encoding(log_scale, log_floor, offset, qmax, False)
+    return quantize_dequantize(x, scale * block_int, offset, format_of(fmt, qmax))
+
+
+@quantize_dequantize_lpbq_learned.register_fake
+def _(x, log_scale, log_floor, block_int, offset, fmt, qmax, grad_factor):
+    return torch.empty_like(x)
+
+
+def _setup_lpbq(ctx, inputs, output):
+    x, log_scale, log_floor, block_int, offset, fmt, qmax, grad_factor = inputs
+    ctx.save_for_backward(x, log_scale, log_floor, block_int, offset)
+    ctx.args = (fmt, qmax, grad_factor)
+
+
+def _backward_lpbq(ctx, grad):
+    """d/d log_scale = sum over the channel's blocks of s_b * dL/ds_b (floor straight through)."""
+    x, log_scale, log_floor, block_int, offset = ctx.saved_tensors
+    fmt, qmax, grad_factor = ctx.args
+    scale_c, _ = learned_encoding(log_scale, log_floor, offset, qmax, False)
+    scale = scale_c * block_int
+    gx, gs, _ = quantize_dequantize_backward(grad, x, scale, offset, format_of(fmt, qmax), grad_factor)
+    dims = [d for d in range(gs.dim()) if log_scale.shape[d] == 1 and gs.shape[d] > 1]
+    g_log = (gs * scale).sum(dim=dims, keepdim=True) if dims else gs * scale
+    return gx, g_log.reshape(log_scale.shape), None, None, None, None, None, None
+
+
+quantize_dequantize_lpbq_learned.register_autograd(_backward_lpbq, setup_context=_setup_lpbq)
+
+
 def fake_quantize_general(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, fmt: Format,
                           grad_factor: float = 1.0) -> torch.Tensor:
     """Call the op for ``fmt`` with a full-rank (or one-element) ``scale``/``offset``."""

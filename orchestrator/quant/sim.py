@@ -274,8 +274,11 @@ class QuantizationSimModel:
 
     # ------------------------------------------------------------------ export
     def export(self, path: str, filename_prefix: str, dummy_input: Any = None, *,
-               encoding_version: str = "1.0.0") -> dict[str, str]:
+               encoding_version: str | None = None) -> dict[str, str]:
         """Write ``{prefix}.pth``, ``{prefix}.onnx``, ``{prefix}.encodings`` under ``path``.
+
+        ``encoding_version``: ``1.0.0``, ``0.6.1``, ``2.0.0`` or ``2.1.0``; None: 1.0.0, or 2.1.0
+        when an encoding needs it (MX, NVFP4).
 
         Returns the three paths by kind (``pth``, ``onnx``, ``encodings``). See ``export.py``.
         """

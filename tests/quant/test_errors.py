@@ -200,8 +200,8 @@ def test_export_errors_write_nothing(pretrained, calibration_batches, tmp_path):
         sim.export(str(tmp_path), "m")
     one_line(err)
     sim.compute_encodings(run_batches, calibration_batches)
-    with pytest.raises(EncodingsFileError, match="'2.0.0'.*1.0.0, 0.6.1"):
-        sim.export(str(tmp_path), "m", encoding_version="2.0.0")
+    with pytest.raises(EncodingsFileError, match="'3.0.0'.*1.0.0, 0.6.1, 2.0.0, 2.1.0"):
+        sim.export(str(tmp_path), "m", encoding_version="3.0.0")
     for prefix in ("", "a/b", ".hidden", None):
         with pytest.raises(ExportError, match="filename_prefix=.*plain file name"):
             sim.export(str(tmp_path), prefix)
