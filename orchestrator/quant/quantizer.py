@@ -86,8 +86,9 @@ class QuantizeDequantize(nn.Module):
             each token at run time, never calibrated or learned). Default: per channel when ``axis``
             is given, else per tensor.
 
-    Integer per-tensor/per-channel quantizers run the fused op (``fake_quant.py``); every other
-    format or granularity runs the reference op (``reference.py``).
+    Integer per-tensor/per-channel quantizers run the fused op (``fake_quant.py``), and so do
+    fixed or following integer blocks along the last dim (each block a channel of ``x`` viewed as
+    ``[numel / B, B]``); every other format or granularity runs the reference op (``reference.py``).
     """
 
     def __init__(self, name: str, bitwidth: int, symmetric: bool, channels: int = 1, axis: int | None = None,
@@ -144,6 +145,15 @@ class QuantizeDequantize(nn.Module):
             channel[granularity.block_axis] = 1
             self.register_buffer("block_int", torch.ones(n))
             n = tuple(channel)
+        # Integer blocks along the last dim of a contiguous tensor (a Linear weight ``[C, K]``, scales
+        # ``[C, K / B]``) with fixed or following encodings run the fused op as per-channel rows of one
+        # block each (``_as_rows``). Learned ones stay on the reference's learned op: the fused learned
+        # op is traced through by torch.compile, whose exp differs from eager's in the last bit.
+        self.block_rows = 0
+        if isinstance(fmt, IntFormat) and isinstance(granularity, PerBlock) and not learnable:
+            ss, sh = self.scale_shape, tuple(shape)
+            if len(ss) == len(sh) and ss[:-1] == sh[:-1] and sh[-1] % ss[-1] == 0:
+                self.block_rows, self.block_shape = sh[-1] // ss[-1], torch.Size(sh)
         if learnable:
             self.log_scale = nn.Parameter(torch.zeros(n))
             self.register_buffer("log_floor", torch.full(n, -math.inf))
@@ -175,8 +185,11 @@ class QuantizeDequantize(nn.Module):
         if self.dynamic:
             scale, offset = self._dynamic_encoding(x)
             return fake_quantize_general(x, scale, offset, self.format)
+        rows = self._as_rows(x)
         if self.follow:
             scale, offset = self._follow_encoding(x)
+            if rows is not None:
+                return fake_quantize(rows, scale.reshape(-1), offset.reshape(-1), self.qmax, 0).view(x.shape)
             if self.general:
                 return fake_quantize_general(x, self._full(scale, x), self._full(offset, x), self.format)
             return fake_quantize(x, scale, offset, self.qmax, self.axis)
@@ -196,9 +209,21 @@ class QuantizeDequantize(nn.Module):
                     self.format.name, self.format.qmax, self._grad_factor(x), not self.symmetric)
             return fake_quantize_learned(x, self.log_scale, self.log_floor, self.offset, self.qmax, self.axis,
                                          self._grad_factor(x), not self.symmetric)
+        if rows is not None:
+            return fake_quantize(rows, self.scale.reshape(-1), self.offset.reshape(-1), self.qmax, 0).view(x.shape)
         if self.general:
             return fake_quantize_general(x, self._full(self.scale, x), self._full(self.offset, x), self.format)
         return fake_quantize(x, self.scale, self.offset, self.qmax, self.axis)
+
+    def _as_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` as ``[numel / B, B]`` (a view: row ``r`` is block ``r`` of the scales in C order) when
+        this quantizer's integer blocks run along the last dim of a contiguous ``x``, else None. The
+        fused op then treats each block as a channel: the same arithmetic as the reference op's
+        per-block path (bit for bit forward, tests/quant/test_formats.py), a 1-byte mask for the
+        backward of fixed encodings, no temporaries of ``x``'s size beyond the output."""
+        if not self.block_rows or x.shape != self.block_shape or not x.is_contiguous():
+            return None
+        return x.view(-1, self.block_rows)
 
     def _full(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A stored encoding tensor in the reference op's layout (full rank, or one element)."""
