@@ -30,3 +30,14 @@ def test_ptq_steps_run_before_qat_from_the_command_line(tmp_path, baseline_cache
     for step in ("cle", "seqmse", "adaround"):
         assert f"PTQ step {step}: acc " in proc.stdout, proc.stdout
     assert "QAT 1 epoch(s)" in proc.stdout
+
+
+def test_the_readme_analyze_form_prints_the_ranked_table_and_writes_it(tmp_path, baseline_cache):
+    root = tmp_path / "out"
+    proc = run_cli("qat-analyze", [f"paths.root={root}", "model=digits_cnn", "data=digits", "quant=w4a4"],
+                   tmp_path, baseline_cache)
+    assert "most sensitive first" in proc.stdout and "most sensitive: " in proc.stdout, proc.stdout
+    (csv,) = (root / "analyze").glob("*/sensitivity.csv")
+    assert (csv.parent / "sensitivity.png").is_file()
+    rows = csv.read_text().splitlines()
+    assert len(rows) == 1 + 5 + 8  # header, the digits CNN's 5 weight and 8 activation quantizers
