@@ -67,6 +67,15 @@ def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[
         keys += ["qat.ptq.seqmse_candidates"] if "seqmse" in cfg.qat.init else []
     if cfg.qat.grad_clip_norm is not None:
         keys.append("qat.grad_clip_norm")
+    if cfg.qat.batches_per_epoch is not None:
+        keys.append("qat.batches_per_epoch")
+    if cfg.qat.schedule in ("warmup_cosine",):
+        keys.append("qat.warmup_steps")
+    q = cfg.quant  # the formats and granularities that differ from int per-tensor/per-channel
+    keys += [f"quant.{k}" for k, on in (("param_block_size", q.param_block_size), ("param_format", q.param_format != "int"),
+                                        ("output_format", q.output_format != "int"),
+                                        ("output_granularity", q.output_granularity != "per_tensor"),
+                                        ("quantize_activations", not q.quantize_activations)) if on]
     if cfg.model._target_:
         keys.append("model._target_")
     if cfg.data._target_:
