@@ -175,14 +175,16 @@ def split_streams(modules: Sequence[str] = STDLIB_MODULES, docs: bool = True, va
 
 
 def python_text(seq_len: int = 128, modules: Sequence[str] | None = None, docs: bool = True,
-                val_fraction: float = 0.05, test_fraction: float = 0.05, max_train_samples: int | None = None,
-                max_eval_samples: int | None = None) -> DataSplits:
+                val_fraction: float = 0.05, test_fraction: float = 0.05, max_train_samples: int | None = 8000,
+                max_eval_samples: int | None = 256) -> DataSplits:
     """Byte-level language modelling on CPython's reference docs and standard-library sources.
 
     ``modules``: standard-library module names (null: ``STDLIB_MODULES``, ~3.6 MB of code on 3.11);
     ``docs``: include the reference topics. ``max_train_samples`` / ``max_eval_samples``: keep that
     many windows of train / of val and test each, evenly spaced over the split's stream (null: all;
-    perplexity stays exact over the tokens the kept windows predict).
+    perplexity stays exact over the tokens the kept windows predict). The defaults keep 8,000 of the
+    ~28,000 training windows (~1 M of ~3.6 M tokens on Python 3.11: a baseline trains in minutes on
+    one core) and 256 windows (~32 K tokens) of val and of test (an evaluation takes seconds).
     """
     for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not (isinstance(value, (int, float)) and 0 < value < 1):

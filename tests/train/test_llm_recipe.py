@@ -52,3 +52,13 @@ def test_a_tiny_llm_trial_distills_and_logs_recovered_perplexity(tmp_path, basel
     assert len(lrs) == 2 and lrs[0] == pytest.approx(1e-3 / 3)  # the first epoch starts in the warmup
     assert [h.step for h in client.get_metric_history(result.run_id, "train_distill_loss")] == [0, 1]
     assert math.isfinite(m["test_ppl"]) and m["test_ppl"] < m["ptq_ppl"] * 1.2
+
+
+@pytest.mark.slow  # a CLI start, ~25 s on the loaded 2 cores
+def test_the_llm_sweep_preset_composes_the_recipe(tmp_path, baseline_cache):
+    from helpers_cli import run_cli
+
+    cfg = run_cli("qat-sweep", ["--cfg", "job", "sweep=llm"], tmp_path, baseline_cache).stdout
+    for expected in ("name: llama_tiny", "name: python_text", "name: language_modeling", "optimizer: adamw",
+                     "schedule: warmup_cosine", "grad_clip_norm: 1.0", "batches_per_epoch: 40", "task_weight: 0.0"):
+        assert expected in cfg, expected
