@@ -62,3 +62,25 @@ def test_the_llm_sweep_preset_composes_the_recipe(tmp_path, baseline_cache):
     for expected in ("name: llama_tiny", "name: python_text", "name: language_modeling", "optimizer: adamw",
                      "schedule: warmup_cosine", "grad_clip_norm: 1.0", "batches_per_epoch: 40", "task_weight: 0.0"):
         assert expected in cfg, expected
+
+
+def test_a_transformers_class_at_target_is_built_from_its_config_and_loads_a_checkpoint(tmp_path):
+    import torch
+    import transformers
+
+    from orchestrator.train.builders import load_pretrained, new_model
+    from orchestrator.train.config import ModelSpec
+    from orchestrator.zoo.python_text import python_text
+
+    data = python_text(seq_len=16, modules=["abc", "getopt", "linecache"], docs=False, val_fraction=0.3,
+                       test_fraction=0.3)
+    spec = ModelSpec(name="llama", _target_="transformers.LlamaForCausalLM",
+                     args={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "num_key_value_heads": 1})
+    model = new_model(spec, data)
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    assert model.config.vocab_size == 256 and model.config.hidden_size == 32  # vocab_size from the data
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    loaded = load_pretrained(spec, data, str(tmp_path / "w.pt"))
+    ids = data.train[0]["input_ids"][None]
+    assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
