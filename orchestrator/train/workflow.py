@@ -326,13 +326,15 @@ class Trial:
         return final
 
     def recovery(self, test: dict[str, float]) -> dict[str, float]:
-        """``<m>_ptq_gap`` and (where PTQ lost at least 2%) ``<m>_recovered`` for the task's primary
-        metric (``tracking/recovery.py``), logged now."""
+        """``<m>_ptq_gap`` and (where PTQ lost at least 2% and QAT ran) ``<m>_recovered`` for the task's
+        primary metric (``tracking/recovery.py``), logged now."""
         task = self.inputs.task
         m = task.primary
         if m not in test or m not in self.fp32 or m not in self.ptq:
             return {}
         out = recovery_metrics(m, self.fp32[m], self.ptq[m], test[m], task.metric(m).mode == "max")
+        if self.cfg.qat.epochs == 0:  # PTQ only: nothing was trained to recover anything
+            out.pop(f"{m}_recovered", None)
         if self.tracker is not None and out:
             self.tracker.log_metrics(out, step=max(self.cfg.qat.epochs - 1, 0))
         if f"{m}_recovered" in out:
