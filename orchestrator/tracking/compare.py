@@ -210,7 +210,8 @@ def columns(metric: str) -> tuple[str, ...]:
     """The CSV's columns for task metric ``metric``."""
     return (("sweep", "rank", "name", "outcome", "bits", "mode", "lr", "epochs")
             + tuple(f"{s}_{metric}" for s in STAGES)
-            + ("gain", "gain_is_tie", f"{metric}_ptq_gap", f"{metric}_recovered", "val_samples", "test_samples", "wall_s", "status", "run_id"))
+            + ("gain", "gain_is_tie", f"{metric}_ptq_gap", f"{metric}_recovered", "val_samples", "test_samples",
+               "wall_s", "status", "run_id"))
 
 
 def format_rows(rows: list[TrialRow], metric: str = "val_acc") -> str:
@@ -245,7 +246,8 @@ def write_csv(rows: list[TrialRow], path: str | Path) -> None:
                 w.writerow({"sweep": r.sweep, "rank": r.rank, "name": r.name, "outcome": r.outcome, "bits": r.bits,
                             "mode": r.mode, "lr": r.lr, "epochs": r.epochs,
                             **{f"{s}_{m}": r.stage(s) for s in STAGES}, "gain": r.gain,
-                            "gain_is_tie": r.gain_tie, f"{m}_ptq_gap": r.ptq_gap, f"{m}_recovered": r.recovered, "val_samples": r.val_samples, "test_samples": r.test_samples,
+                            "gain_is_tie": r.gain_tie, f"{m}_ptq_gap": r.ptq_gap, f"{m}_recovered": r.recovered,
+                            "val_samples": r.val_samples, "test_samples": r.test_samples,
                             "wall_s": round(r.wall_s, 1), "status": r.status, "run_id": r.run_id, **r.point})
 
     atomic_write(path, write)

@@ -72,7 +72,8 @@ def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[
     if cfg.qat.schedule in ("warmup_cosine",):
         keys.append("qat.warmup_steps")
     q = cfg.quant  # the formats and granularities that differ from int per-tensor/per-channel
-    keys += [f"quant.{k}" for k, on in (("param_block_size", q.param_block_size), ("param_format", q.param_format != "int"),
+    keys += [f"quant.{k}" for k, on in (("param_block_size", q.param_block_size),
+                                        ("param_format", q.param_format != "int"),
                                         ("output_format", q.output_format != "int"),
                                         ("output_granularity", q.output_granularity != "per_tensor"),
                                         ("quantize_activations", not q.quantize_activations)) if on]

@@ -6,7 +6,7 @@ Documents
   ``help("if")`` prints: the language reference's sections, ~80 topics, ~465 KB of English prose
   with code examples), one document per topic, named ``topic:<key>``;
 - standard-library sources: the modules of ``STDLIB_MODULES`` (a fixed, sorted list of single-file
-  modules present from Python 3.9 to 3.14), read from the running interpreter's stdlib directory
+  modules chosen to exist from Python 3.9 to 3.14), read from the running interpreter's stdlib directory
   (``sysconfig.get_paths()["stdlib"]``), one document per file, named ``module:<name>``.
 
 Splits: a document goes wholly to train, val or test by a hash of its name
@@ -52,8 +52,9 @@ VOCAB_SIZE = 256
 END_OF_DOCUMENT = 0  # the NUL byte: in no document, appended to each
 IGNORE = -100  # a label not scored (the padding of a split's last window)
 
-# Single-file modules in every CPython from 3.9 to 3.14 (no package, none removed by PEP 594),
-# sorted: the default ``modules`` of ``python_text``.
+# Single-file modules chosen to exist in CPython 3.9 to 3.14 (no packages, none of PEP 594's
+# removals; checked on 3.11 here, from the release notes otherwise), sorted: the default
+# ``modules`` of ``python_text``.
 STDLIB_MODULES: tuple[str, ...] = (
     "abc", "argparse", "ast", "base64", "bdb", "bisect", "bz2", "calendar", "cmd", "code", "codecs", "codeop",
     "colorsys", "compileall", "configparser", "contextlib", "contextvars", "copy", "copyreg", "csv",
@@ -128,12 +129,12 @@ class PackedTokens(Dataset):
     one). ``max_samples``: keep ``n`` of the ``W`` windows, evenly spaced (window ``floor(j * W / n)``
     for ``j < n``: every part of the stream, every document, is represented; null: all)."""
 
-    def __init__(self, stream: torch.Tensor, seq_len: int, max_samples: int | None = None) -> None:
-        if seq_len < 2:
+    def __init__(self, stream: torch.Tensor, seq_len: int, max_samples: int | None = None,
+                 key: str = "data.args.max_train_samples") -> None:
+        if not (isinstance(seq_len, int) and seq_len >= 2):
             raise PythonTextError(f"data.args.seq_len={seq_len!r} is not allowed; allowed: an integer >= 2")
         if max_samples is not None and not (isinstance(max_samples, int) and max_samples >= 1):
-            raise PythonTextError(f"data.args max samples={max_samples!r} is not allowed; allowed: null or an "
-                                  "integer >= 1")
+            raise PythonTextError(f"{key}={max_samples!r} is not allowed; allowed: null or an integer >= 1")
         self.stream, self.seq_len = stream, seq_len
         self.windows = max(0, -(-(stream.numel() - 1) // (seq_len - 1)))
         self.size = self.windows if max_samples is None else min(self.windows, max_samples)
@@ -194,7 +195,9 @@ def python_text(seq_len: int = 128, modules: Sequence[str] | None = None, docs: 
                               "allowed; allowed: below 1")
     streams = split_streams(STDLIB_MODULES if modules is None else list(modules), docs, val_fraction, test_fraction)
     limits = {"train": max_train_samples, "val": max_eval_samples, "test": max_eval_samples}
-    sets = {split: PackedTokens(stream, seq_len, limits[split]) for split, (_, stream) in streams.items()}
+    keys = {"train": "data.args.max_train_samples", "val": "data.args.max_eval_samples",
+            "test": "data.args.max_eval_samples"}
+    sets = {split: PackedTokens(stream, seq_len, limits[split], keys[split]) for split, (_, stream) in streams.items()}
     return DataSplits(sets["train"], sets["val"], sets["test"],
                       model_args={"vocab_size": VOCAB_SIZE, "max_length": seq_len})
 

@@ -104,3 +104,8 @@ def test_bad_arguments_name_the_key():
         python_text(val_fraction=1.5)
     with pytest.raises(PythonTextError, match=r"data.args.seq_len=1"):
         python_text(seq_len=1, modules=MODULES)
+
+
+def test_a_bad_sample_cap_names_its_key():
+    with pytest.raises(PythonTextError, match=r"data.args.max_eval_samples=0 is not allowed"):
+        python_text(modules=MODULES, docs=False, max_eval_samples=0)
