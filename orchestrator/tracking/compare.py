@@ -5,7 +5,9 @@ comparison works anywhere the tracking server is reachable. One name per metric 
 (MLflow, table, CSV, plot), for the task metric ``m`` the sweep selected on (``acc``, ``ppl``):
 ``fp32_m``, ``ptq_m`` (test split after calibration only), ``val_m`` (what the sweep selected
 on), ``test_m`` (after QAT), and ``gain``: how much QAT improved on PTQ in the metric's good
-direction (``test_acc - ptq_acc``; ``ptq_ppl - test_ppl``). For a percentage of samples
+direction (``test_acc - ptq_acc``; ``ptq_ppl - test_ppl``); ``recovered``: the fraction of PTQ's
+loss that QAT won back (``recovery.py``; shown where PTQ lost at least 2%, with ``ptq_gap``, PTQ's
+loss relative to FP32, in the CSV). For a percentage of samples
 (accuracy), a difference of at most one sample (``100 / val_samples`` or ``100 / test_samples``)
 is a tie: tied trials share a rank (``2=``) and a tied gain reads ``tie``.
 """
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .mlflow_runs import KIND_TAG, PARENT_TAG, client, retrying
+from .recovery import MIN_GAP, ptq_gap, recovered
 from .run_content import OUTCOME_TAG
 
 SPACE_PREFIX = "space."  # the sweep's parent run holds one param per swept key: space.<key>
@@ -76,6 +79,16 @@ class TrialRow:
     def gain(self) -> float:
         """QAT's improvement over PTQ on the test split, positive when QAT is better."""
         return self.test - self.ptq if self.higher_is_better else self.ptq - self.test
+
+    @property
+    def ptq_gap(self) -> float:
+        """PTQ's loss relative to FP32 (``recovery.py``)."""
+        return ptq_gap(self.fp32, self.ptq, self.higher_is_better)
+
+    @property
+    def recovered(self) -> float:
+        """The fraction of PTQ's loss QAT won back (NaN where PTQ lost under 2%)."""
+        return recovered(self.fp32, self.ptq, self.test, self.higher_is_better)
 
     def stage(self, stage: str) -> float:
         """The value at ``stage`` (fp32, ptq, val, test)."""
@@ -185,6 +198,11 @@ def gain_text(r: TrialRow) -> str:
     return "tie" if r.gain_tie else _num(r.gain, signed=True)
 
 
+def recovered_text(r: TrialRow) -> str:
+    """``87%``; ``-`` where PTQ lost under 2% (or a value is missing)."""
+    return "-" if math.isnan(r.recovered) else f"{100 * r.recovered:.0f}%"
+
+
 STAGES = ("fp32", "ptq", "val", "test")
 
 
@@ -192,7 +210,8 @@ def columns(metric: str) -> tuple[str, ...]:
     """The CSV's columns for task metric ``metric``."""
     return (("sweep", "rank", "name", "outcome", "bits", "mode", "lr", "epochs")
             + tuple(f"{s}_{metric}" for s in STAGES)
-            + ("gain", "gain_is_tie", "val_samples", "test_samples", "wall_s", "status", "run_id"))
+            + ("gain", "gain_is_tie", f"{metric}_ptq_gap", f"{metric}_recovered", "val_samples", "test_samples",
+               "wall_s", "status", "run_id"))
 
 
 def format_rows(rows: list[TrialRow], metric: str = "val_acc") -> str:
@@ -201,15 +220,16 @@ def format_rows(rows: list[TrialRow], metric: str = "val_acc") -> str:
     several = len({r.sweep for r in rows}) > 1
     m = rows[0].metric if rows else metric[len("val_"):]
     header = ((("sweep",) if several else ()) + ("rank", "trial") + tuple(f"{s}_{m}" for s in STAGES)
-              + ("gain", "outcome", "wall s"))
+              + ("gain", "recovered", "outcome", "wall s"))
     body = [(((r.sweep,) if several else ()) + (r.rank, r.name) + tuple(_num(r.stage(s)) for s in STAGES)
-             + (gain_text(r), r.outcome, f"{r.wall_s:.0f}")) for r in rows]
+             + (gain_text(r), recovered_text(r), r.outcome, f"{r.wall_s:.0f}")) for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     better = "test - ptq" if not rows or rows[0].higher_is_better else "ptq - test (lower is better)"
     ties = rows and rows[0].tie_on_samples
     legend = (f"ranked by {metric}" + ("; '=' ties within one validation sample" if ties else "")
-              + f"; gain = {better}" + (", 'tie' within one test sample" if ties else ""))
+              + f"; gain = {better}" + (", 'tie' within one test sample" if ties else "")
+              + f"; recovered = (ptq - test) / (ptq - fp32) where PTQ lost at least {100 * MIN_GAP:.0f}% of FP32")
     return "\n".join([line(header), line(tuple("-" * w for w in widths))] + [line(b) for b in body] + [legend])
 
 
@@ -226,7 +246,8 @@ def write_csv(rows: list[TrialRow], path: str | Path) -> None:
                 w.writerow({"sweep": r.sweep, "rank": r.rank, "name": r.name, "outcome": r.outcome, "bits": r.bits,
                             "mode": r.mode, "lr": r.lr, "epochs": r.epochs,
                             **{f"{s}_{m}": r.stage(s) for s in STAGES}, "gain": r.gain,
-                            "gain_is_tie": r.gain_tie, "val_samples": r.val_samples, "test_samples": r.test_samples,
+                            "gain_is_tie": r.gain_tie, f"{m}_ptq_gap": r.ptq_gap, f"{m}_recovered": r.recovered,
+                            "val_samples": r.val_samples, "test_samples": r.test_samples,
                             "wall_s": round(r.wall_s, 1), "status": r.status, "run_id": r.run_id, **r.point})
 
     atomic_write(path, write)

@@ -16,6 +16,8 @@ widest first), the ``qat`` group or ``qat.range_learning`` -> ``mode``, other ke
 
 from __future__ import annotations
 
+import re
+
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -92,7 +94,8 @@ def layout(rows: list[TrialRow], swept: list[str], several_sweeps: bool = False)
 
 
 def _bits_order(label: str) -> tuple:
-    digits = [int(s) for s in label.strip("w").replace("a", " ").split() if s.isdigit()]
+    """Wider first: ``w8a8``, ``w4a8``, ``w4a4``, ``w4g32a8``, ``w2g32`` (the bit widths after ``w``/``a``)."""
+    digits = [int(d) for d in re.findall(r"[wa](\d+)", label)]
     return tuple(-d for d in digits) or (0,)
 
 

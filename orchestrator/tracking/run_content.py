@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,16 +67,16 @@ def trial_params(cfg: TrialConfig, swept: dict[str, Any] | None = None) -> dict[
         keys += [f"qat.ptq.{k}" for k in ("adaround_iterations", "adaround_lr", "adaround_reg",
                                                    "adaround_quantized_inputs") if "adaround" in cfg.qat.init]
         keys += ["qat.ptq.seqmse_candidates"] if "seqmse" in cfg.qat.init else []
-    if cfg.qat.grad_clip_norm is not None:
-        keys.append("qat.grad_clip_norm")
-    if cfg.model._target_:
-        keys.append("model._target_")
-    if cfg.data._target_:
-        keys.append("data._target_")
-    if cfg.task._target_:
-        keys.append("task._target_")
+    if cfg.qat.schedule in ("warmup_cosine",):
+        keys.append("qat.warmup_steps")
+    # everything else that decides the result (formats, blocks, clipping, _target_s, args, ...) is a
+    # param where it is off its default: changed_decisive_keys, below
     params = {key: _text(_get(cfg, key)) for key in keys}
-    params.update({key: _text(value) for key, value in changed_decisive_keys(cfg).items() if key not in params})
+    for key, value in changed_decisive_keys(cfg).items():
+        if not _PARAM_KEY.fullmatch(key):  # a pattern key (quant.overrides.*.mlp.*...): the whole mapping
+            key = ".".join(key.split(".")[:2])
+            value = _get(cfg, key)
+        params.setdefault(key, _text(value))
     for key, value in (swept or {}).items():
         params[key.lstrip("+~")] = _text(value)
     return params
@@ -94,6 +95,7 @@ def changed_decisive_keys(cfg: TrialConfig) -> dict[str, Any]:
 
 
 _MISSING = object()
+_PARAM_KEY = re.compile(r"[\w\-. /]+")  # what MLflow accepts as a param name
 
 
 def trial_tags(cfg: TrialConfig, launcher: str) -> dict[str, str]:

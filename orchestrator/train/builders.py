@@ -49,17 +49,28 @@ def _accepted(builder: Any, names: list[str]) -> set[str]:
     return {n for n in names if n in params and params[n].kind in kinds}
 
 
+def _config_class(builder: Any) -> Any:
+    """A ``transformers`` model class's config class (``LlamaForCausalLM`` -> ``LlamaConfig``), or None."""
+    config_class = getattr(builder, "config_class", None) if inspect.isclass(builder) else None
+    return config_class if inspect.isclass(config_class) and hasattr(config_class, "to_dict") else None
+
+
 def new_model(spec: ModelSpec, data: DataSplits) -> nn.Module:
     """An untrained model instance: ``model.args``, plus the data's ``model_args`` (``num_classes``,
-    ``vocab_size``, ...) that the builder names and ``model.args`` does not set."""
+    ``vocab_size``, ...) that the builder names and ``model.args`` does not set. A ``transformers``
+    model class at ``_target_`` (``transformers.LlamaForCausalLM``) is built from its config class
+    called with those arguments (``model.args.hidden_size=64``)."""
     try:
         builder = resolve("model", spec.name, spec._target_, MODELS)
     except RegistryError as exc:
         raise TrialConfigError(str(exc)) from None
+    config_class = _config_class(builder)
     args = dict(spec.args)
-    for name in _accepted(builder, list(data.model_args)):
+    for name in _accepted(config_class or builder, list(data.model_args)):
         args.setdefault(name, data.model_args[name])
     try:
+        if config_class is not None:
+            return builder(config_class(**args))
         return builder(**args)
     except TypeError as exc:
         raise TrialConfigError(f"model.args={spec.args!r} do not fit {spec._target_ or spec.name!r}: {exc}") from None

@@ -251,6 +251,9 @@ class QatSpec:
     ``autocast``: null (float32) or ``bf16`` (CPU and GPU): mixed precision for the forward and loss.
     ``batch_size`` is the global batch per forward, split evenly across workers (each gets
     ``batch_size // num_workers``); an optimizer step sees ``batch_size * accumulation_steps`` samples.
+    ``batches_per_epoch``: an epoch trains on the first this many batches of its shuffled order (a
+    different draw every epoch; the schedule counts these steps); null: the whole training split.
+    QAT of a model pretrained on a large split fine-tunes on a part of it, as LLM recipes do.
     ``encoding_lr``: learning rate of the trained encodings (range learning), in their own
     optimizer group without weight decay, stepped down with ``lr``. Scales are learned as
     ``log(scale)``, so Adam moves a scale by about ``encoding_lr`` *relative* per step (0.01: 1%).
@@ -285,6 +288,7 @@ class QatSpec:
     accumulation_steps: int = 1
     autocast: Optional[str] = None
     batch_size: int = 64
+    batches_per_epoch: Optional[int] = None
     calibration_batches: int = 8
     eval_batch_size: int = 512
     grad_clip_norm: Optional[float] = None
@@ -328,6 +332,8 @@ class QatSpec:
                  self.lr_step_epochs, "an integer >= 1")
         _require(_is_finite(self.lr_gamma) and self.lr_gamma >= 1, "qat.lr_gamma", self.lr_gamma, "a number >= 1")
         _require(_is_int(self.batch_size) and self.batch_size >= 1, "qat.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.batches_per_epoch is None or (_is_int(self.batches_per_epoch) and self.batches_per_epoch >= 1),
+                 "qat.batches_per_epoch", self.batches_per_epoch, "null (the whole training split) or an integer >= 1")
         _require(_is_int(self.calibration_batches) and self.calibration_batches >= 1, "qat.calibration_batches",
                  self.calibration_batches, "an integer >= 1")
         _require(_is_int(self.eval_batch_size) and self.eval_batch_size >= 1, "qat.eval_batch_size",

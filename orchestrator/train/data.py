@@ -75,6 +75,20 @@ def train_loader(dataset: Dataset, batch_size: int, rank: int, world: int, seed:
     return _loader(dataset, batch_size, collate_fn, workers, device, keep, sampler=sampler), sampler
 
 
+class FirstBatches:
+    """The first ``count`` batches of each pass over ``loader`` (``len``: at most ``count``); a
+    shuffling sampler draws a different subset every epoch."""
+
+    def __init__(self, loader: DataLoader, count: int) -> None:
+        self.loader, self.count = loader, count
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.count)
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.loader), self.count)
+
+
 def eval_loader(dataset: Dataset, batch_size: int, rank: int, world: int, device: torch.device,
                 collate_fn: Callable | None = None, workers: int = 0) -> DataLoader:
     """Rank ``rank``'s exact shard of ``dataset``, in order."""

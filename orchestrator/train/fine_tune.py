@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..quant import QuantizationSimModel
 from ..tasks import Task
 from .config import AUTOCAST_DTYPES, TrialConfig, TrialConfigError
-from .data import is_iterable, set_epoch, train_loader
+from .data import FirstBatches, is_iterable, set_epoch, train_loader
 from .distributed import all_reduce_sum
 from .divergence import EXPLODED_LOSS_FACTOR, exploded_loss
 from .loops import Distillation, EpochResult, LoopContext, run_loop
@@ -49,7 +49,7 @@ class Training:
     teacher: nn.Module | None
     optimizer: torch.optim.Optimizer
     schedule: Schedule
-    loader: DataLoader
+    loader: DataLoader | FirstBatches
     sampler: Sampler | None
     params: list[nn.Parameter]
 
@@ -68,6 +68,8 @@ class Training:
             sim.watch_encodings(optimizer)  # a learned scale at its floor is warned about by name
         loader, sampler = train_loader(train_set, max(1, qat.batch_size // world), rank, world, qat.seed,
                                        strategy.device, collate_fn, cfg.data.loader_workers)
+        if qat.batches_per_epoch is not None:
+            loader = FirstBatches(loader, qat.batches_per_epoch)
         steps = None if is_iterable(train_set) else -(-len(loader) // qat.accumulation_steps)
         schedule = make_schedule(qat, optimizer, steps)
         if state is not None:

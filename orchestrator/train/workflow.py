@@ -39,6 +39,7 @@ from torch import nn
 
 from ..quant import ExportError, QuantizationSimModel, export_agreement, keep_freed_host_memory
 from ..tasks import head, to_device
+from ..tracking.recovery import recovery_metrics
 from ..tracking.run_content import epoch_metric_keys, log_export
 from .config import TrialConfig
 from .data import is_iterable
@@ -310,7 +311,7 @@ class Trial:
         val = ({k[len("val_"):]: v for k, v in history[-1].items() if k.startswith("val_")} if history
                else self.evaluate(sim.model, "val"))
         final = {**self.base_metrics(), "epoch": qat.epochs - 1, **prefixed("val", val), **prefixed("test", test),
-                 "status": "finished", **extra, **self.state_checks(sim, training)}
+                 **self.recovery(test), "status": "finished", **extra, **self.state_checks(sim, training)}
         if qat.epochs > 0 and stayed_at_chance(task, self.inputs.num_outputs, self.fp32, val):
             final["status"] = "diverged"
             final["error"] = (f"training diverged: val_{task.primary} {val[task.primary]:.4g} is no better than a "
@@ -323,6 +324,23 @@ class Trial:
             self.tracker.flush()  # everything is in MLflow before the report that ends the trial
         self.report(final, sim, training, qat.epochs - 1, history, final)
         return final
+
+    def recovery(self, test: dict[str, float]) -> dict[str, float]:
+        """``<m>_ptq_gap`` and (where PTQ lost at least 2% and QAT ran) ``<m>_recovered`` for the task's
+        primary metric (``tracking/recovery.py``), logged now."""
+        task = self.inputs.task
+        m = task.primary
+        if m not in test or m not in self.fp32 or m not in self.ptq:
+            return {}
+        out = recovery_metrics(m, self.fp32[m], self.ptq[m], test[m], task.metric(m).mode == "max")
+        if self.cfg.qat.epochs == 0:  # PTQ only: nothing was trained to recover anything
+            out.pop(f"{m}_recovered", None)
+        if self.tracker is not None and out:
+            self.tracker.log_metrics(out, step=max(self.cfg.qat.epochs - 1, 0))
+        if f"{m}_recovered" in out:
+            self.log(f"QAT recovered {100 * out[f'{m}_recovered']:.0f}% of PTQ's {m} loss "
+                     f"({100 * out[f'{m}_ptq_gap']:.1f}% of FP32)")
+        return out
 
     def state_checks(self, sim: QuantizationSimModel, training: Training) -> dict[str, Any]:
         """``encoding_digests``: every rank's digest of its whole quantizer state (equal: identical

@@ -36,3 +36,17 @@ def gpt2_tiny(vocab_size: int = 64, max_length: int = 64, hidden_size: int = 64,
     cfg = tf.GPT2Config(vocab_size=vocab_size, n_positions=max_length, n_embd=hidden_size, n_layer=layers,
                         n_head=heads, bos_token_id=0, eos_token_id=0)
     return tf.GPT2LMHeadModel(cfg)
+
+
+def llama_tiny(vocab_size: int = 256, max_length: int = 128, hidden_size: int = 128, layers: int = 4,
+               heads: int = 4, kv_heads: int = 2, intermediate_size: int = 384) -> nn.Module:
+    """``LlamaForCausalLM`` (RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention with
+    ``kv_heads`` key/value heads, untied embedding and head): ``model(input_ids=[N, L]).logits`` is
+    ``[N, L, vocab_size]``. The defaults (4 layers of width 128, ~0.85 M parameters) train to a
+    byte-level perplexity of about 4 on ``data=python_text`` in a few minutes on one CPU core."""
+    tf = _transformers()
+    cfg = tf.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=max_length, tie_word_embeddings=False, bos_token_id=None,
+                         eos_token_id=None, pad_token_id=None)
+    return tf.LlamaForCausalLM(cfg)

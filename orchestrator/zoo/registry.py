@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from . import datasets, hf_models, mnist1d, models, token_data
+from . import datasets, hf_models, mnist1d, models, python_text, token_data
 
 MODELS: dict[str, Callable[..., Any]] = {
     "mnist1d_cnn": models.Mnist1dCNN,
@@ -14,6 +14,7 @@ MODELS: dict[str, Callable[..., Any]] = {
     "resnet_cifar": models.ResNetCifar,
     "bert_tiny": hf_models.bert_tiny,
     "gpt2_tiny": hf_models.gpt2_tiny,
+    "llama_tiny": hf_models.llama_tiny,
 }
 DATASETS: dict[str, Callable[..., Any]] = {
     "mnist1d": mnist1d.mnist1d,
@@ -21,6 +22,7 @@ DATASETS: dict[str, Callable[..., Any]] = {
     "synthetic": datasets.synthetic,
     "majority_tokens": token_data.majority_tokens,
     "markov_text": token_data.markov_text,
+    "python_text": python_text.python_text,
 }
 
 

@@ -117,3 +117,53 @@ def test_compare_refuses_a_missing_sweep_in_one_line(uri, capsys):
     assert compare(["--tracking-uri", uri, "--sweep", "nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no sweep named or with run id 'nope'") and "\n" not in err
+
+
+def test_recovered_fraction_arithmetic_and_its_two_percent_rule():
+    import math
+
+    from orchestrator.tracking.recovery import ptq_gap, recovered, recovery_metrics
+
+    # perplexity (lower is better): PTQ loses 10%, QAT wins back 3/4 of it
+    assert ptq_gap(4.0, 4.4, higher_is_better=False) == pytest.approx(0.10)
+    assert recovered(4.0, 4.4, 4.1, higher_is_better=False) == pytest.approx(0.75)
+    assert recovered(4.0, 4.4, 3.9, higher_is_better=False) == pytest.approx(1.25)  # better than FP32
+    assert recovered(4.0, 4.4, 4.6, higher_is_better=False) == pytest.approx(-0.5)  # worse than PTQ
+    assert recovery_metrics("ppl", 4.0, 4.4, 4.1, False) == pytest.approx({"ppl_ptq_gap": 0.10, "ppl_recovered": 0.75})
+    # below a 2% loss only the gap is reported: a fraction of a tiny gap is noise
+    assert ptq_gap(4.0, 4.06, False) == pytest.approx(0.015) and math.isnan(recovered(4.0, 4.06, 4.0, False))
+    assert recovery_metrics("ppl", 4.0, 4.06, 4.0, False) == pytest.approx({"ppl_ptq_gap": 0.015})
+    assert recovered(4.0, 4.08, 4.04, False) == pytest.approx(0.5)  # exactly 2%: reported
+    assert math.isnan(recovered(4.0, 3.5, 3.6, False))  # PTQ better than FP32: no loss to recover
+    # accuracy (higher is better): the same formula, the gap in the metric's own direction
+    assert ptq_gap(95.0, 85.5, higher_is_better=True) == pytest.approx(0.10)
+    assert recovered(95.0, 85.5, 93.0, higher_is_better=True) == pytest.approx(7.5 / 9.5)
+
+
+def test_compare_shows_the_recovered_fraction_of_a_perplexity_sweep(uri, tmp_path, capsys):
+    c = MlflowClient(uri)
+    exp = ensure_experiment(uri, "qat")
+    parent = c.create_run(exp, run_name="sweep llm", tags={"qat.kind": "sweep", "qat.sweep_name": "llm"})
+    c.log_batch(parent.info.run_id, params=[Param("space.quant", "w2g32,w4g128"), Param("sweep.metric", "val_ppl"),
+                                            Param("sweep.mode", "min"), Param("sweep.tie_on_samples", "False")])
+    for name, ptq, val, test in (("w2g32 lr=1e-3 ep=2 RL", 4.4, 4.15, 4.1), ("w4g128 lr=1e-3 ep=2 RL", 4.04, 4.0, 4.02)):
+        run = c.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent.info.run_id, "qat.kind": "trial",
+                                                     "qat.bits": name.split()[0], "qat.outcome": "finished"})
+        metrics = {"fp32_ppl": 4.0, "ptq_ppl": ptq, "val_ppl": val, "test_ppl": test}
+        c.log_batch(run.info.run_id, params=[Param("qat.lr", "0.001"), Param("qat.epochs", "2"),
+                                             Param("quant", name.split()[0])],
+                    metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+        c.set_terminated(run.info.run_id)
+    c.set_terminated(parent.info.run_id)
+    assert compare(["--tracking-uri", uri, "--sweep", "llm", "--out", str(tmp_path / "cmp")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "rank" in line).split()
+    assert header[header.index("gain") + 1] == "recovered"
+    w2, w4 = (next(line.split() for line in lines if line.split()[1:2] == [b]) for b in ("w2g32", "w4g128"))
+    assert w4[0] == "1" and w2[0] == "2"  # ranked by val_ppl, lowest first
+    assert w2[-3] == "75%"  # (4.4 - 4.1) / (4.4 - 4.0); the last columns: recovered, outcome, wall s
+    assert w4[-3] == "-"  # PTQ lost 1%: no fraction
+    with open(tmp_path / "cmp" / "llm.csv") as f:
+        rows = {r["name"].split()[0]: r for r in csv.DictReader(f)}
+    assert float(rows["w2g32"]["ppl_recovered"]) == pytest.approx(0.75)
+    assert float(rows["w4g128"]["ppl_ptq_gap"]) == pytest.approx(0.01) and rows["w4g128"]["ppl_recovered"] == "nan"

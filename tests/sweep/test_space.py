@@ -78,7 +78,7 @@ def test_bad_sweeps_are_one_line_errors(override, message):
 
 def test_glob_sweeps_list_a_config_groups_options():
     (dim,) = space_of("quant=glob(w4*)").dims
-    assert sorted(dim.values) == ["w4a4", "w4a8", "w4g128", "w4g32a8", "w4lpbq"]
+    assert sorted(dim.values) == ["w4a4", "w4a8", "w4g128", "w4g32a4", "w4g32a8", "w4lpbq"]
 
 
 def test_lists_of_ptq_steps_sweep_as_values(tmp_path):

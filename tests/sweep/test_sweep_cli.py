@@ -242,7 +242,7 @@ def test_bad_overrides_fail_fast_with_one_line_and_write_nothing(tmp_path, basel
                                     "metrics"),
         (["quant=w8a8,w9a9"], "error: sweep point (qat.lr=0.001, qat.range_learning=false, qat.distill.enabled=false, "
                               "quant=w9a9): In 'sweep': Could not find 'quant/w9a9'; Available options in 'quant': "
-                              "fp8, w2a2, w3a3"),
+                              "fp8, w2a2, w2g32, w3a3"),
         (["qat.lr=interval(0.1,0.01)"], "error: qat.lr=interval(0.1,0.01): an interval needs low < high"),
     ]:
         proc = run_cli("qat-sweep", [f"paths.root={tmp_path / 'out'}", *args], tmp_path, baseline_cache, check=False)
@@ -266,7 +266,7 @@ def test_resuming_a_sweep_that_does_not_exist_and_reusing_a_name_are_refused(hyd
 def test_hydra_conventions(tmp_path, baseline_cache):
     help_text = run_cli("qat-sweep", ["--help"], tmp_path, baseline_cache).stdout
     assert "qat-sweep: run a quantization-aware-training sweep" in help_text
-    assert "sweep: bits, default, distill, optuna, random, smoke" in help_text
+    assert "sweep: bits, default, distill, llm, optuna, random, smoke" in help_text
     cfg = run_cli("qat-sweep", ["--cfg", "job", "sweep=random", "qat.lr=0.05", "quant=w4a8", "trainer.num_workers=3",
                                 "tracking.experiment=other", "model.pretrain_epochs=2", "data.args.seed=7"],
                   tmp_path, baseline_cache).stdout

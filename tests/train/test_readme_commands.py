@@ -14,7 +14,7 @@ def test_a_language_model_trains_and_exports_as_8da4w(tmp_path, baseline_cache):
     proc = run_cli("qat-train", [f"paths.root={root}", "name=lm", "model=gpt2_tiny", "data=markov_text",
                                  "task=language_modeling", "quant=w4g32a8", "model.pretrain_epochs=2",
                                  "qat.epochs=1", "trainer=local"], tmp_path, baseline_cache, timeout=1500)
-    assert "PTQ W4A8" in proc.stdout and "ppl" in proc.stdout, proc.stdout
+    assert "PTQ W4G32A8" in proc.stdout and "ppl" in proc.stdout, proc.stdout
     doc = json.loads((root / "train" / "lm" / "export" / "model.encodings").read_text())
     blocked = [e for e in doc["param_encodings"] if e.get("enc_type") == "PER_BLOCK"]
     assert blocked and all(e["block_size"] == 32 and e["bw"] == 4 for e in blocked)
