@@ -242,7 +242,7 @@ def test_bad_overrides_fail_fast_with_one_line_and_write_nothing(tmp_path, basel
                                     "metrics"),
         (["quant=w8a8,w9a9"], "error: sweep point (qat.lr=0.001, qat.range_learning=false, qat.distill.enabled=false, "
                               "quant=w9a9): In 'sweep': Could not find 'quant/w9a9'; Available options in 'quant': "
-                              "fp8, w2a2, w2g32, w3a3"),
+                              "fp8, mxfp4, mxfp8, nvfp4, w2a2, w2g32, w3a3"),
         (["qat.lr=interval(0.1,0.01)"], "error: qat.lr=interval(0.1,0.01): an interval needs low < high"),
     ]:
         proc = run_cli("qat-sweep", [f"paths.root={tmp_path / 'out'}", *args], tmp_path, baseline_cache, check=False)

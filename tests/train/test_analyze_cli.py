@@ -42,9 +42,9 @@ def project(tmp_path_factory, digits_data):
     """A user's package holding the model class, and its weights: trained on the digits, then
     layer ``3`` made fragile (its float function is unchanged but for one hidden unit)."""
     root = tmp_path_factory.mktemp("analyze-project")
-    (root / "src" / "mypkg").mkdir(parents=True)
-    (root / "src" / "mypkg" / "__init__.py").write_text("")
-    (root / "src" / "mypkg" / "models.py").write_text(textwrap.dedent(MODEL))
+    (root / "src" / "analyzepkg").mkdir(parents=True)
+    (root / "src" / "analyzepkg" / "__init__.py").write_text("")
+    (root / "src" / "analyzepkg" / "models.py").write_text(textwrap.dedent(MODEL))
     model = _model_class(root)()
     torch.manual_seed(0)
     train_epochs(model, digits_data.train, epochs=10, lr=3e-3)
@@ -56,7 +56,7 @@ def project(tmp_path_factory, digits_data):
 def _model_class(root: Path) -> type:
     sys.path.insert(0, str(root / "src"))
     try:
-        from mypkg.models import Fragile
+        from analyzepkg.models import Fragile
     finally:
         sys.path.remove(str(root / "src"))
     return Fragile
@@ -64,7 +64,7 @@ def _model_class(root: Path) -> type:
 
 def analyze(project: Path, cache: str, *args: str, root: str = "out") -> subprocess.CompletedProcess:
     env = {**cli_env(cache), "PYTHONPATH": str(project / "src")}
-    return subprocess.run([str(BIN / "qat-analyze"), "model=custom", "model._target_=mypkg.models.Fragile",
+    return subprocess.run([str(BIN / "qat-analyze"), "model=custom", "model._target_=analyzepkg.models.Fragile",
                            f"model.checkpoint={project / 'fragile.pt'}", "data=digits", "quant=w4a8",
                            "qat.calibration_batches=2", f"paths.root={project / root}", *args],
                           cwd=project, env=env, capture_output=True, text=True, timeout=300)

@@ -10,11 +10,18 @@ from mlflow import MlflowClient
 from orchestrator.train.launcher import run_trial
 
 
+# min_max activations: the compiled/eager comparison below holds the first epoch to 1e-3. Compiled
+# kernels differ from eager ones in the last bits, and a value on a rounding boundary then moves
+# one 4-bit step; sqnr's clipped (finer) grids have more boundaries per unit and moved the first
+# epoch's loss by 1% (measured, 2026-12-05).
+W4A4_MIN_MAX = {"quant.param_bw": 4, "quant.output_bw": 4, "quant.quant_scheme": "min_max"}
+
+
 @pytest.fixture(scope="module")
 def two_worker_run(tmp_path_factory, baseline_cache, ray_local):
     tmp = tmp_path_factory.mktemp("ray-trial")
-    cfg = trial_config(tmp, baseline_cache, name="uninterrupted",
-                       **{"trainer.num_workers": 2, "qat.epochs": 3, "quant.param_bw": 4, "quant.output_bw": 4})
+    cfg = trial_config(tmp, baseline_cache, name="uninterrupted", **W4A4_MIN_MAX,
+                       **{"trainer.num_workers": 2, "qat.epochs": 3})
     return tmp, run_trial(cfg)
 
 
@@ -55,9 +62,8 @@ def test_a_compiled_ddp_trial_trains_like_the_eager_one(two_worker_run, baseline
     at its buckets, the fused op inside): the eager DDP trial's first epoch, then its losses within
     20%, compile time reported apart."""
     tmp, eager = two_worker_run
-    cfg = trial_config(tmp, baseline_cache, name="compiled",
-                       **{"trainer.num_workers": 2, "qat.epochs": 3, "quant.param_bw": 4, "quant.output_bw": 4,
-                          "trainer.compile": True})
+    cfg = trial_config(tmp, baseline_cache, name="compiled", **W4A4_MIN_MAX,
+                       **{"trainer.num_workers": 2, "qat.epochs": 3, "trainer.compile": True})
     compiled = run_trial(cfg)
     assert compiled.metrics["status"] == "finished"
     client = MlflowClient(compiled.tracking_uri)
