@@ -192,7 +192,7 @@ def test_sigterm_exits_143_and_marks_the_sweep_killed(tmp_path, baseline_cache):
     proc = start_cli("qat-sweep", [f"paths.root={tmp_path}", "sweep=smoke"], tmp_path, baseline_cache, log)
     wait_for(log, "started ")
     os.kill(proc.pid, signal.SIGTERM)  # the driver only, as a scheduler or `kill` sends it
-    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    assert proc.wait(timeout=300) == 143, log.read_text()[-3000:]  # a graceful stop; slow on a loaded host
     _, parent, kids = sweep_runs(sqlite(tmp_path), "smoke")
     assert parent.info.status == "KILLED"
     assert all(k.info.status in ("KILLED", "FINISHED") for k in kids)
