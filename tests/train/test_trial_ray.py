@@ -38,8 +38,8 @@ def test_two_workers_end_calibration_with_bit_identical_encodings(two_worker_run
 
 def test_killed_worker_resumes_from_checkpoint_without_doubling_epochs(two_worker_run, baseline_cache):
     tmp, uninterrupted = two_worker_run
-    cfg = trial_config(tmp, baseline_cache, name="killed",
-                       **{"trainer.num_workers": 2, "qat.epochs": 3, "quant.param_bw": 4, "quant.output_bw": 4,
+    cfg = trial_config(tmp, baseline_cache, name="killed", **W4A4_MIN_MAX,
+                       **{"trainer.num_workers": 2, "qat.epochs": 3,
                           "trainer.max_failures": 1, "trainer.fault_injection.kill_rank": 1,
                           "trainer.fault_injection.at_epoch": 1})
     result = run_trial(cfg)
