@@ -8,6 +8,33 @@ import torch
 
 from orchestrator.quant import QuantizeDequantize
 from orchestrator.quant.encoding import qmax_of
+from orchestrator.quant.formats import FORMATS
+
+
+def float_grid(name: str) -> np.ndarray:
+    """Every finite non-negative value of a float format, in code order (= increasing order),
+    enumerated from its (exponent, mantissa, bias)."""
+    f = FORMATS[name]
+    values = []
+    for e in range(1 << f.exponent_bits):
+        for m in range(1 << f.mantissa_bits):
+            v = (m / (1 << f.mantissa_bits)) * 2.0 ** (1 - f.bias) if e == 0 else \
+                (1 + m / (1 << f.mantissa_bits)) * 2.0 ** (e - f.bias)
+            if v <= f.max:
+                values.append(v)
+    return np.array(values, dtype=np.float64)
+
+
+def nearest_float(u: np.ndarray, name: str) -> np.ndarray:
+    """``u`` saturated to the format's range and rounded to its nearest value, ties to the even
+    code (the even mantissa); float64."""
+    grid = float_grid(name)
+    a = np.minimum(np.abs(u.astype(np.float64)), grid[-1])
+    hi = np.clip(np.searchsorted(grid, a), 1, len(grid) - 1)
+    lo = hi - 1
+    d_lo, d_hi = a - grid[lo], grid[hi] - a
+    pick = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    return np.sign(u) * grid[pick]
 
 
 def numpy_qdq(x: np.ndarray, scale: np.ndarray, offset: np.ndarray, bitwidth: int) -> np.ndarray:

@@ -42,6 +42,27 @@ def sqnr_db(reference: torch.Tensor | np.ndarray, other: torch.Tensor | np.ndarr
     return 10.0 * math.log10(float(ref.square().sum()) / max(float(noise.square().sum()), 1e-300))
 
 
+def assert_compiles_like_eager(q: nn.Module, x: torch.Tensor, quantize_ops: int | None = None) -> None:
+    """``q`` traces to one graph without a break (with exactly ``quantize_ops`` quantize-dequantize
+    ops when given), and ``torch.compile(q, fullgraph=True)`` gives eager's forward and input
+    gradient bit for bit."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(q)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    if quantize_ops is not None:
+        ops = [n for g in explained.graphs for n in g.graph.nodes if "quantize_dequantize" in str(n.target)]
+        assert len(ops) == quantize_ops
+    compiled = torch.compile(q, fullgraph=True)
+    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    eager, comp = q(xe), compiled(xc)
+    assert torch.equal(eager, comp)
+    g = torch.randn_like(eager)
+    eager.backward(g)
+    comp.backward(g)
+    assert torch.equal(xe.grad, xc.grad)
+    torch._dynamo.reset()
+
+
 def calibrated(model: nn.Module, batches: list, **cfg: Any) -> QuantizationSimModel:
     """A sim of ``model`` (dummy input: the first batch) calibrated on ``batches``."""
     sim = QuantizationSimModel(model, batches[0], QuantConfig(**cfg))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from numerics_reference import float_grid, nearest_float
+from quant_checks import assert_compiles_like_eager
 
 from orchestrator.quant import QuantConfig, QuantizeDequantize
 from orchestrator.quant.block_formats import BLOCK_FORMATS
@@ -17,30 +19,6 @@ from orchestrator.quant.errors import QuantConfigError
 from orchestrator.quant.formats import FORMATS
 
 # ---------------------------------------------------------------------------- numpy oracles
-
-
-def grid(name: str) -> np.ndarray:
-    """Every finite non-negative value of a float format, in code order (= increasing)."""
-    f = FORMATS[name]
-    out = []
-    for e in range(1 << f.exponent_bits):
-        for m in range(1 << f.mantissa_bits):
-            v = (m / (1 << f.mantissa_bits)) * 2.0 ** (1 - f.bias) if e == 0 else \
-                (1 + m / (1 << f.mantissa_bits)) * 2.0 ** (e - f.bias)
-            if v <= f.max:
-                out.append(v)
-    return np.array(out)
-
-
-def nearest(u: np.ndarray, name: str) -> np.ndarray:
-    """``u`` saturated to the format's range and rounded to its nearest value, ties to the even code."""
-    g = grid(name)
-    a = np.minimum(np.abs(u.astype(np.float64)), g[-1])
-    hi = np.clip(np.searchsorted(g, a), 1, len(g) - 1)
-    lo = hi - 1
-    d_lo, d_hi = a - g[lo], g[hi] - a
-    pick = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
-    return np.sign(u) * g[pick]
 
 
 EMAX = {"float8_e4m3fn": 8, "float8_e5m2": 15, "float4_e2m1": 2, "int8": 0}  # OCP MX table: largest normal's exponent
@@ -59,7 +37,7 @@ def mx_oracle(w: np.ndarray, element: str, block: int = 32) -> np.ndarray:
     if element == "int8":
         c = np.clip(np.round(u * 64), -128, 127) / 64
     else:
-        c = nearest(u, element)
+        c = nearest_float(u, element)
     return (c * scale).astype(np.float32).reshape(rows, cols)
 
 
@@ -71,9 +49,9 @@ def nvfp4_oracle(w: np.ndarray, block: int = 16) -> np.ndarray:
     v = w.reshape(rows, cols // block, block).astype(f32)
     s_t = f32(np.abs(v).max()) / f32(448.0 * 6.0)
     amax = np.abs(v).max(axis=-1, keepdims=True)
-    q = nearest(np.clip(amax / f32(6.0) / s_t, 2.0**-6, 448.0).astype(f32), "float8_e4m3fn").astype(f32)
+    q = nearest_float(np.clip(amax / f32(6.0) / s_t, 2.0**-6, 448.0).astype(f32), "float8_e4m3fn").astype(f32)
     total = (s_t * q).astype(f32)
-    return (nearest((v / total).astype(f32), "float4_e2m1") * total).astype(f32).reshape(rows, cols)
+    return (nearest_float((v / total).astype(f32), "float4_e2m1") * total).astype(f32).reshape(rows, cols)
 
 
 def lpbq_oracle(w: np.ndarray, block: int, bits: int = 4) -> np.ndarray:
@@ -102,7 +80,7 @@ def probe_weight(element: str, rows: int = 6, block: int = 32, seed: int = 0) ->
             mag = 2.0 ** rng.integers(-20, 12)
             v = rng.standard_normal(block) * mag
             if element in FORMATS:  # ties and subnormals on the element grid of an MX scale 2^X
-                g = grid(element)
+                g = float_grid(element)
                 x = np.floor(np.log2(np.abs(v).max())) - EMAX[element]
                 mids = (g[1:] + g[:-1]) / 2
                 v[: block // 4] = rng.choice(mids, block // 4) * rng.choice([-1, 1], block // 4) * 2.0 ** x
@@ -279,22 +257,9 @@ def test_learned_lpbq_trains_the_channel_scale_under_fixed_integer_block_scales(
 # ---------------------------------------------------------------------------- compile
 @pytest.mark.parametrize("name", list(BLOCK_FORMATS))
 def test_each_block_format_compiles_to_one_graph_equal_to_eager(name):
-    torch._dynamo.reset()
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     _, q = sim_weight(name, w.numpy(), block_size=64)
-    explained = torch._dynamo.explain(q)(w)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0
-    ops = [n for g in explained.graphs for n in g.graph.nodes if "quantize_dequantize" in str(n.target)]
-    assert len(ops) == 1
-    compiled = torch.compile(q, fullgraph=True)
-    we, wc = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    eager, comp = q(we), compiled(wc)
-    assert torch.equal(eager, comp)
-    g = torch.randn_like(eager)
-    eager.backward(g)
-    comp.backward(g)
-    assert torch.equal(we.grad, wc.grad)
-    torch._dynamo.reset()
+    assert_compiles_like_eager(q, w, quantize_ops=1)
 
 
 def test_learned_lpbq_compiles_to_one_graph_with_one_quantize_op():

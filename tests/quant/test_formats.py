@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from numerics_reference import division_differs, numpy_qdq, values_with_ties
+from numerics_reference import division_differs, float_grid, nearest_float, numpy_qdq, values_with_ties
 
 from orchestrator.quant import QuantizeDequantize
 from orchestrator.quant.fake_quant import fake_quantize
@@ -24,29 +24,10 @@ from orchestrator.quant.reference import (
 SCALED_FLOATS = ["float8_e4m3fn", "float8_e5m2", "float4_e2m1"]
 
 
-def float_grid(name: str) -> np.ndarray:
-    """Every finite non-negative value of the format, in code order (= increasing order)."""
-    f = FORMATS[name]
-    values = []
-    for e in range(1 << f.exponent_bits):
-        for m in range(1 << f.mantissa_bits):
-            v = (m / (1 << f.mantissa_bits)) * 2.0 ** (1 - f.bias) if e == 0 else \
-                (1 + m / (1 << f.mantissa_bits)) * 2.0 ** (e - f.bias)
-            if v <= f.max:
-                values.append(v)
-    return np.array(values, dtype=np.float64)
-
-
 def numpy_float_qdq(x: np.ndarray, scale: float, name: str) -> np.ndarray:
     """``s * nearest(clip(x / s, -M, M))``: ties go to the even code (the even mantissa)."""
-    grid = float_grid(name)
     u = (np.float32(x) / np.float32(scale)).astype(np.float64)
-    a = np.minimum(np.abs(u), grid[-1])
-    hi = np.clip(np.searchsorted(grid, a), 1, len(grid) - 1)
-    lo = hi - 1
-    d_lo, d_hi = a - grid[lo], grid[hi] - a
-    pick = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
-    return (np.sign(u) * grid[pick] * np.float32(scale)).astype(np.float32)
+    return (nearest_float(u, name) * np.float32(scale)).astype(np.float32)
 
 
 def float_probe_values(name: str, scale: float) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Formats and granularities in a simulation: config and overrides by name, both QAT modes per
 block, calibration observers per block, export (encodings 1.0.0 PER_BLOCK / FLOAT / dynamic) and
-``QdqRunner`` round trips per preset on a real ``transformers`` model, ``load_encodings``, Hydra
-presets, and ``torch.compile`` per format (one graph, forward equal to eager)."""
+``QdqRunner`` round trips per preset on a real ``transformers`` model, ``load_encodings``, and
+``torch.compile`` per format (one graph, forward equal to eager). Every preset through Hydra into
+``QuantConfig`` and compiled in a sim: test_block_formats_sim.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from quant_checks import feed, logits_of, numpy_inputs, run_all, sqnr_db
+from quant_checks import assert_compiles_like_eager, feed, logits_of, numpy_inputs, run_all, sqnr_db
 
 from orchestrator.quant import QdqRunner, QuantConfig, QuantizationSimModel
 from orchestrator.quant.errors import QuantConfigError
@@ -276,21 +277,6 @@ def test_float4_weights_are_checked_by_onnx_reference_and_float4_activations_ref
 
 
 # ---------------------------------------------------------------------------- presets and compile
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_hydra_presets_reach_quant_config(preset):
-    from helpers_sweep import hydra_app
-
-    from orchestrator.train.config import TrialConfig
-
-    with hydra_app("train", (f"quant={preset}",)) as (_, master):
-        from omegaconf import OmegaConf
-
-        quant = OmegaConf.to_container(master.quant, resolve=True)
-    cfg = TrialConfig.from_dict({"quant": quant}).quant_config()
-    for key, value in PRESETS[preset].items():
-        assert getattr(cfg, key) == value, key
-
-
 def _quantizers():
     from orchestrator.quant import QuantizeDequantize
     from orchestrator.quant.formats import FORMATS
@@ -320,37 +306,7 @@ def test_each_format_compiles_to_one_graph_bit_equal_to_eager(kind):
     """Per quantizer: one graph, no break, forward and gradients equal to eager. The
     quantize-dequantize is one opaque op; a weight that follows its tensor or a per-token
     activation adds the ops computing its encoding (min/max, scale) around it."""
-    torch._dynamo.reset()
-    q, x = _quantizers()[kind]
-    explained = torch._dynamo.explain(q)(x)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0
-    compiled = torch.compile(q, fullgraph=True)
-    xe, xc = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    eager, comp = q(xe), compiled(xc)
-    assert torch.equal(eager, comp)
-    g = torch.randn_like(eager)
-    eager.backward(g)
-    comp.backward(g)
-    assert torch.equal(xe.grad, xc.grad)
-    torch._dynamo.reset()
-
-
-@pytest.mark.parametrize("preset", list(PRESETS))
-def test_compiled_sim_of_each_preset_is_one_graph(preset):
-    """``torch.compile(sim.model, fullgraph=True)`` traces every preset without a break. (Compiled
-    GELU/matmul differ from eager in the last bits, which per-token scales and weight-only
-    quantization pass on, so the model-level check is closeness, not equality.)"""
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
-    batches = [torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(s)) for s in range(3)]
-    sim = QuantizationSimModel(mlp, batches[0], QuantConfig(**PRESETS[preset]))
-    sim.compute_encodings(run_all, batches)
-    compiled = torch.compile(sim.model, fullgraph=True)
-    with torch.no_grad():
-        eager, comp = sim.model(batches[1]), compiled(batches[1])
-    assert sqnr_db(eager, comp) > 40, sqnr_db(eager, comp)
-    torch._dynamo.reset()
+    assert_compiles_like_eager(*_quantizers()[kind])
 
 
 @pytest.mark.slow
