@@ -13,7 +13,8 @@ Variants: weight-only int4 per output channel; weight-only int4 in blocks of 32,
 input dim (``quant=w4g128``); int4 g32 weights + int8 dynamic per-token activations
 (``quant=w4g32a8``); FP8 e4m3 weights per channel + activations per tensor (``quant=fp8``); W4 LPBQ
 in blocks of 64 (``quant=w4lpbq``, with its 16-bit activations, and weight-only); MXFP8, MXFP4 and
-NVFP4 weights (``quant=mxfp8``/``mxfp4``/``nvfp4``, weight-only); W8A8. The block/float paths run
+NVFP4 weight-only and with their dynamic block activations (``quant=mxfp8``/``mxfp4``/``nvfp4``);
+W8A8. The block/float paths run
 the reference op (ATen), the per-channel int paths the fused C++ op.
 """
 
@@ -41,9 +42,12 @@ VARIANTS = {
     "W4 LPBQ g64 A16 (quant=w4lpbq)": dict(param_bw=4, param_format="lpbq", param_block_size=64, output_bw=16),
     "W4 LPBQ g64 (weight-only)": dict(param_bw=4, param_format="lpbq", param_block_size=64,
                                       quantize_activations=False),
-    "MXFP8 (quant=mxfp8, weight-only)": dict(param_format="mxfp8", quantize_activations=False),
-    "MXFP4 (quant=mxfp4, weight-only)": dict(param_format="mxfp4", quantize_activations=False),
-    "NVFP4 (quant=nvfp4, weight-only)": dict(param_format="nvfp4", quantize_activations=False),
+    "MXFP8, weight-only": dict(param_format="mxfp8", quantize_activations=False),
+    "MXFP4, weight-only": dict(param_format="mxfp4", quantize_activations=False),
+    "NVFP4, weight-only": dict(param_format="nvfp4", quantize_activations=False),
+    "MXFP8 W+A (quant=mxfp8)": dict(param_format="mxfp8", output_format="mxfp8"),
+    "MXFP4 W+A (quant=mxfp4)": dict(param_format="mxfp4", output_format="mxfp4"),
+    "NVFP4 W+A (quant=nvfp4)": dict(param_format="nvfp4", output_format="nvfp4"),
     "W8A8 (per-channel/per-tensor)": dict(),
 }
 VOCAB, SEQ, BATCH = 256, 32, 4

@@ -17,9 +17,11 @@ name           elements                           block         scale per block
 ``nvfp4``      float4_e2m1                        16            float8_e4m3fn x fp32 per tensor
 =============  =================================  ============  ===========================
 
-They are weight formats. ``learnable``: whether ``learn_weight_encodings`` applies (LPBQ trains
-its per-channel float scale by LSQ; MX's power-of-two and NVFP4's derived e4m3 block scales
-follow the weights only).
+``learnable``: whether ``learn_weight_encodings`` applies (LPBQ trains its per-channel float scale
+by LSQ; MX's power-of-two and NVFP4's derived e4m3 block scales follow the weights only). MX and
+NVFP4 are activation formats too: dynamic, each block of the last dim scaled from its own values
+at run time (``granularity.PerTokenBlocks``), as torchao's and ModelOpt's MX/NVFP4 activations;
+LPBQ is for weights only (its integer block scales are calibrated per output channel).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .formats import FORMATS, Format, IntFormat
-from .granularity import LPBQ, MX, NVFP4, PerBlock
+from .granularity import LPBQ, MX, NVFP4, PerBlock, PerTokenBlocks
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,15 @@ class BlockFormat:
             return LPBQ(channel_axis, block_axis, block_size, scale_bitwidth=bitwidth)
         return self.granularity(channel_axis, block_axis, self.block_size)
 
+    @property
+    def for_activations(self) -> bool:
+        """Whether activations take this format (dynamic blocks of a fixed size: MX, NVFP4)."""
+        return self.granularity is not LPBQ
+
+    def activation_granularity(self) -> PerTokenBlocks:
+        """The dynamic granularity of an activation in this format (blocks along the last dim)."""
+        return PerTokenBlocks(self.granularity, self.block_size)
+
 
 BLOCK_FORMATS: dict[str, BlockFormat] = {
     "lpbq": BlockFormat("lpbq", "int", LPBQ, 0, True),
@@ -59,3 +70,5 @@ BLOCK_FORMATS: dict[str, BlockFormat] = {
     "mxint8": BlockFormat("mxint8", "int", MX, 32, False),
     "nvfp4": BlockFormat("nvfp4", "float4_e2m1", NVFP4, 16, False),
 }
+
+ACTIVATION_BLOCK_FORMATS = tuple(name for name, bf in BLOCK_FORMATS.items() if bf.for_activations)

@@ -136,10 +136,14 @@ class _Builder:
     def activation(self, name: str) -> QuantizeDequantize:
         cfg = self.cfg
         st = cfg.quantizer_settings(name, is_param=False)
-        fmt = format_from_name(st.format, st.bitwidth, False)
+        block_format = BLOCK_FORMATS.get(st.format)
+        if block_format:  # MX / NVFP4: dynamic blocks along the last dim
+            fmt, granularity = block_format.element_format(st.bitwidth), block_format.activation_granularity()
+        else:
+            fmt = format_from_name(st.format, st.bitwidth, False)
+            granularity = PerToken() if st.granularity == "per_token" else PerTensor()
         q = QuantizeDequantize(name, st.bitwidth, symmetric=False, learnable=cfg.range_learning,
-                               grad_scaling=cfg.lsq_grad_scaling, fmt=fmt,
-                               granularity=PerToken() if st.granularity == "per_token" else PerTensor()).to(self.device)
+                               grad_scaling=cfg.lsq_grad_scaling, fmt=fmt, granularity=granularity).to(self.device)
         q.enabled = st.enabled
         return q
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import QuantConfigError
-from .block_formats import BLOCK_FORMATS
+from .block_formats import ACTIVATION_BLOCK_FORMATS, BLOCK_FORMATS
 from .formats import FORMAT_NAMES, FORMATS
 from .observers import OBSERVERS, PERCENTILE
 
@@ -19,6 +19,8 @@ ACTIVATION_GRANULARITIES = ("per_tensor", "per_token")
 FLOAT_SCHEMES = ("min_max", "percentile")
 # Weight formats: element formats and block formats (``block_formats.py``: lpbq, mxfp8, mxfp4, nvfp4, ...).
 PARAM_FORMAT_NAMES = (*FORMAT_NAMES, *BLOCK_FORMATS)
+# Activation formats: element formats and the block formats with dynamic blocks (mxfp8, mxfp4, nvfp4, ...).
+OUTPUT_FORMAT_NAMES = (*FORMAT_NAMES, *ACTIVATION_BLOCK_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,8 @@ class QuantizerSettings:
     ``format``: ``"int"`` (``bitwidth`` bits) or a ``formats.FORMATS`` name. Weights:
     ``block_size`` > 0 quantizes per block of that many input elements (per output channel);
     ``per_channel`` otherwise. Activations: ``granularity`` ``per_tensor`` (calibrated) or
-    ``per_token`` (dynamic).
+    ``per_token`` (dynamic); an activation in a block format (MX, NVFP4) is dynamic per block of
+    its last dim whatever ``granularity`` says.
     """
 
     bitwidth: int
@@ -102,7 +105,10 @@ class QuantConfig:
             follow the weights by the format's own rule (``param_quant_scheme`` ``min_max``, no
             ``learn_weight_encodings``); LPBQ learns its per-channel scale. Weights whose layer
             type declares no axes (a norm's scale used by ``mul``) take the element format per
-            tensor.
+            tensor. Activations take the MX and NVFP4 block formats too (``output_format: nvfp4``):
+            dynamic, each block of 32 (16) elements along the last dim scaled from its own values
+            at run time by the format's rule (NVFP4's per-tensor scale from the whole tensor); no
+            calibration, nothing learned.
         param_block_size: > 0: integer weights per block of this many elements along the
             layer's input axis (group-wise int4: 32/64/128), one scale per (output channel,
             block); 0: per channel (``per_channel``). A block larger than the input dim is one
@@ -205,10 +211,11 @@ class QuantConfig:
         if values["block_size"] and not is_param:
             raise QuantConfigError(f"block_size={values['block_size']} for activation {name!r}: blocks are for "
                                    "weights; allowed for activations: 0")
-        if values["format"] in BLOCK_FORMATS:
-            if not is_param:
-                raise QuantConfigError(f"format {values['format']!r} for activation {name!r}: block formats are for "
-                                       f"weights; allowed for activations: {', '.join(FORMAT_NAMES)}")
+        if values["format"] in BLOCK_FORMATS and not is_param:
+            if values["format"] not in ACTIVATION_BLOCK_FORMATS:
+                raise QuantConfigError(f"format {values['format']!r} for activation {name!r}: LPBQ is for weights; "
+                                       f"allowed for activations: {', '.join(OUTPUT_FORMAT_NAMES)}")
+        elif values["format"] in BLOCK_FORMATS:
             _check_block_format(f"format of {name!r}", values["format"], values["block_size"],
                                 self.param_quant_scheme, self.learn_weight_encodings)
             if values["granularity"] != "per_channel":
@@ -258,9 +265,9 @@ def _check_overrides(overrides: Any) -> dict[str, dict[str, Any]]:
 
 
 def _check_format(name: str, value: Any, is_param: bool) -> None:
-    allowed = PARAM_FORMAT_NAMES if is_param else FORMAT_NAMES
+    allowed = PARAM_FORMAT_NAMES if is_param else OUTPUT_FORMAT_NAMES
     if value not in allowed:
-        extra = " (block formats such as mxfp4 are for weights)" if value in BLOCK_FORMATS else ""
+        extra = " (LPBQ is for weights)" if value in BLOCK_FORMATS else ""
         raise QuantConfigError(f"{name}={value!r} is not a known format{extra}; allowed: {', '.join(allowed)}")
 
 

@@ -7,9 +7,11 @@ per-channel values as arrays). ``enc_type`` ``PER_BLOCK`` (AIMET's spec: integer
 ``axis`` (channel axis) and ``block_axis`` (the input axis blocks run along) of that tensor.
 Float encodings (FP8/FP4 under a scale, fp16/bf16 casts) are ``dtype: FLOAT`` with ``bw`` as the
 spec has them, plus our ``format`` (``float8_e4m3fn``...) and their ``scale`` (offset 0): the
-spec's 1.0.0 FLOAT entry has no scale. Dynamic per-token activations have no stored values: they
-are listed under our top-level ``dynamic_activation_encodings`` as ``{name, dtype, bw, is_sym,
-granularity: PER_TOKEN}``. Readers of AIMET's layout ignore the fields and the key they do not know.
+spec's 1.0.0 FLOAT entry has no scale. Dynamic activations have no stored values: they are listed
+under our top-level ``dynamic_activation_encodings`` as ``{name, dtype, bw, is_sym, granularity:
+PER_TOKEN}`` or, in MX/NVFP4 blocks of the last dim, ``{..., granularity: PER_TOKEN_BLOCK,
+block_format: mx | nvfp4, block_size}`` (every version). Readers of AIMET's layout ignore the
+fields and the key they do not know.
 0.6.1: they are dicts ``{tensor_name: [per-channel
 {bitwidth, dtype, is_symmetric, min, max, offset, scale}, ...]}``. Both carry
 ``quantizer_args`` and ``excluded_layers``. Offsets follow ``x = s * (q + o)``.
@@ -50,6 +52,7 @@ from .errors import EncodingsFileError
 ENCODING_VERSIONS = ("1.0.0", "0.6.1", "2.0.0", "2.1.0")
 V2 = ("2.0.0", "2.1.0")
 NEEDS_V2 = ("mx", "nvfp4")  # two-level schemes that 1.0.0 cannot express
+DYNAMIC_BLOCK_SCHEMES = ("mx", "nvfp4")  # block formats of dynamic activations (granularity.PerTokenBlocks)
 
 
 def default_version(encodings: list[Encoding]) -> str:
@@ -178,9 +181,10 @@ def _int_nested(value):
 
 
 def _dynamic_entry(name: str, enc: Encoding) -> dict[str, Any]:
+    blocks = {"granularity": "PER_TOKEN_BLOCK", "block_format": enc.scheme, "block_size": enc.block_size} \
+        if enc.per_block else {"granularity": "PER_TOKEN"}
     return {"name": name, "dtype": "INT" if enc.dtype == "int" else "FLOAT", "bw": enc.bitwidth,
-            "is_sym": enc.symmetric, "granularity": "PER_TOKEN",
-            **({} if enc.dtype == "int" else {"format": enc.dtype})}
+            "is_sym": enc.symmetric, **blocks, **({} if enc.dtype == "int" else {"format": enc.dtype})}
 
 
 def _entries_0_6_1(enc: Encoding) -> list[dict[str, Any]]:
@@ -436,19 +440,31 @@ class _Reader:
         return fmt
 
     def dynamic_1_0_0(self, doc: dict) -> dict[str, Encoding]:
-        """Dynamic per-token activations (our ``dynamic_activation_encodings``): no stored values."""
+        """Dynamic activations (our ``dynamic_activation_encodings``): no stored values."""
         entries = doc.get("dynamic_activation_encodings", [])
         if not isinstance(entries, list):
             raise self.fail(f"'dynamic_activation_encodings' must be a list, got {type(entries).__name__}")
         out = {}
         for i, e in enumerate(entries):
             where = f"dynamic_activation_encodings[{i}]"
-            if not isinstance(e, dict) or not isinstance(e.get("name"), str) or e.get("granularity") != "PER_TOKEN":
-                raise self.fail(f"{where}: must be an object with a string 'name' and granularity PER_TOKEN")
+            granularity = e.get("granularity") if isinstance(e, dict) else None
+            if not isinstance(e, dict) or not isinstance(e.get("name"), str) or \
+                    granularity not in ("PER_TOKEN", "PER_TOKEN_BLOCK"):
+                raise self.fail(f"{where}: must be an object with a string 'name' and granularity PER_TOKEN or "
+                                "PER_TOKEN_BLOCK")
             dtype = self.dtype(where, e)
             bw = FORMATS[dtype].bitwidth if dtype != "int" else self.bitwidth(where, e.get("bw"))
+            blocks = {}
+            if granularity == "PER_TOKEN_BLOCK":
+                scheme, size = e.get("block_format"), e.get("block_size")
+                if scheme not in DYNAMIC_BLOCK_SCHEMES or isinstance(size, bool) or not isinstance(size, int) or \
+                        size <= 0:
+                    raise self.fail(f"{where}: PER_TOKEN_BLOCK needs block_format in "
+                                    f"{', '.join(DYNAMIC_BLOCK_SCHEMES)} and a positive integer block_size; got "
+                                    f"{scheme!r}, {size!r}")
+                blocks = dict(scheme=scheme, block_size=size, block_axis=-1)
             out[e["name"]] = Encoding(bw, bool(e.get("is_sym")), torch.ones(1), torch.zeros(1), None, dtype=dtype,
-                                      dynamic=True)
+                                      dynamic=True, **blocks)
         return out
 
     def section_0_6_1(self, doc: dict, key: str) -> dict[str, Encoding]:

@@ -16,7 +16,7 @@ import torch
 from .encoding import Encoding
 from .encodings_io import param_sources, read_encodings
 from .errors import EncodingsFileError
-from .granularity import PerBlock
+from .granularity import PerBlock, PerTokenBlocks
 
 if TYPE_CHECKING:
     from .quantizer import QuantizeDequantize
@@ -74,11 +74,15 @@ def load_into(sim: QuantizationSimModel, path: str, partial: bool) -> None:
     for name, enc in acts.items():
         q = targets[name]
         if enc.dynamic or q.dynamic:
-            if not (enc.dynamic and q.dynamic and enc.bitwidth == q.bitwidth and enc.dtype == q.format.name):
-                raise fail(f"{name}: file has a {'dynamic' if enc.dynamic else 'static'} {enc.dtype} "
+            g = q.granularity
+            blocks = (g.rule.name, g.block_size) if isinstance(g, PerTokenBlocks) else (None, None)
+            if not (enc.dynamic and q.dynamic and enc.bitwidth == q.bitwidth and enc.dtype == q.format.name
+                    and (enc.scheme, enc.block_size) == blocks):
+                kind = f"{enc.scheme.upper()} blocks of {enc.block_size} " if enc.scheme else ""
+                raise fail(f"{name}: file has a {'dynamic' if enc.dynamic else 'static'} {kind}{enc.dtype} "
                            f"{enc.bitwidth}-bit "
                            f"encoding; the model's quantizer is {'dynamic' if q.dynamic else 'static'} "
-                           f"{q.format.name} {q.bitwidth}-bit")
+                           f"{q.format.name} {q.bitwidth}-bit {q.describe_granularity()}")
             continue
         if enc.dtype != q.format.name:
             raise fail(f"{name}: file has format {enc.dtype}; the model's quantizer is {q.format.name}")

@@ -25,6 +25,12 @@ FastForward's tiles). Per-channel scales are also kept in the older 1-D ``[C]`` 
   is); a dim that is not a multiple of it is rejected, as for ``PerBlock``.
 - ``PerToken()``: dynamic activations: one scale per token, computed at run time from that
   token's values (the last dim reduced); shape ``[..., 1]``.
+- ``PerTokenBlocks(rule, block_size)``: dynamic activations in a two-level block format (``MX``,
+  ``NVFP4`` as ``rule``): blocks of ``block_size`` consecutive elements along the last dim, each
+  block's scale computed at run time from its own values by the format's rule (NVFP4's per-tensor
+  scale from the whole tensor, as torchao's dynamic NVFP4 activations); shape ``[..., ceil(K / B)]``.
+  A last dim that is not a multiple of the block ends in a partial block, quantized as if
+  zero-padded (the OCP MX spec's padding: zeros leave the block's maximum as it is).
 
 ``WeightAxes(channel, block)``: the output-channel axis and the input (reduction) axis of a layer
 type's weight, declared once per registered layer type (``layers/``) and per functional op
@@ -132,7 +138,8 @@ class MX(PerBlock):
 
     name = "mx"
 
-    def scales(self, raw: torch.Tensor, amax: torch.Tensor, fmt) -> BlockScales:
+    @staticmethod
+    def scales(raw: torch.Tensor | None, amax: torch.Tensor, fmt) -> BlockScales:
         return mx_scales(amax, fmt)
 
 
@@ -142,7 +149,8 @@ class NVFP4(PerBlock):
 
     name = "nvfp4"
 
-    def scales(self, raw: torch.Tensor, amax: torch.Tensor, fmt) -> BlockScales:
+    @staticmethod
+    def scales(raw: torch.Tensor | None, amax: torch.Tensor, fmt) -> BlockScales:
         return nvfp4_scales(amax, amax.amax())
 
 
@@ -157,7 +165,27 @@ class PerToken:
         return (*shape[:-1], 1)
 
 
-Granularity = PerTensor | PerChannel | PerBlock | LPBQ | MX | NVFP4 | PerToken
+@dataclass(frozen=True)
+class PerTokenBlocks:
+    """Dynamic two-level blocks along the last dim (module docstring); ``rule``: ``MX`` or ``NVFP4``."""
+
+    rule: type
+    block_size: int
+    name = "per_token_blocks"
+
+    def padding(self, shape: tuple[int, ...]) -> int:
+        """Zeros that complete the last dim's partial block (0 when it is a multiple of the block)."""
+        return -shape[-1] % self.block_size
+
+    def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (*shape[:-1], -(-shape[-1] // self.block_size))
+
+    def scales(self, amax: torch.Tensor, fmt) -> BlockScales:
+        """The block scales of blocks with largest magnitudes ``amax`` (``[..., K / B]``) by ``rule``."""
+        return self.rule.scales(None, amax, fmt)
+
+
+Granularity = PerTensor | PerChannel | PerBlock | LPBQ | MX | NVFP4 | PerToken | PerTokenBlocks
 
 
 def full_rank_scale(scale: torch.Tensor, rank: int, axis: int | None) -> torch.Tensor:

@@ -25,11 +25,19 @@ effective ``x_scale * x`` (what ``DequantizeLinear`` of the meta encoding gives,
 onnxruntime has no FP4 (e2m1) ``QuantizeLinear`` kernel (opset 21 or 23): a weight in FP4 (MXFP4,
 NVFP4, per channel) is quantized by ONNX's own numpy reference implementation
 (``onnx.reference``, opset 23 ``QuantizeLinear``/``DequantizeLinear``), and onnxruntime runs the graph
-with the dequantized weight as its initializer; ``notes`` (and a one-line warning) say so. FP4
-activations cannot be checked so and are refused in one line.
+with the dequantized weight as its initializer; ``notes`` (and a one-line warning) say so. Static
+FP4 activations cannot be checked so and are refused in one line.
 Dynamic per-token activations: the reference arithmetic as ONNX ops (``ReduceMin``/``ReduceMax``
 over the last axis, the scale and offset of ``asymmetric_from_range``, ``Div``, ``Round``,
 ``Max``/``Min``, ``Mul``), which compute exactly what the simulation computes.
+Dynamic MX/NVFP4 activations (blocks of the last dim): the tensor zero-padded to a multiple of the
+block (``Pad``; a partial last block, as the simulation pads it) as ``[-1, B]`` rows, each row's
+largest magnitude, the format's scale rule as ONNX ops (MX: ``floor(log2 amax)`` from ``Log``
+corrected by exact powers of two, ``Pow(2, X)``; NVFP4: the per-tensor scale and the e4m3 block
+scale through a float8 ``QuantizeLinear``/``DequantizeLinear``), ``Div``, the element rounding
+(float8: ``QuantizeLinear``/``DequantizeLinear`` at scale 1; e2m1: ``Round`` of ``|y|`` on its grid
+step 0.5/1/2, exact since the steps are powers of two; int8: ``Round`` and ``Clip``), ``Mul``,
+reshaped back: onnxruntime runs every op, FP4 included.
 """
 
 from __future__ import annotations
@@ -87,6 +95,8 @@ class _Builder:
         (per block: ``axis`` is the channel axis, ``enc.block_axis`` the block axis, ``dims`` the shape)."""
         tag = f"qdq{self.n}"
         self.n += 1
+        if enc.dynamic and enc.per_block:
+            return self.dynamic_blocks(source, target, enc, tag)
         if enc.dynamic:
             return self.dynamic_per_token(source, target, enc, tag)
         if enc.dtype in CASTS:
@@ -181,6 +191,84 @@ class _Builder:
         clipped = node("Min", [node("Max", [r, off], "r_lo"), top], "c")
         n.append(helper.make_node("Mul", [clipped, scale], [target], name=f"{tag}_out_Mul"))
 
+    def dynamic_blocks(self, source: str, target: str, enc: Encoding, tag: str) -> None:
+        """``target`` = the simulation's dynamic MX/NVFP4 block quantization of ``source`` (blocks of
+        ``enc.block_size`` along the last dim; ``block_scales.py``'s rules, module docstring)."""
+        from .block_scales import E8M0_MAX_EXPONENT, E8M0_MIN_EXPONENT, MXINT8_UNIT_EXPONENT, NVFP4_ELEMENT, \
+            NVFP4_SCALE, NVFP4_SCALE_MIN, element_max_exponent
+        from .formats import FORMATS, IntFormat
+
+        fmt = FORMATS.get(enc.dtype, IntFormat(enc.bitwidth, True))
+        n = self.new_nodes
+
+        def node(op: str, inputs: list[str], out: str, **attrs) -> str:
+            n.append(helper.make_node(op, inputs, [f"{tag}_{out}"], name=f"{tag}_{out}_{op}", **attrs))
+            return f"{tag}_{out}"
+
+        def f32(key: str, value: float) -> str:
+            return self.const(f"{tag}_{key}", np.array(value, np.float32))
+
+        def i64(key: str, value: list[int]) -> str:
+            return self.const(f"{tag}_{key}", np.array(value, np.int64))
+
+        def as_float(x: str, out: str) -> str:  # a float8 round trip at scale 1 (saturating, ties to even)
+            scale, zero = f32(f"{out}_one", 1.0), f"{tag}_{out}_zero"
+            ftype = FLOAT_CONTAINERS[fmt.name if out == "elem" else NVFP4_SCALE.name]
+            self.graph.initializer.append(helper.make_tensor(zero, ftype, [], [0.0]))
+            return node("DequantizeLinear", [node("QuantizeLinear", [x, scale, zero], f"{out}_q"), scale, zero], out)
+
+        # A partial last block zero-padded: pads = [0] * (2 * rank - 1) + [(-K) mod B]
+        shape = node("Shape", [source], "shape")
+        size, block = node("Gather", [shape, i64("last", [-1])], "dim"), i64("block", [enc.block_size])
+        pad = node("Mod", [node("Sub", [block, node("Mod", [size, block], "rem")], "gap"), block], "pad")
+        n_zeros = node("Reshape", [node("Sub", [node("Mul", [node("Size", [shape], "rank"), i64("two_i", 2)], "r2"),
+                                               i64("one_i", 1)], "r21"), i64("one_d", [1])], "nz")
+        zeros = node("ConstantOfShape", [n_zeros], "zeros", value=helper.make_tensor("v", TensorProto.INT64, [1], [0]))
+        padded = node("Pad", [source, node("Concat", [zeros, pad], "pads", axis=0)], "xp")
+        rows = node("Reshape", [padded, node("Concat", [i64("rows", [-1]), block], "rshape", axis=0)], "x")
+        amax = node("ReduceMax", [node("Abs", [rows], "abs"), i64("axes", [1])], "amax", keepdims=1)
+        positive = node("Greater", [amax, f32("zero", 0.0)], "pos")
+        if enc.scheme == "mx":  # X = floor(log2 amax) - emax, exact: Log's guess corrected by powers of two
+            a = node("Where", [positive, amax, f32("one", 1.0)], "a")
+            two = f32("two", 2.0)
+            e0 = node("Floor", [node("Div", [node("Log", [a], "ln"), f32("ln2", float(np.log(2.0)))], "l2")], "e0")
+            p = node("Pow", [two, e0], "p")
+            over = node("Cast", [node("Greater", [p, a], "gt")], "over", to=TensorProto.FLOAT)
+            under = node("Cast", [node("LessOrEqual", [node("Mul", [p, two], "p2"), a], "le")], "under",
+                         to=TensorProto.FLOAT)
+            e = node("Add", [node("Sub", [e0, over], "e1"), under], "e")
+            e = node("Where", [positive, e, f32("emin", float(E8M0_MIN_EXPONENT))], "e_or_min")
+            x_exp = node("Clip", [node("Sub", [e, f32("emax", float(element_max_exponent(fmt)))], "x0"),
+                                  f32("xlo", float(E8M0_MIN_EXPONENT)), f32("xhi", float(E8M0_MAX_EXPONENT))], "X")
+            unit = MXINT8_UNIT_EXPONENT if isinstance(fmt, IntFormat) else 0
+            scale = node("Pow", [two, node("Add", [x_exp, f32("unit", float(unit))], "xu")], "scale")
+        elif enc.scheme == "nvfp4":  # s_t per tensor, e4m3 block scales under it
+            t_amax = node("ReduceMax", [node("Abs", [source], "tabs")], "tamax", keepdims=0)
+            t_pos = node("Greater", [t_amax, f32("tzero", 0.0)], "tpos")
+            per_tensor = node("Where", [t_pos, node("Div", [t_amax, f32("tmax", NVFP4_SCALE.max * NVFP4_ELEMENT.max)],
+                                                    "t0"), f32("tone", 1.0)], "st")
+            b0 = node("Div", [node("Div", [amax, f32("emax", NVFP4_ELEMENT.max)], "b6"), per_tensor], "b0")
+            q = as_float(node("Clip", [b0, f32("qlo", NVFP4_SCALE_MIN), f32("qhi", NVFP4_SCALE.max)], "bc"), "bq")
+            scale = node("Mul", [per_tensor, q], "scale")
+        else:
+            raise EncodingsFileError(f"{source}: dynamic block format {enc.scheme!r} is not known; allowed: mx, nvfp4")
+        y = node("Div", [rows, scale], "y")
+        if isinstance(fmt, IntFormat):  # MXINT8: round half to even, clamp to the symmetric int8 grid
+            half = float(1 << (fmt.bitwidth - 1))
+            c = node("Clip", [node("Round", [y], "r"), f32("clo", -half), f32("chi", half - 1)], "c")
+        elif fmt.name in FLOAT_CONTAINERS:
+            c = as_float(y, "elem")
+        else:  # e2m1: |y| clamped to 6, rounded on its grid step (0.5 below 2, 1 below 4, else 2)
+            a = node("Min", [node("Abs", [y], "ya"), f32("m", fmt.max)], "yc")
+            step = node("Where", [node("Less", [a, f32("s2", 2.0)], "lt2"), f32("h", 0.5),
+                                  node("Where", [node("Less", [a, f32("s4", 4.0)], "lt4"), f32("o1", 1.0),
+                                                 f32("o2", 2.0)], "st4")], "step")
+            mag = node("Mul", [node("Round", [node("Div", [a, step], "u")], "ur"), step], "mag")
+            c = node("Mul", [mag, node("Sign", [y], "sg")], "c")
+        back = node("Reshape", [node("Mul", [c, scale], "out"), node("Shape", [padded], "pshape")], "back")
+        n.append(helper.make_node("Slice", [back, i64("start", [0]), size, i64("last_axis", [-1])], [target],
+                                  name=f"{tag}_unpad"))
+
     def rewire(self, old: str, new: str) -> None:
         for node in self.graph.node:
             for i, name in enumerate(node.input):
@@ -266,7 +354,7 @@ def build_qdq_model_with_notes(onnx_path: str | Path, encodings_path: str | Path
     inits = {i.name: i for i in graph.initializer}
     for name in [n for n in acts if n in inits and n not in producers]:  # 2.x lists params with activations
         params[name] = acts.pop(name)
-    fp4 = [n for n, e in acts.items() if e.dtype in NO_ORT_KERNEL]
+    fp4 = [n for n, e in acts.items() if e.dtype in NO_ORT_KERNEL and not e.dynamic]
     if fp4:
         raise EncodingsFileError(f"{encodings_path}: onnxruntime has no QuantizeLinear for "
                                  f"{acts[fp4[0]].dtype} (activation {fp4[0]!r}); allowed activation formats: int, "

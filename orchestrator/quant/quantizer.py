@@ -34,8 +34,8 @@ from . import kernels
 from .fake_quant import clamp_straight_through, fake_quantize, fake_quantize_learned, round_clamp_straight_through
 from .formats import Format, IntFormat
 from .block_scales import BlockScales
-from .granularity import LPBQ, TWO_LEVEL, Granularity, PerBlock, PerChannel, PerTensor, PerToken, blocks_as_rows, \
-    full_rank_scale, reduce_blocks
+from .granularity import LPBQ, TWO_LEVEL, Granularity, PerBlock, PerChannel, PerTensor, PerToken, PerTokenBlocks, \
+    blocks_as_rows, full_rank_scale, reduce_blocks
 from .reference import fake_quantize_general
 
 # A learned scale may shrink to this fraction of its calibrated value (per channel), no further.
@@ -82,9 +82,10 @@ class QuantizeDequantize(nn.Module):
             a two-level block granularity (``LPBQ``, ``MX``, ``NVFP4``: weights; the block scales
             follow the weights by ``block_scales.py``'s rules; learned: LPBQ only, its per-channel
             float scale ``log_scale`` ``[.., C, .., 1, ..]`` by LSQ under the integer block scales
-            ``block_int`` fixed at calibration) or ``PerToken`` (dynamic: the encoding is computed from
-            each token at run time, never calibrated or learned). Default: per channel when ``axis``
-            is given, else per tensor.
+            ``block_int`` fixed at calibration), ``PerToken`` (dynamic: the encoding is computed from
+            each token at run time, never calibrated or learned) or ``PerTokenBlocks`` (dynamic MX /
+            NVFP4 activations: each block of the last dim scaled from its own values at run time).
+            Default: per channel when ``axis`` is given, else per tensor.
 
     Integer per-tensor/per-channel quantizers run the fused op (``fake_quant.py``), and so do
     fixed or following integer blocks along the last dim (each block a channel of ``x`` viewed as
@@ -111,7 +112,7 @@ class QuantizeDequantize(nn.Module):
         self.symmetric = fmt.symmetric
         # The op's integer range; LSQ's Qp for float formats is their largest value.
         self.qmax = fmt.qmax if isinstance(fmt, IntFormat) else int(fmt.max)
-        self.dynamic = isinstance(granularity, PerToken)
+        self.dynamic = isinstance(granularity, (PerToken, PerTokenBlocks))
         self.cast_only = fmt.is_float and not fmt.scaled
         if self.dynamic or self.cast_only:
             learnable, follow = False, False
@@ -129,7 +130,7 @@ class QuantizeDequantize(nn.Module):
         self.axis = axis
         self.channels = int(torch.Size(self.scale_shape).numel())
         # Reference op: every format/granularity the fused integer op does not serve.
-        self.general = fmt.is_float or isinstance(granularity, (PerBlock, PerToken))
+        self.general = fmt.is_float or isinstance(granularity, (PerBlock, PerToken, PerTokenBlocks))
         self.learnable = learnable
         self.follow = follow
         self.grad_scaling = grad_scaling
@@ -183,8 +184,11 @@ class QuantizeDequantize(nn.Module):
         if not self.enabled:
             return x
         if self.dynamic:
-            scale, offset = self._dynamic_encoding(x)
-            return fake_quantize_general(x, scale, offset, self.format)
+            pad = self.granularity.padding(tuple(x.shape)) if isinstance(self.granularity, PerTokenBlocks) else 0
+            xp = torch.nn.functional.pad(x, (0, pad)) if pad else x  # a partial last block, zero-padded
+            scale, offset = self._dynamic_encoding(xp)
+            out = fake_quantize_general(xp, scale, offset, self.format)
+            return out[..., :x.shape[-1]] if pad else out
         rows = self._as_rows(x)
         if self.follow:
             scale, offset = self._follow_encoding(x)
@@ -231,7 +235,15 @@ class QuantizeDequantize(nn.Module):
 
     @torch.no_grad()
     def _dynamic_encoding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token: the encoding of each token's own min-max range (the last dim reduced), ``[..., 1]``."""
+        """Per token: the encoding of each token's own min-max range (the last dim reduced), ``[..., 1]``.
+        Per token blocks (``x``'s last dim a multiple of the block): each block's scale by the format's
+        rule from its largest magnitude, ``[..., K / B]`` (offset: the element format's symmetric one)."""
+        g = self.granularity
+        if isinstance(g, PerTokenBlocks):
+            lo, hi = reduce_blocks(x.detach().float(), g.scale_shape(tuple(x.shape)))
+            scale = g.scales(torch.maximum(lo.abs(), hi.abs()), self.format).scale
+            fill = -float(1 << (self.bitwidth - 1)) if isinstance(self.format, IntFormat) else 0.0
+            return scale, torch.full_like(scale, fill)
         lo, hi = torch.aminmax(x.detach().float(), dim=-1, keepdim=True)
         return format_encoding_from_range(lo, hi, self.format)
 
@@ -354,8 +366,10 @@ class QuantizeDequantize(nn.Module):
         if isinstance(g, PerBlock):  # the block size used (a block wider than the dim is the whole dim)
             block_axis = g.block_axis
             block_size = x.shape[block_axis] // self.scale_shape[block_axis] if x is not None else g.block_size
+        elif isinstance(g, PerTokenBlocks):  # blocks of the last dim, scales computed at run time
+            block_axis, block_size = -1, g.block_size
         parts = self._parts(x)
-        two_level = {} if parts is None else dict(
+        two_level = {"scheme": g.rule.name} if isinstance(g, PerTokenBlocks) else {} if parts is None else dict(
             scheme=g.name, inner=parts.inner.detach().float().cpu().clone(),
             outer=None if parts.outer is None else parts.outer.detach().float().cpu().clone(),
             scale_bitwidth=getattr(g, "scale_bitwidth", None))
@@ -440,6 +454,8 @@ class QuantizeDequantize(nn.Module):
             return f"{kind} {list(self.scale_shape)} (axis {g.axis}, block axis {g.block_axis})"
         if isinstance(g, PerToken):
             return "per token (dynamic)"
+        if isinstance(g, PerTokenBlocks):
+            return f"{g.rule.name.upper()} blocks of {g.block_size} along the last dim (dynamic)"
         return "per tensor" if self.axis is None else f"{self.channels} ch, axis {self.axis}"
 
     def extra_repr(self) -> str:

@@ -47,7 +47,7 @@ def _activation_rows(sim: QuantizationSimModel) -> list[tuple[str, ...]]:
     sources = sim._built.activation_sources
     for name, q in sim.activation_quantizers().items():
         if q.dynamic:
-            enc = "per token, from each token's range at run time"
+            enc = f"{q.describe_granularity()}: scales from the values at run time"
         elif q.format.name != "int":
             enc = f"{q.format.name}" + ("" if q.cast_only else f", scale {_fmt(float(q.encoding().scale))}"
                                         if q.calibrated else ", not calibrated")
@@ -56,7 +56,8 @@ def _activation_rows(sim: QuantizationSimModel) -> list[tuple[str, ...]]:
             enc = f"[{_fmt(float(e.min))}, {_fmt(float(e.max))}] scale {_fmt(float(e.scale))} offset {int(e.offset)}"
         else:
             enc = "not calibrated"
-        rows.append((name, str(q.bitwidth), sources.get(name, ""), enc + ("" if q.enabled else " (disabled)")))
+        bw = str(q.bitwidth) if q.format.name == "int" else q.format.name
+        rows.append((name, bw, sources.get(name, ""), enc + ("" if q.enabled else " (disabled)")))
     return rows
 
 

@@ -179,6 +179,65 @@ def test_mx_and_nvfp4_equal_torchao_bit_for_bit():
     assert torch.equal(torch.from_numpy(sim_weight("nvfp4", w4.numpy())[0]), theirs)
 
 
+# ---------------------------------------------------------------------------- dynamic activations
+ELEMENT = {"mxfp8": "float8_e4m3fn", "mxfp8_e5m2": "float8_e5m2", "mxfp4": "float4_e2m1", "mxint8": "int8",
+           "nvfp4": "float4_e2m1"}
+
+
+def sim_activation(fmt_name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through a dynamic activation quantizer of block format ``fmt_name`` (as the sim builds it)."""
+    bf = BLOCK_FORMATS[fmt_name]
+    q = QuantizeDequantize("a", 8, False, fmt=bf.element_format(8), granularity=bf.activation_granularity())
+    assert q.dynamic and not q.needs_calibration
+    return q(x)
+
+
+def activation_oracle(fmt_name: str, x: np.ndarray) -> np.ndarray:
+    """The weight oracles on the activation's rows ``[-1, K]`` (blocks along the last dim), a partial
+    last block zero-padded first (OCP MX's padding) and cut off after."""
+    k = x.shape[-1]
+    block = BLOCK_FORMATS[fmt_name].block_size
+    rows = np.pad(x.reshape(-1, k), ((0, 0), (0, -k % block)))
+    out = nvfp4_oracle(rows) if fmt_name == "nvfp4" else mx_oracle(rows, ELEMENT[fmt_name])
+    return out[:, :k].reshape(x.shape)
+
+
+@pytest.mark.parametrize("fmt_name", list(ELEMENT))
+def test_dynamic_block_activations_match_the_oracles_per_call(fmt_name):
+    """Each call scales each block of the last dim from its own values (ties, saturation and
+    subnormals from the probe; tokens of very different magnitudes), for 3-D activations and for a
+    last dim of 40 (a partial block, zero-padded); a second batch gets its own scales."""
+    probe = probe_weight(ELEMENT[fmt_name], rows=6, block=16 if fmt_name == "nvfp4" else 32, seed=3)
+    x = torch.from_numpy(probe.reshape(2, 3, -1))
+    np.testing.assert_array_equal(sim_activation(fmt_name, x).numpy(), activation_oracle(fmt_name, x.numpy()))
+    partial = torch.from_numpy(probe[:, :40].copy())
+    np.testing.assert_array_equal(sim_activation(fmt_name, partial).numpy(),
+                                  activation_oracle(fmt_name, partial.numpy()))
+    scaled = x * 1024.0  # dynamic: a power-of-two scaling of the input scales the output exactly
+    np.testing.assert_array_equal(sim_activation(fmt_name, scaled).numpy(), sim_activation(fmt_name, x).numpy() * 1024)
+
+
+def test_a_partial_last_block_quantizes_as_its_zero_padding_does_gradients_included():
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(0)) * 3
+    padded = torch.cat([x, torch.zeros(5, 24)], dim=1)
+    for fmt_name in ("mxfp4", "nvfp4"):
+        a, b = x.clone().requires_grad_(), padded.clone().requires_grad_()
+        out_a, out_b = sim_activation(fmt_name, a), sim_activation(fmt_name, b)
+        assert torch.equal(out_a, out_b[:, :40])
+        (out_a * torch.arange(40.0)).sum().backward()
+        (out_b[:, :40] * torch.arange(40.0)).sum().backward()
+        assert torch.equal(a.grad, b.grad[:, :40])  # the STE mask: saturated elements get no gradient
+        assert 0 < int((a.grad == 0).sum()) < a.numel() // 4 or fmt_name == "nvfp4"
+
+
+def test_dynamic_mx_activations_equal_torchao():
+    mx = pytest.importorskip("torchao.prototype.mx_formats.mx_tensor")
+    x = torch.from_numpy(probe_weight("float8_e4m3fn", rows=4, seed=8)).reshape(2, 2, 128)
+    scale, data = mx.to_mx(x.reshape(4, 128), torch.float8_e4m3fn, 32)
+    theirs = (data.float().reshape(4, 4, 32) * scale.float().reshape(4, 4, 1)).reshape(2, 2, 128)
+    assert torch.equal(sim_activation("mxfp8", x), theirs)
+
+
 # ---------------------------------------------------------------------------- config
 @pytest.mark.parametrize("kwargs,message", [
     (dict(param_format="mxfp4", range_learning=True, learn_weight_encodings=True),
@@ -188,8 +247,7 @@ def test_mx_and_nvfp4_equal_torchao_bit_for_bit():
     (dict(param_format="mxfp8", param_block_size=64), "param_format='mxfp8' has blocks of 32 by definition, not 64"),
     (dict(param_format="lpbq"), "param_format='lpbq' needs a block size"),
     (dict(param_format="mxfp4", per_channel=False), "param_format='mxfp4' needs per_channel=True"),
-    (dict(output_format="mxfp4"), r"output_format='mxfp4' is not a known format \(block formats such as mxfp4 are "
-                                  "for weights\)"),
+    (dict(output_format="lpbq"), r"output_format='lpbq' is not a known format \(LPBQ is for weights\)"),
 ])
 def test_block_format_settings_that_make_no_sense_are_one_line_errors(kwargs, message):
     with pytest.raises(QuantConfigError, match=message) as info:
@@ -197,12 +255,13 @@ def test_block_format_settings_that_make_no_sense_are_one_line_errors(kwargs, me
     assert "\n" not in str(info.value)
 
 
-def test_an_override_may_set_a_block_format_by_name_but_not_on_activations():
+def test_an_override_may_set_a_block_format_by_name_and_lpbq_not_on_activations():
     cfg = QuantConfig(overrides={"*.mlp.*": {"format": "nvfp4"}})
     assert cfg.quantizer_settings("h.mlp.fc.weight", is_param=True).format == "nvfp4"
-    with pytest.raises(QuantConfigError, match="format 'nvfp4' for activation 'h.mlp.fc': block formats are for "
-                                               "weights"):
-        cfg.quantizer_settings("h.mlp.fc", is_param=False)
+    assert cfg.quantizer_settings("h.mlp.fc", is_param=False).format == "nvfp4"  # dynamic NVFP4 blocks
+    with pytest.raises(QuantConfigError, match="format 'lpbq' for activation 'h.mlp.fc': LPBQ is for weights"):
+        QuantConfig(overrides={"*.mlp.*": {"format": "lpbq"}}).quantizer_settings(
+            "h.mlp.fc", is_param=False)
     with pytest.raises(QuantConfigError, match="format 'mxfp4' for 'fc.weight' with granularity 'per_tensor': its "
                                                "blocks are per output channel"):
         QuantConfig(overrides={"fc.*": {"format": "mxfp4", "granularity": "per_tensor"}}).quantizer_settings(

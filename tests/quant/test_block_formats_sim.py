@@ -22,9 +22,9 @@ from orchestrator.quant.qdq import build_qdq_model
 
 PRESETS = {
     "w4lpbq": dict(param_bw=4, param_format="lpbq", param_block_size=64, output_bw=16),
-    "mxfp8": dict(param_format="mxfp8", quantize_activations=False),
-    "mxfp4": dict(param_format="mxfp4", quantize_activations=False),
-    "nvfp4": dict(param_format="nvfp4", quantize_activations=False),
+    "mxfp8": dict(param_format="mxfp8", output_format="mxfp8"),
+    "mxfp4": dict(param_format="mxfp4", output_format="mxfp4"),
+    "nvfp4": dict(param_format="nvfp4", output_format="nvfp4"),
 }
 FC = "transformer.h.0.mlp.c_fc.weight"  # GPT-2 Conv1D [in=64, out=256]: blocks run along axis 0
 
@@ -89,9 +89,14 @@ def test_export_and_qdq_runner_agree_with_the_simulation(model, preset, tmp_path
     theirs = runner(*args, **kwargs)
     with torch.no_grad():
         ours = logits_of(feed(sim.model, batch)).numpy()
-    # Weight-only: float matmuls differ in the last bits, nothing else. w4lpbq's static 16-bit
-    # activations pass such last-bit differences on as an occasional one-step flip.
+    # Float matmuls may differ in the last bits, nothing else: w4lpbq's static 16-bit activations
+    # pass such differences on as an occasional one-step flip; the dynamic MX/NVFP4 activations
+    # (onnxruntime computes their block scales from the same float32 values) agree exactly here.
     assert sqnr_db(ours, theirs) > (80 if preset == "w4lpbq" else 100), sqnr_db(ours, theirs)
+    dynamic = doc.get("dynamic_activation_encodings", [])
+    assert len(dynamic) == (0 if preset == "w4lpbq" else len(sim.activation_quantizers()))
+    assert all(e["granularity"] == "PER_TOKEN_BLOCK" and e["block_size"] == (16 if preset == "nvfp4" else 32)
+               for e in dynamic)
     assert (theirs.argmax(-1) == ours.argmax(-1)).all()
 
     again = QuantizationSimModel(model, tokens(0), QuantConfig(**PRESETS[preset]))
