@@ -260,3 +260,22 @@ def test_export_agreement_of_an_nvfp4_export_says_which_weights_onnx_reference_r
         agreement = export_agreement(sim, paths, [tokens(7)])
     assert agreement.top1 == 1.0 and agreement.problem(100.0) is None
     assert any(n.startswith(f"{FC}: onnxruntime has no float4_e2m1") for n in agreement.notes)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (dict(block_format="lpbq"), "PER_TOKEN_BLOCK needs block_format in mx, nvfp4 and a positive integer block_size; "
+                                "got 'lpbq', 32"),
+    (dict(block_size=0), "got 'mx', 0"),
+    (dict(block_size=16), "file has a dynamic MX blocks of 16 float4_e2m1 4-bit encoding; the model's quantizer is "
+                          "dynamic float4_e2m1 4-bit MX blocks of 32 along the last dim"),
+])
+def test_a_bad_dynamic_block_entry_is_one_line(model, edit, message, tmp_path):
+    sim = sim_of(model, **PRESETS["mxfp4"])
+    paths = sim.export(str(tmp_path), "m")
+    doc = json.load(open(paths["encodings"]))
+    doc["dynamic_activation_encodings"][0].update(edit)
+    json.dump(doc, open(paths["encodings"], "w"))
+    again = QuantizationSimModel(model, tokens(0), QuantConfig(**PRESETS["mxfp4"]))
+    with pytest.raises(EncodingsFileError, match=message) as info:
+        again.load_encodings(paths["encodings"])
+    assert "\n" not in str(info.value)
