@@ -89,7 +89,8 @@ class QuantizeDequantize(nn.Module):
 
     Integer per-tensor/per-channel quantizers run the fused op (``fake_quant.py``), and so do
     fixed or following integer blocks along the last dim (each block a channel of ``x`` viewed as
-    ``[numel / B, B]``); every other format or granularity runs the reference op (``reference.py``).
+    ``[numel / B, B]``) and integer per-token activations in float32 (each token a channel of ``x``
+    viewed as ``[numel / D, D]``); every other format or granularity runs the reference op (``reference.py``).
     """
 
     def __init__(self, name: str, bitwidth: int, symmetric: bool, channels: int = 1, axis: int | None = None,
@@ -184,11 +185,17 @@ class QuantizeDequantize(nn.Module):
         if not self.enabled:
             return x
         if self.dynamic:
-            pad = self.granularity.padding(tuple(x.shape)) if isinstance(self.granularity, PerTokenBlocks) else 0
-            xp = torch.nn.functional.pad(x, (0, pad)) if pad else x  # a partial last block, zero-padded
-            scale, offset = self._dynamic_encoding(xp)
-            out = fake_quantize_general(xp, scale, offset, self.format)
-            return out[..., :x.shape[-1]] if pad else out
+            if isinstance(self.granularity, PerTokenBlocks):
+                pad = self.granularity.padding(tuple(x.shape))
+                xp = torch.nn.functional.pad(x, (0, pad)) if pad else x  # a partial last block, zero-padded
+                scale, offset = self._dynamic_encoding(xp)
+                out = fake_quantize_general(xp, scale, offset, self.format)
+                return out[..., :x.shape[-1]] if pad else out
+            tokens = self._token_rows(x)
+            scale, offset = self._dynamic_encoding(x if tokens is None else tokens)
+            if tokens is not None:
+                return fake_quantize(tokens, scale.reshape(-1), offset.reshape(-1), self.qmax, 0).view(x.shape)
+            return fake_quantize_general(x, scale, offset, self.format)
         rows = self._as_rows(x)
         if self.follow:
             scale, offset = self._follow_encoding(x)
@@ -229,6 +236,16 @@ class QuantizeDequantize(nn.Module):
             return None
         return x.view(-1, self.block_rows)  # = granularity.blocks_as_rows for last-dim blocks, without its arithmetic
 
+    def _token_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` as ``[tokens, D]`` (a view when ``x`` is contiguous, else a copy) for an integer
+        per-token quantizer on float32, else None: each token is a channel of the fused op, whose
+        arithmetic is the reference op's (bit for bit, tests/quant/test_formats.py) with a 1-byte
+        mask for the backward. Other dtypes stay on the reference op, which computes in float32."""
+        if not isinstance(self.granularity, PerToken) or not isinstance(self.format, IntFormat) or \
+                x.dtype != torch.float32 or x.dim() == 0 or not x.numel():
+            return None
+        return x.reshape(-1, x.shape[-1])
+
     def _full(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A stored encoding tensor in the reference op's layout (full rank, or one element)."""
         return full_rank_scale(t, x.dim(), self.axis) if isinstance(self.granularity, PerChannel) else t
@@ -236,15 +253,17 @@ class QuantizeDequantize(nn.Module):
     @torch.no_grad()
     def _dynamic_encoding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token: the encoding of each token's own min-max range (the last dim reduced), ``[..., 1]``.
+        (``reduce_blocks``' amin/amax: ``torch.aminmax`` over a last dim is 15-25x slower on CPU.)
         Per token blocks (``x``'s last dim a multiple of the block): each block's scale by the format's
         rule from its largest magnitude, ``[..., K / B]`` (offset: the element format's symmetric one)."""
+        x = x.detach().float()
         g = self.granularity
         if isinstance(g, PerTokenBlocks):
-            lo, hi = reduce_blocks(x.detach().float(), g.scale_shape(tuple(x.shape)))
+            lo, hi = reduce_blocks(x, g.scale_shape(tuple(x.shape)))
             scale = g.scales(torch.maximum(lo.abs(), hi.abs()), self.format).scale
             fill = -float(1 << (self.bitwidth - 1)) if isinstance(self.format, IntFormat) else 0.0
             return scale, torch.full_like(scale, fill)
-        lo, hi = torch.aminmax(x.detach().float(), dim=-1, keepdim=True)
+        lo, hi = reduce_blocks(x, (*x.shape[:-1], 1))
         return format_encoding_from_range(lo, hi, self.format)
 
     def _grad_factor(self, x: torch.Tensor) -> float:
@@ -275,7 +294,7 @@ class QuantizeDequantize(nn.Module):
         if self.axis is None:
             lo, hi = (v.reshape(1) for v in torch.aminmax(x))
         elif self.axis % x.dim() == 0:
-            lo, hi = torch.aminmax(x.reshape(x.shape[0], -1), dim=1)
+            lo, hi = (v.reshape(-1) for v in reduce_blocks(x.reshape(x.shape[0], -1), (x.shape[0], 1)))
         else:
             dims = [d for d in range(x.dim()) if d != self.axis % x.dim()]
             lo, hi = x.amin(dim=dims), x.amax(dim=dims)

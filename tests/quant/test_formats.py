@@ -209,6 +209,32 @@ def test_dynamic_per_token_matches_a_per_row_numpy_oracle():
     assert q.calibrated and not q.needs_calibration
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_per_token_fused_rows_equal_the_reference_op_bit_for_bit(bits, layout):
+    """Integer per-token quantizers on float32 run the fused op with one row per token; forward and
+    input gradient equal the reference op's on the same dynamic encoding, ties included (tokens of
+    grid values ``(k + 1/2) * s``: a per-token re-quantization of an already quantized tensor)."""
+    q = QuantizeDequantize("a", bits, False, granularity=PerToken())
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(2, 6, 24, generator=g) * torch.linspace(0.01, 30, 12).reshape(2, 6, 1)
+    x[0, 0] = (torch.randint(-9, 9, (24,), generator=g) + 0.5) * 0.25  # exact ties at a power-of-two scale
+    x[0, 1] = 0.0  # an all-zero token: the scale floor
+    if layout == "transposed":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous
+    assert q._token_rows(x) is not None and q._token_rows(x.bfloat16()) is None
+    xf, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = q(xf)
+    scale, offset = q._dynamic_encoding(x)
+    ref = fake_quantize_general(xr, scale, offset, IntFormat(bits, False))
+    assert torch.equal(out, ref)
+    grad = torch.randn(x.shape, generator=g)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(xf.grad, xr.grad)
+    assert not torch.equal(out, x)  # it quantized
+
+
 def test_fp8_per_channel_weight_follows_its_largest_magnitude():
     q = QuantizeDequantize("w", 8, True, channels=4, axis=0, follow=True, fmt=FORMATS["float8_e4m3fn"])
     w = torch.randn(4, 32)
