@@ -1,14 +1,16 @@
-"""Why int4 per-token exports disagree with their simulation end to end: the simulation's own conditioning.
+"""Why int4 per-token (and FP4 block) exports disagree with their simulation end to end: the simulation's
+own conditioning.
 
     python benchmarks/per_token_agreement.py [--layers 2] [--hidden 64]
 
-A random ``LlamaForCausalLM`` (byte vocabulary, RMSNorm weights varied), int4 g32 weights. Per
-activation format (int8 / int4 per token): logits SQNR and top-1 of (a) onnxruntime's QDQ run of
+A random ``LlamaForCausalLM`` (byte vocabulary, RMSNorm weights varied). Per variant (int4 g32
+weights with int8 / int4 per-token activations; MXFP8, MXFP4 and NVFP4 weights and dynamic block
+activations): logits SQNR and top-1 of (a) onnxruntime's QDQ run of
 the export against ``sim.model`` (``export_agreement``), (b) ``sim.model`` against the same
 simulation of the model whose embedding is scaled by ``1 + 2^-22`` (a no-op in real arithmetic:
 RMSNorm divides it out; 2 ulps in float32), and the fraction of elements of each per-token
 quantizer's input that sit on an exact tie ``x / s = k + 1/2`` (within 8 ulps), summed over
-quantizers. (b) as low as (a) means the disagreement is the simulation's sensitivity to last-bit
+quantizers (per-token variants). (b) as low as (a) means the disagreement is the simulation's sensitivity to last-bit
 differences, which onnxruntime's float ops (another summation order) supply.
 """
 
@@ -41,9 +43,17 @@ def tokens(seed: int, n: int = 2) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, 256, (n, 16), generator=torch.Generator().manual_seed(seed))}
 
 
-def simulate(model, bits: int) -> QuantizationSimModel:
-    cfg = QuantConfig(param_bw=4, param_block_size=32, output_bw=bits, output_granularity="per_token")
-    sim = QuantizationSimModel(model, tokens(0), cfg)
+VARIANTS = {
+    "int4 g32 + int8 per token": dict(param_bw=4, param_block_size=32, output_bw=8, output_granularity="per_token"),
+    "int4 g32 + int4 per token": dict(param_bw=4, param_block_size=32, output_bw=4, output_granularity="per_token"),
+    "MXFP8 W+A (quant=mxfp8)": dict(param_format="mxfp8", output_format="mxfp8"),
+    "MXFP4 W+A (quant=mxfp4)": dict(param_format="mxfp4", output_format="mxfp4"),
+    "NVFP4 W+A (quant=nvfp4)": dict(param_format="nvfp4", output_format="nvfp4"),
+}
+
+
+def simulate(model, cfg: dict) -> QuantizationSimModel:
+    sim = QuantizationSimModel(model, tokens(0), QuantConfig(**cfg))
     sim.compute_encodings(lambda m, bs: [m(**b) for b in bs], [tokens(s) for s in range(3)])
     return sim
 
@@ -87,16 +97,17 @@ def main() -> None:
         ref = torch.cat([model(**b).logits for b in held_out])
         float_self = sqnr(ref, torch.cat([other(**b).logits for b in held_out]))
     rows = [["float (no quantizers)", "-", "-", f"{float_self:.1f}", "-", "-"]]
-    for bits in (8, 4):
-        sim, twin = simulate(model, bits), simulate(other, bits)
+    for label, cfg in VARIANTS.items():
+        sim, twin = simulate(model, cfg), simulate(other, cfg)
         with tempfile.TemporaryDirectory() as tmp:
             agreement = export_agreement(sim, sim.export(tmp, "m"), held_out)
         with torch.no_grad():
             a = torch.cat([sim.model(**b).logits for b in held_out])
             b = torch.cat([twin.model(**b).logits for b in held_out])
         top1 = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-        rows.append([f"int4 g32 + int{bits} per token", f"{agreement.sqnr_db:.1f}", f"{agreement.top1:.3f}",
-                     f"{sqnr(a, b):.1f}", f"{top1:.3f}", f"{100 * tie_fraction(sim, held_out[0]):.2f}%"])
+        ties = f"{100 * tie_fraction(sim, held_out[0]):.2f}%" if "per token" in label else "-"
+        rows.append([label, f"{agreement.sqnr_db:.1f}", f"{agreement.top1:.3f}", f"{sqnr(a, b):.1f}", f"{top1:.3f}",
+                     ties])
     print(machine())
     print(table(["variant", "ORT vs sim dB", "top-1", "sim vs sim(emb*(1+2^-22)) dB", "top-1", "ties"], rows))
 
