@@ -38,8 +38,7 @@ from torch import nn
 from .build import is_quantizer_key
 from .errors import QuantConfigError
 from .layers import QuantizedModule
-
-ADAPTERS = "lora_adapters"  # the ModuleDict of a target layer, keyed like its param_quantizers
+from .layers.registry import LORA_ADAPTERS as ADAPTERS  # a target layer's ModuleDict, keyed like its quantizers
 
 
 class LoraAdapter(nn.Module):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from tiny_hf_models import make_llama
 
-from orchestrator.quant import QuantConfig, QuantConfigError, QuantizationSimModel, add_lora, export_agreement, merge_lora
+from orchestrator.quant import (QuantConfig, QuantConfigError, QuantizationSimModel, add_lora, export_agreement,
+                                merge_lora)
 from orchestrator.quant.build import is_quantizer_key
 from orchestrator.quant.lora import lora_adapters, lora_candidates
 

@@ -130,12 +130,12 @@ def test_bad_lora_config_is_one_clear_error(overrides, message):
 
 
 def test_an_unknown_lora_target_is_one_clear_error_naming_the_key():
+    import torch
+
+    from orchestrator.quant import QuantConfig, QuantizationSimModel
     from orchestrator.train.adapters import attach_lora
     from orchestrator.train.config import QatSpec, TrialConfigError
-    from orchestrator.quant import QuantConfig, QuantizationSimModel
     from orchestrator.zoo.hf_models import llama_tiny
-
-    import torch
 
     model = llama_tiny(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
     sim = QuantizationSimModel(model, torch.zeros(2, 8, dtype=torch.long), QuantConfig(quantize_activations=False))
