@@ -63,15 +63,15 @@ class LoraAdapter(nn.Module):
 
 def lora_candidates(sim) -> dict[str, QuantizedModule]:
     """The layers LoRA can target: quantized ``nn.Linear`` layers whose weight has a quantizer of its
-    own (a tied weight, quantized once for several modules, is left out: an adapter on one user
-    would change the others)."""
+    own that only this layer applies (a tied weight, or one another module's code also passes to
+    an op, e.g. MHA's ``out_proj.weight``, is left out: the adapter would not reach every use)."""
     entries = {id(e.param): e for e in sim.quantized_params().values()}
     out = {}
     for name, module in sim.model.named_modules():
         if not (isinstance(module, QuantizedModule) and isinstance(module, nn.Linear)):
             continue
         entry = entries.get(id(module.weight))
-        if entry is not None and len(entry.names) == 1 and len(entry.params) == 1:
+        if entry is not None and len(entry.names) == 1 and len(entry.params) == 1 and set(entry.owners) == {name}:
             out[name] = module
     return out
 

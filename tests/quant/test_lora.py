@@ -118,3 +118,23 @@ def test_bad_lora_arguments_are_one_line_errors(kwargs, message):
         add_lora(sim, **{"alpha": 8.0, **kwargs})
     assert "\n" not in str(err.value)
     assert not lora_adapters(sim)
+
+
+def test_a_weight_another_module_also_quantizes_gets_no_adapter():
+    """MHA's ``out_proj.weight`` is applied by the attention's own code (``qparam`` of the MHA layer),
+    not by its ``out_proj`` Linear: an adapter there would not reach the forward."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att, self.fc = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.fc(self.att(x, x, x)[0])
+
+    sim = QuantizationSimModel(Block(), torch.randn(2, 5, 16), QuantConfig())
+    assert "att.out_proj.weight" in sim.quantized_params()
+    assert list(lora_candidates(sim)) == ["fc"]
+    with pytest.raises(QuantConfigError, match=r"pattern 'att\.\*' matches no quantized Linear layer; .*: fc$"):
+        add_lora(sim, rank=2, alpha=2.0, targets=["att.*"])
