@@ -17,6 +17,7 @@ from .errors import (
 from .export import ExportError
 from .host_memory import keep_freed_host_memory
 from .layers import QuantizedModule, register
+from .lora import LoraAdapter, add_lora, merge_lora
 from .outliers import OutlierWarning
 from .qdq import QdqRunner, build_qdq_model
 from .quantizer import QuantizeDequantize
@@ -30,6 +31,7 @@ __all__ = [
     "EncodingsFileError",
     "ExportAgreement",
     "ExportError",
+    "LoraAdapter",
     "NotCalibratedError",
     "QdqRunner",
     "QuantConfig",
@@ -39,8 +41,10 @@ __all__ = [
     "QuantizationSimModel",
     "QuantizeDequantize",
     "QuantizedModule",
+    "add_lora",
     "build_qdq_model",
     "export_agreement",
     "keep_freed_host_memory",
+    "merge_lora",
     "register",
 ]

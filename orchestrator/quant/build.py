@@ -59,14 +59,18 @@ class ParamEntry:
     names: list[str]
     params: list[nn.Parameter]
     owners: list[str]  # modules that quantize it: its layer, and every module whose code passes it to ops
+    adapter: nn.Module | None = None  # its LoRA adapter while it has one (quant/lora.py)
 
     @property
     def param(self) -> nn.Parameter:
         return self.params[0]
 
     def values(self) -> torch.Tensor:
-        """The tensor the quantizer sees: the parameter, or the stacked parameters of a group."""
-        return self.params[0] if len(self.params) == 1 else torch.stack(list(self.params))
+        """The tensor the quantizer sees: the parameter (its effective weight under a LoRA
+        adapter), or the stacked parameters of a group."""
+        if len(self.params) > 1:
+            return torch.stack(list(self.params))
+        return self.params[0] if self.adapter is None else self.adapter(self.params[0])
 
 
 @dataclass

@@ -39,6 +39,7 @@ from .capture import flat_input_leaves, named_arguments
 from .encoding import Encoding
 from .encodings_io import check_version, default_version, encodings_document
 from .errors import QuantError, QuantFileError
+from .lora import merge_lora
 from .onnx_params import ParamLocator
 from .runtime import root_forward
 
@@ -391,13 +392,15 @@ def _alive(pid: int) -> bool:
 def export_sim(sim: QuantizationSimModel, path: str, prefix: str, dummy_input: Any,
                encoding_version: str | None = None) -> dict[str, str]:
     """Write ``{prefix}.pth``, ``{prefix}.onnx`` and ``{prefix}.encodings`` under ``path``
-    (``encoding_version`` None: 1.0.0, or 2.1.0 where an encoding needs it: ``encodings_io``)."""
+    (``encoding_version`` None: 1.0.0, or 2.1.0 where an encoding needs it: ``encodings_io``).
+    LoRA adapters are merged into their weights first (``lora.merge_lora``: ``sim`` keeps them merged)."""
     if encoding_version is not None:
         check_version(encoding_version)
     if not isinstance(prefix, str) or not prefix or os.sep in prefix or prefix.startswith("."):
         raise ExportError(f"filename_prefix={prefix!r} must be a plain file name such as 'model'")
     if not sim.calibrated:
         raise ExportError("export needs encodings: call sim.compute_encodings(...) first")
+    merge_lora(sim)  # LoRA adapters into their weights, in place: the export holds none (quant/lora.py)
     out_dir = Path(path)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

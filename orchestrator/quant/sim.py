@@ -280,6 +280,8 @@ class QuantizationSimModel:
         ``encoding_version``: ``1.0.0``, ``0.6.1``, ``2.0.0`` or ``2.1.0``; None: 1.0.0, or 2.1.0
         when an encoding needs it (MX, NVFP4).
 
+        LoRA adapters (``lora.add_lora``) are merged into their weights first, in place.
+
         Returns the three paths by kind (``pth``, ``onnx``, ``encodings``). See ``export.py``.
         """
         from .export import export_sim

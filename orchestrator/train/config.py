@@ -218,6 +218,31 @@ class PtqSpec:
                  "a finite number >= 0")
 
 
+@dataclass
+class LoraSpec:
+    """QAT with absorbable LoRA adapters on the frozen base (``orchestrator/quant/lora.py``).
+
+    ``rank`` 0: off (every weight trains). ``rank`` r >= 1: every quantized ``nn.Linear`` whose
+    module name matches a pattern of ``targets`` (``fnmatch``: ``*.mlp.*``, ``*q_proj``; default
+    ``*``, every one whose weight is not tied) gets ``A [r, in]`` (Kaiming-uniform, seeded by
+    ``qat.seed``) and ``B [out, r]`` (zeros); its weight quantizer sees ``W + (alpha / r) B @ A``.
+    Everything else (weights, biases, norms, embeddings) is frozen; the adapters train at
+    ``qat.lr`` with ``qat.weight_decay``, learned encodings at ``qat.encoding_lr``. The export
+    merges the adapters into the weights (the same outputs; no adapter in the ONNX graph).
+    """
+
+    rank: int = 0
+    alpha: float = 8.0
+    targets: list[str] = field(default_factory=lambda: ["*"])
+
+    def validate(self) -> None:
+        _require(_is_int(self.rank) and self.rank >= 0, "qat.lora.rank", self.rank, "an integer >= 0 (0: off)")
+        _require(_is_finite(self.alpha) and self.alpha > 0, "qat.lora.alpha", self.alpha, "a finite number > 0")
+        _require(isinstance(self.targets, (list, tuple)) and len(self.targets) > 0
+                 and all(isinstance(t, str) and t for t in self.targets), "qat.lora.targets", self.targets,
+                 "a non-empty list of module-name patterns (fnmatch), e.g. ['*'] or ['*.mlp.*']")
+
+
 def check_init(steps: Any) -> None:
     """``qat.init``: a list of distinct PTQ step names, the steps that go before activation
     calibration (``cle``) first."""
@@ -257,6 +282,7 @@ class QatSpec:
     ``encoding_lr``: learning rate of the trained encodings (range learning), in their own
     optimizer group without weight decay, stepped down with ``lr``. Scales are learned as
     ``log(scale)``, so Adam moves a scale by about ``encoding_lr`` *relative* per step (0.01: 1%).
+    ``lora``: QAT with LoRA adapters on the frozen quantized base (``LoraSpec``; rank 0: off).
     ``init``: PTQ steps run in order on the calibration data before fine-tuning (``cle``,
     ``adaround``, ``seqmse``; settings under ``ptq``); the trial logs ``ptq_after_<step>_<metric>``
     and ``ptq_<step>_s`` for each, ``ptq_plain_<metric>`` for calibration alone.
@@ -295,6 +321,7 @@ class QatSpec:
     seed: int = 0
     restart: bool = False
     distill: DistillSpec = field(default_factory=DistillSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
     init: list[str] = field(default_factory=list)
     ptq: PtqSpec = field(default_factory=PtqSpec)
     bn_reestimate_batches: int = 0
@@ -324,6 +351,7 @@ class QatSpec:
         _require(_is_finite(self.encoding_lr) and 0 < self.encoding_lr <= MAX_LR, "qat.encoding_lr",
                  self.encoding_lr, f"a finite number in (0, {MAX_LR:g}]")
         self.distill.validate()
+        self.lora.validate()
         _require(_is_finite(self.momentum) and 0 <= self.momentum < 1, "qat.momentum", self.momentum, "a number in [0, 1)")
         _require(_is_finite(self.weight_decay) and self.weight_decay >= 0, "qat.weight_decay", self.weight_decay,
                  "a number >= 0")

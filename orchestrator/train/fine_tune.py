@@ -63,7 +63,8 @@ class Training:
         model, teacher = strategy.wrap(sim, teacher)
         if cfg.trainer.compile:
             model = torch.compile(model)
-        optimizer = make_optimizer(qat, sim.model_parameters(), sim.encoding_param_group(qat.encoding_lr))
+        optimizer = make_optimizer(qat, [p for p in sim.model_parameters() if p.requires_grad],  # qat.lora freezes
+                                   sim.encoding_param_group(qat.encoding_lr))
         if sim.quantizer_parameters():
             sim.watch_encodings(optimizer)  # a learned scale at its floor is warned about by name
         loader, sampler = train_loader(train_set, max(1, qat.batch_size // world), rank, world, qat.seed,

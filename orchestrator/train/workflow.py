@@ -7,14 +7,15 @@
    rank holds bit-identical encodings; measure ``ptq_<metric>``;
 3. wrap ``sim.model`` with the trial's strategy (``strategies/``: single, DDP or FSDP2), optionally
    compile it, and fine-tune with the configured loop, optimizer and schedule (``fine_tune.py``;
-   optionally distilling from the FP32 model): per epoch ``train_loss``, ``val_<metric>``,
+   optionally distilling from the FP32 model; with ``qat.lora``, only LoRA adapters on the frozen
+   quantized base and the encodings train, ``adapters.py``): per epoch ``train_loss``, ``val_<metric>``,
    ``lr``, ``epoch_time_s``, ``samples_per_s``, and a checkpoint (model + quantizer state,
    optimizer, scheduler, epoch, metric history; sharded for FSDP);
 4. measure ``test_<metric>``;
 5. rank 0 exports ``{prefix}.pth/.onnx/.encodings`` to ``<output_dir>/export`` and logs them (a
    sharded model is gathered on rank 0 first), then checks the export in onnxruntime against the
    simulation on the first test batches (``qdq_agree_top1``, ``qdq_sqnr_db``; below
-   ``qat.qdq_min_sqnr_db`` the trial fails).
+   ``qat.qdq_min_sqnr_db`` the trial fails). LoRA adapters are merged into the weights first.
 
 Rank 0's MLflow writes run in call order on a background thread (``BackgroundRunLogger``), off
 the path to the first training step; all of them land before the final report.
@@ -41,6 +42,7 @@ from ..quant import ExportError, QuantizationSimModel, export_agreement, keep_fr
 from ..tasks import head, to_device
 from ..tracking.recovery import recovery_metrics
 from ..tracking.run_content import epoch_metric_keys, log_export
+from .adapters import attach_lora, trained_parameters
 from .config import TrialConfig
 from .data import is_iterable
 from .distributed import all_gather, broadcast_quantizer_state, digest, full_quantizer_state, quantizer_state
@@ -165,6 +167,13 @@ class Trial:
             self.log(f"resumed from the checkpoint of epoch {state['epoch']}")
             self.relog(history)
         inputs.calibration = inputs.calibration[:1]  # kept: a lockstep evaluation's filler batch
+        attach_lora(cfg.qat, sim)  # qat.lora: adapters on the frozen base (adapters.py), before wrapping
+        extra.update(trained_parameters(sim))
+        if self.tracker is not None:
+            self.tracker.log_metrics(trained_parameters(sim), step=0)
+        if cfg.qat.lora.rank:
+            self.log(f"LoRA rank {cfg.qat.lora.rank}: {extra['lora_params']:.0f} adapter parameters train, "
+                     f"{extra['trained_params']:.0f} in all with the encodings")
         self.tag_placement()
         distill = self.distillation()
         training = Training.start(cfg, sim, distill.teacher if distill else None, inputs.data.train,
@@ -354,7 +363,8 @@ class Trial:
         cfg, qat, inputs = self.cfg, self.cfg.qat, self.inputs
         cpu_dummy = to_device(inputs.dummy, torch.device("cpu"))
         full = self.strategy.export_sim(
-            sim, lambda: QuantizationSimModel(inputs.reload_model(cfg), cpu_dummy, sim.config), self.rank)
+            sim, lambda: attach_lora(qat, QuantizationSimModel(inputs.reload_model(cfg), cpu_dummy, sim.config)),
+            self.rank)
         if full is None:
             return {}
         export_dir = Path(cfg.output_dir) / "export"

@@ -86,3 +86,83 @@ def test_a_transformers_class_at_target_is_built_from_its_config_and_loads_a_che
     loaded = load_pretrained(spec, data, str(tmp_path / "w.pt"))
     ids = data.train[0]["input_ids"][None]
     assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+W2G32 = {"quant.param_bw": 2, "quant.param_block_size": 32, "quant.quantize_activations": False}
+
+
+@pytest.mark.slow  # ~25 s on 2 shared cores (the tiny baseline is cached by the first test)
+def test_a_tiny_llm_trial_with_lora_trains_only_adapters_and_exports_them_merged(tmp_path, baseline_cache):
+    import torch
+
+    cfg = trial_config(tmp_path, baseline_cache, **TINY, **W2G32, **{
+        "qat.range_learning": True, "qat.learn_weight_encodings": True, "qat.encoding_lr": 1e-3,
+        "qat.lora.rank": 4, "qat.lora.alpha": 8.0})
+    result = run_trial(cfg)
+    m = result.metrics
+    assert m["status"] == "finished"
+    # 7 Linear layers of width 32 (q, k, v, o: 32x32, 32x16 x2, 32x32; gate, up: 64x32; down: 32x64) and
+    # the head (256x32): r * (in + out) each
+    shapes = [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32), (32, 64), (256, 32)]
+    assert m["lora_params"] == 4 * sum(o + i for o, i in shapes)
+    assert m["lora_params"] < m["trained_params"] < m["lora_params"] + 2000  # + the learned block scales
+    assert m["test_ppl"] < m["ptq_ppl"]  # the adapters learned to undo some of W2's loss
+    assert m["qdq_agree_top1"] == 1.0 and m["qdq_sqnr_db"] > 60  # the merged export is the trained model
+    state = torch.load(m["export_pth"], weights_only=True)
+    assert not [k for k in state if "lora" in k]
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.data.params["qat.lora.rank"] == "4"
+    assert run.data.metrics["lora_params"] == m["lora_params"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"qat.lora.rank": -1}, r"^qat\.lora\.rank=-1 is not allowed; allowed: an integer >= 0 \(0: off\)$"),
+    ({"qat.lora.targets": []}, r"^qat\.lora\.targets=\[\] is not allowed; allowed: a non-empty list"),
+    ({"qat.lora.alpha": 0}, r"^qat\.lora\.alpha=0 is not allowed; allowed: a finite number > 0$"),
+])
+def test_bad_lora_config_is_one_clear_error(overrides, message):
+    from orchestrator.train.config import TrialConfig, TrialConfigError
+
+    d = TrialConfig().to_dict()
+    for key, value in overrides.items():
+        d["qat"]["lora"][key.rpartition(".")[2]] = value
+    with pytest.raises(TrialConfigError, match=message) as err:
+        TrialConfig.from_dict(d)
+    assert "\n" not in str(err.value)
+
+
+def test_an_unknown_lora_target_is_one_clear_error_naming_the_key():
+    import torch
+
+    from orchestrator.quant import QuantConfig, QuantizationSimModel
+    from orchestrator.train.adapters import attach_lora
+    from orchestrator.train.config import QatSpec, TrialConfigError
+    from orchestrator.zoo.hf_models import llama_tiny
+
+    model = llama_tiny(hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64)
+    sim = QuantizationSimModel(model, torch.zeros(2, 8, dtype=torch.long), QuantConfig(quantize_activations=False))
+    qat = QatSpec()
+    qat.lora.rank, qat.lora.targets = 4, ["*.self_attn.*", "*.attn_proj"]
+    with pytest.raises(TrialConfigError, match=r"^qat\.lora\.targets pattern '\*\.attn_proj' matches no quantized "
+                                               r"Linear layer; allowed: fnmatch patterns of their names: model\.layers"):
+        attach_lora(qat, sim)
+
+
+@pytest.mark.slow  # ~40 s: 2 Ray Train gloo workers
+def test_the_llm_recipe_with_lora_under_fsdp_exports_the_merged_gathered_model(tmp_path, baseline_cache, ray_local):
+    """FSDP2 shards the adapters with their decoder layers (frozen base weights beside them); every
+    rank ends with the same encodings; rank 0 gathers the adapters into an unsharded simulation,
+    merges them and exports: the export agrees with it in onnxruntime."""
+    cfg = trial_config(tmp_path, baseline_cache, **{**TINY, **W2G32, "trainer.num_workers": 2,
+                                                    "trainer.strategy": "fsdp", "qat.range_learning": True,
+                                                    "qat.learn_weight_encodings": True, "qat.encoding_lr": 1e-3,
+                                                    "qat.distill.enabled": True, "qat.lora.rank": 4})
+    result = run_trial(cfg)
+    m = result.metrics
+    assert m["status"] == "finished" and m["test_ppl"] < m["ptq_ppl"]
+    assert m["lora_params"] == 3200  # as the single-worker trial above: counted before sharding
+    digests = m["encoding_digests"].split(",")
+    assert len(digests) == 2 and len(set(digests)) == 1
+    assert m["qdq_agree_top1"] == 1.0 and m["qdq_sqnr_db"] > 60
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["qat.strategy"] == "fsdp" and run.info.status == "FINISHED"

@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 REGISTRY: dict[type, type] = {}
 REGISTRY_BY_PATH: dict[str, type] = {}
+LORA_ADAPTERS = "lora_adapters"  # a layer's LoRA adapters by parameter key (``quant/lora.py``)
 
 
 def _path(cls: type) -> str:
@@ -115,10 +116,14 @@ class QuantizedModule(nn.Module):
         return [((name,), axis) for name, axis in self.quantized_param_names().items()]
 
     def qparam(self, name: str) -> torch.Tensor:
-        """Parameter ``name`` as the forward pass uses it: through its quantizer, if it has one."""
+        """Parameter ``name`` as the forward pass uses it: with its LoRA adapter (``quant/lora.py``) and
+        through its quantizer, where it has them."""
         owner_name, _, attr = name.rpartition(".")
         value = getattr(self.get_submodule(owner_name) if owner_name else self, attr)
         key = name.replace(".", "__")
+        adapters = self.__dict__["_modules"].get(LORA_ADAPTERS)  # LoRA's effective weight (quant/lora.py)
+        if adapters is not None and key in adapters:
+            value = adapters[key](value)
         quantizers = self.__dict__["_modules"].get("param_quantizers")
         if quantizers is not None and key in quantizers:
             return quantizers[key](value)
@@ -162,4 +167,5 @@ def to_float(module: nn.Module) -> nn.Module:
     new.__dict__.update({k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()})
     new._modules.pop("param_quantizers", None)
     new._modules.pop("output_quantizers", None)
+    new._modules.pop(LORA_ADAPTERS, None)
     return new
