@@ -63,8 +63,9 @@ def trial_config(overrides: list[str]) -> TrialConfig:
 
 def parse_setting(setting: str, scheme_needed: bool) -> tuple[int, int, str | None]:
     match = SETTING.fullmatch(setting)
-    if not match or (scheme_needed and not match[3]):
-        form = "W<bits>A<bits>-<scheme> (e.g. W4A4-sqnr)" if scheme_needed else "W<bits>A<bits> (e.g. W4A4)"
+    if not match or scheme_needed != bool(match[3]):
+        form = ("W<bits>A<bits>-<scheme> (e.g. W4A4-sqnr)" if scheme_needed
+                else "W<bits>A<bits> (e.g. W4A4; with --calibration-only the schemes come from --schemes)")
         raise SystemExit(f"--settings: {setting!r} is not of the form {form}")
     return int(match[1]), int(match[2]), match[3]
 
