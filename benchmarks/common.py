@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: machine description, timing, tables."""
+"""Shared benchmark helpers: machine description, timing, memory saved for backward, tables."""
 
 from __future__ import annotations
 
@@ -88,3 +88,19 @@ def table(header: tuple[str, ...], rows: list[tuple]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def saved_for_backward_bytes(forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of every tensor autograd saves for the backward of ``forward()`` (which returns a
+    tensor to backpropagate from; the backward runs, so the graph is freed)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    out.backward()
+    return total

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_ms, machine, table  # noqa: E402
+from common import interleaved_ms, machine, saved_for_backward_bytes, table  # noqa: E402
 
 from orchestrator.quant import QuantConfig, QuantizationSimModel  # noqa: E402
 
@@ -70,19 +70,6 @@ def llama(hidden: int, layers: int):
 
 def tokens(seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def saved_bytes(model, ids) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids).logits.sum()
-    return total
 
 
 def main() -> None:
@@ -130,7 +117,7 @@ def main() -> None:
     rows = []
     for label in models:
         ms, ratio = timed[label]
-        mem = saved_bytes(models[label], ids) / 2**20
+        mem = saved_for_backward_bytes(lambda m=models[label]: m(input_ids=ids).logits.sum()) / 2**20
         rows.append((label, "-" if label == "FP32" else f"{sqnr[label]:.1f}", f"{ms:.1f}", f"{ratio:.2f}x",
                      f"{mem:.1f}"))
     print(f"# LlamaForCausalLM hidden {args.hidden}, {args.layers} layers, vocab {VOCAB}, batch {BATCH}x{SEQ}; "

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_ms, machine, table  # noqa: E402
+from common import interleaved_ms, machine, saved_for_backward_bytes, table  # noqa: E402
 
 from orchestrator.quant import QuantConfig, QuantizationSimModel, add_lora  # noqa: E402
 from orchestrator.zoo.hf_models import llama_tiny  # noqa: E402
@@ -42,19 +42,6 @@ VOCAB, SEQ = 256, 128
 
 def tokens(batch: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def saved_bytes(model, ids) -> int:
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids).logits.sum()
-    return total
 
 
 def held_bytes(model, opt) -> int:
@@ -106,7 +93,7 @@ def main() -> None:
 
             step()
             held[label] = held_bytes(sim.model, opt)
-            saved[label] = saved_bytes(sim.model, ids)
+            saved[label] = saved_for_backward_bytes(lambda: sim.model(input_ids=ids).logits.sum())
             trained[label] = sum(p.numel() for p in sim.model.parameters() if p.requires_grad)
             steps[label] = step
         timed = interleaved_ms(steps, torch.device("cpu"), warmup=1, rounds=args.rounds, per_round=2,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import host_memory, interleaved_ms, machine, table  # noqa: E402
+from common import host_memory, interleaved_ms, machine, saved_for_backward_bytes, table  # noqa: E402
 
 from orchestrator.quant import QuantConfig, QuantizationSimModel, kernels  # noqa: E402
 from orchestrator.zoo.models import DigitsCNN, ResNetCifar  # noqa: E402
@@ -163,20 +163,6 @@ def torch_ao_qat(model: nn.Module) -> nn.Module:
     return prepare_qat(m)
 
 
-def saved_bytes(step_model: nn.Module, inputs: Any, y: torch.Tensor) -> int:
-    total = 0
-
-    def pack(t: torch.Tensor):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(call(step_model, inputs), y)
-    loss.backward()
-    return total
-
-
 def peak_cuda_bytes(step) -> int:
     torch.cuda.reset_peak_memory_stats()
     step()
@@ -220,7 +206,7 @@ def bench_model(name: str, device: torch.device, args: argparse.Namespace) -> li
             opt.step()
 
         steps[label] = step
-        mems[label] = peak_cuda_bytes(step) if device.type == "cuda" else saved_bytes(runner, inputs, y)
+        mems[label] = peak_cuda_bytes(step) if device.type == "cuda" else saved_for_backward_bytes(lambda: F.cross_entropy(call(runner, inputs), y))
     given = interleaved_ms(steps, device, args.warmup, args.rounds, args.per_round, "FP32 (as given)")
     folded = interleaved_ms(steps, device, 0, args.rounds, args.per_round, "FP32, BN folded")
     ref_mem, fold_mem = mems["FP32 (as given)"], mems["FP32, BN folded"]
