@@ -105,12 +105,14 @@ def mlp_data(n: int = 4) -> list[torch.Tensor]:
     return [torch.randn(64, 6, generator=g) @ mix + 0.1 * torch.randn(64, 16, generator=g) for _ in range(n)]
 
 
-@pytest.mark.parametrize("range_learning, quantized_inputs", [(False, True), (True, True), (False, False)],
-                         ids=["static", "range_learning", "static-float-inputs"])
-def test_adaround_weights_on_grid_and_better_than_nearest(range_learning, quantized_inputs):
+@pytest.mark.parametrize("range_learning, quantized_inputs, block", [
+    (False, True, 0), (True, True, 0), (False, False, 0), (False, True, 8), (True, True, 8)],
+    ids=["static", "range_learning", "static-float-inputs", "static-blocks", "range_learning-blocks"])
+def test_adaround_weights_on_grid_and_better_than_nearest(range_learning, quantized_inputs, block):
+    """Per channel and per block (int3 in blocks of 8 along the input dim: the grid of each block)."""
     batches = mlp_data()
     cfg = QuantConfig(param_bw=3, output_bw=16, range_learning=range_learning,
-                      learn_weight_encodings=range_learning)
+                      learn_weight_encodings=range_learning, param_block_size=block)
     sim = QuantizationSimModel(two_layer_mlp(), batches[0][:2], cfg)
     calibrate(sim, batches)
     layers = target_layers(sim)
@@ -167,6 +169,50 @@ def test_seqmse_finds_the_output_optimal_clipping():
     with torch.no_grad():
         out = sim.model(batches[0])
     torch.testing.assert_close(out[:, 0], layer(batches[0])[:, 0], rtol=0, atol=1e-3)  # 16-bit output steps
+
+
+@pytest.mark.parametrize("range_learning", [False, True], ids=["follow", "learned"])
+def test_seqmse_on_per_block_weights_lowers_the_layer_error_and_keeps_the_blocks(range_learning):
+    batches = mlp_data()
+    sim = QuantizationSimModel(two_layer_mlp(), batches[0][:2],
+                               QuantConfig(param_bw=3, output_bw=16, param_block_size=8,
+                                           range_learning=range_learning, learn_weight_encodings=range_learning))
+    calibrate(sim, batches)
+    first = target_layers(sim)[0]
+    with quantization_off(sim):
+        y = first.activate(collect(sim, [first], run, batches, inputs=False, outputs=True)["0"]["output"])
+    x = collect(sim, [first], run, batches)["0"]["input"]
+    before = current_encoding(first.entry)
+    assert tuple(before.scale.shape) == (32, 2)  # a scale per (output channel, block of 8 inputs)
+
+    def layer_error() -> float:
+        with torch.no_grad():
+            return float(reconstruction_error(first, x, first.entry.quantizer(first.entry.values()), y))
+
+    err_before = layer_error()
+    chosen = seqmse(sim, run, batches, SeqMseParams(candidates=10))
+    after = current_encoding(first.entry)
+    assert chosen["0"].shape == (32,) and tuple(after.scale.shape) == (32, 2)
+    # each channel's blocks were clipped by that channel's ratio: their scales shrank by it
+    ratio = after.scale / before.scale
+    torch.testing.assert_close(ratio, chosen["0"][:, None].expand(32, 2).float(), rtol=1e-4, atol=0)
+    assert layer_error() <= err_before
+
+
+@pytest.mark.parametrize("cfg", [dict(param_format="float8_e4m3fn"), dict(param_format="nvfp4"),
+                                 dict(param_format="lpbq", param_bw=4, param_block_size=8)],
+                         ids=["fp8", "nvfp4", "lpbq"])
+@pytest.mark.parametrize("step", ["adaround", "seqmse"])
+def test_weights_without_a_free_integer_grid_are_refused_in_one_line(cfg, step):
+    from orchestrator.quant import QuantConfigError
+
+    batches = mlp_data()
+    sim = QuantizationSimModel(two_layer_mlp(), batches[0][:2], QuantConfig(output_bw=16, **cfg))
+    calibrate(sim, batches)
+    with pytest.raises(QuantConfigError, match=f"{step}: the weight of layer '0' is quantized as .* allowed: int "
+                                               "weights per tensor, per channel or per block") as info:
+        (adaround if step == "adaround" else seqmse)(sim, run, batches)
+    assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------- BN re-estimation

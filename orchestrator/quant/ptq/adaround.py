@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..encoding import qmax_of
-from .grid import current_encoding, pin_encoding, scale_offset
+from .grid import check_integer_grid, current_encoding, pin_encoding, scale_offset
 from .layers import Layer, Run, collect, quantization_off, target_layers
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (the paper's values)
@@ -113,6 +113,7 @@ def adaround(sim, run: Run, batches: list, params: AdaRoundParams | None = None,
     p = params or AdaRoundParams()
     data = batches if p.num_batches is None else batches[:p.num_batches]
     todo = target_layers(sim, layers)
+    check_integer_grid({l.name: l.entry for l in todo}, "adaround")
     with quantization_off(sim):
         targets = collect(sim, todo, run, data, inputs=False, outputs=True)
     if not p.quantized_inputs:

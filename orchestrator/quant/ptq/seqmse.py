@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+import dataclasses
+
+from ..granularity import reduce_blocks
 from ..quantizer import encoding_from_range
-from ..encoding import Encoding
-from .grid import current_encoding, nearest, pin_encoding
+from .grid import check_integer_grid, current_encoding, nearest, pin_encoding
 from .layers import Layer, Run, collect, quantization_off, target_layers
 
 
@@ -47,12 +49,17 @@ def search_layer(layer: Layer, x: torch.Tensor, target: torch.Tensor, candidates
     entry = layer.entry
     enc = current_encoding(entry)
     w = entry.param.detach()
-    lo, hi = (t.float().cpu() for t in channel_minmax(w, enc.axis))
+    if enc.per_block:  # every block of a channel clipped by the channel's ratio (the output error is per channel)
+        lo, hi = (t.float().cpu() for t in reduce_blocks(w, enc.block_scale_shape(tuple(w.shape))))
+        per_channel = [-1 if d == enc.axis % w.dim() else 1 for d in range(w.dim())]
+    else:
+        lo, hi = (t.float().cpu() for t in channel_minmax(w, enc.axis))
+        per_channel = [-1]
     ratios = [i / candidates for i in range(1, candidates + 1)]
     best_err = best_ratio = best_scale = best_offset = None
     for r in ratios:
         scale, offset = encoding_from_range(lo * r, hi * r, enc.bitwidth, enc.symmetric)
-        cand = Encoding(enc.bitwidth, enc.symmetric, scale, offset, enc.axis)
+        cand = dataclasses.replace(enc, scale=scale, offset=offset)
         err = (layer.compute(x, nearest(w, cand)) - target).square()
         err = err.movedim(layer.out_channel_dim, 0).reshape(err.shape[layer.out_channel_dim], -1).sum(1).cpu()
         if enc.axis is None:
@@ -64,6 +71,7 @@ def search_layer(layer: Layer, x: torch.Tensor, target: torch.Tensor, candidates
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_ratio = torch.where(better, torch.full_like(best_ratio, r), best_ratio)
+        better = better.reshape(per_channel)
         best_scale = torch.where(better, scale, best_scale)
         best_offset = torch.where(better, offset, best_offset)
     pin_encoding(entry, best_scale, best_offset)
@@ -82,6 +90,7 @@ def seqmse(sim, run: Run, batches: list, params: SeqMseParams | None = None,
         raise ValueError(f"candidates={p.candidates!r} must be an integer >= 1")
     data = batches if p.num_batches is None else batches[:p.num_batches]
     todo = target_layers(sim, layers)
+    check_integer_grid({l.name: l.entry for l in todo}, "seqmse")
     with quantization_off(sim):
         targets = collect(sim, todo, run, data, inputs=False, outputs=True)
     chosen = {}
