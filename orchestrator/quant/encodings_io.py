@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from .block_formats import ACTIVATION_BLOCK_FORMATS, BLOCK_FORMATS
 from .config import MAX_BITWIDTH, MIN_BITWIDTH
 from .encoding import AXIS_UNKNOWN, Encoding, symmetric_offset
 from .formats import FORMATS
@@ -52,7 +53,8 @@ from .errors import EncodingsFileError
 ENCODING_VERSIONS = ("1.0.0", "0.6.1", "2.0.0", "2.1.0")
 V2 = ("2.0.0", "2.1.0")
 NEEDS_V2 = ("mx", "nvfp4")  # two-level schemes that 1.0.0 cannot express
-DYNAMIC_BLOCK_SCHEMES = ("mx", "nvfp4")  # block formats of dynamic activations (granularity.PerTokenBlocks)
+# Block schemes of dynamic activations (granularity.PerTokenBlocks): those of the activation block formats.
+DYNAMIC_BLOCK_SCHEMES = tuple(dict.fromkeys(BLOCK_FORMATS[n].granularity.name for n in ACTIVATION_BLOCK_FORMATS))
 
 
 def default_version(encodings: list[Encoding]) -> str:

@@ -168,9 +168,10 @@ class Trial:
             self.relog(history)
         inputs.calibration = inputs.calibration[:1]  # kept: a lockstep evaluation's filler batch
         attach_lora(cfg.qat, sim)  # qat.lora: adapters on the frozen base (adapters.py), before wrapping
-        extra.update(trained_parameters(sim))
+        trained = trained_parameters(sim)
+        extra.update(trained)
         if self.tracker is not None:
-            self.tracker.log_metrics(trained_parameters(sim), step=0)
+            self.tracker.log_metrics(trained, step=0)
         if cfg.qat.lora.rank:
             self.log(f"LoRA rank {cfg.qat.lora.rank}: {extra['lora_params']:.0f} adapter parameters train, "
                      f"{extra['trained_params']:.0f} in all with the encodings")
