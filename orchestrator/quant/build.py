@@ -191,7 +191,7 @@ def build(model: nn.Module, args: tuple, kwargs: dict, cfg: QuantConfig) -> Buil
     device = _device_of(model)
     root = _swap_layers(copy.deepcopy(model), cfg.leaf_modules)
     graph = capture(root, args, kwargs, cfg.leaf_modules)
-    plan = make_plan(graph, cfg.fold_batchnorm)
+    plan = make_plan(graph, cfg.fold_batchnorm, cfg.activation_sites)
     folded = fold_batchnorms(root, plan.folds)
     built = BuiltSim(root, graph, plan, folded)
     b = _Builder(cfg, device)
@@ -300,10 +300,11 @@ def _attach_activations(built: BuiltSim, b: _Builder, args: tuple, kwargs: dict)
                     built.activation_sources[q.name] = f"{p} of scaled_dot_product_attention"
                 names[node.index * 1000] = parts["output"].name
             elif site.outputs == [0] and len(node.outputs) == 1:
-                holder[node.key] = q = b.activation(prefix)
-                built.activations[prefix] = q
-                built.activation_sources[prefix] = f"output of {node.op}"
-                names[node.index * 1000] = prefix
+                name = f"{prefix}.output" if node.op == "sdpa" else prefix  # the attention's output: one name
+                holder[node.key] = q = b.activation(name)
+                built.activations[name] = q
+                built.activation_sources[name] = f"output of {node.op}"
+                names[node.index * 1000] = name
             else:
                 parts = nn.ModuleDict({str(i): b.activation(f"{prefix}.output_{i}") for i in site.outputs})
                 holder[node.key] = parts

@@ -9,6 +9,7 @@ from .errors import QuantConfigError
 from .block_formats import ACTIVATION_BLOCK_FORMATS, BLOCK_FORMATS
 from .formats import FORMAT_NAMES, FORMATS
 from .observers import OBSERVERS, PERCENTILE
+from .placement import ACTIVATION_SITES
 
 MIN_BITWIDTH = 2
 MAX_BITWIDTH = 16
@@ -116,6 +117,10 @@ class QuantConfig:
         output_granularity: ``per_tensor`` (calibrated, as before) or ``per_token``: dynamic,
             each token's scale from its own values at run time (torchao's 8da4w activations).
         quantize_activations: False leaves every activation float (weight-only quantization).
+        activation_sites: where activation quantizers go: ``outputs`` (AIMET's placement: every
+            model input and compute op output, ``placement.py``) or ``layer_inputs`` (torchao's
+            8da4w and ModelOpt's W4A4/NVFP4: only the values that enter a conv/linear layer; norms,
+            residual adds, softmax and the attention's matmuls stay float).
     """
 
     param_bw: int = 8
@@ -135,6 +140,7 @@ class QuantConfig:
     param_block_size: int = 0
     output_granularity: str = "per_tensor"
     quantize_activations: bool = True
+    activation_sites: str = "outputs"
 
     def __post_init__(self) -> None:
         check_bitwidth("param_bw", self.param_bw)
@@ -167,6 +173,7 @@ class QuantConfig:
         _check_block_size("param_block_size", self.param_block_size)
         _check_choice("output_granularity", self.output_granularity, ACTIVATION_GRANULARITIES)
         _check_bool("quantize_activations", self.quantize_activations)
+        _check_choice("activation_sites", self.activation_sites, ACTIVATION_SITES)
         if self.param_block_size and not self.per_channel:
             raise QuantConfigError(f"param_block_size={self.param_block_size} needs per_channel=True (blocks are "
                                    "per output channel); allowed: 0 with per_channel=False")

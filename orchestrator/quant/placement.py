@@ -20,6 +20,14 @@ Rules (DESIGN.md, "Default placement"):
   other code passes straight to an op (per channel where the op says which axis holds output
   channels, per tensor otherwise); biases and other 1-D parameters stay float.
 - A BatchNorm whose only input is a conv/linear used nowhere else is folded into it.
+
+``activation_sites="layer_inputs"`` keeps, of the activation quantizers above, only those whose
+value reaches a weighted layer (conv/linear, ``F.linear``/``F.conv*``, ``addmm``) as its input,
+looking through data movement: the placement of torchao's 8da4w and ModelOpt's W4A4/NVFP4
+(quantizers at the inputs of the matmuls with weights; norms, residual adds, softmax and the
+attention's own matmuls stay float). A quantizer sits on the producer's output, so a value that
+also feeds another op reaches it quantized too (a residual branch beside a conv); the others are
+listed as float with the reason.
 """
 
 from __future__ import annotations
@@ -45,6 +53,11 @@ PARAM_AXIS = {("linear", 1): LINEAR, ("conv1d", 1): LINEAR, ("conv2d", 1): LINEA
               ("embedding", 1): LINEAR, ("conv_transpose1d", 1): TRANSPOSED, ("conv_transpose2d", 1): TRANSPOSED,
               ("conv_transpose3d", 1): TRANSPOSED, ("matmul", 1): MATMUL_B, ("mm", 1): MATMUL_B,
               ("bmm", 1): MATMUL_B, ("addmm", 2): MATMUL_B}
+# Where a layer function takes its activation input (``addmm(bias, x, weight)``).
+LAYER_INPUT_POSITION = {"linear": 0, "conv1d": 0, "conv2d": 0, "conv3d": 0, "conv_transpose1d": 0,
+                        "conv_transpose2d": 0, "conv_transpose3d": 0, "addmm": 1}
+ACTIVATION_SITES = ("outputs", "layer_inputs")
+NOT_A_LAYER_INPUT = "not the input of a weighted layer (activation_sites='layer_inputs')"
 
 
 @dataclass
@@ -127,6 +140,27 @@ class _Rules:
             users, src, out = user.consumers[0], user.index, 0
         return None
 
+    def feeds_layer(self, node: Node, leaf: int) -> bool:
+        """Some op consuming ``node``'s output ``leaf`` (looking through data movement) is a weighted
+        layer taking it as its activation input (``LAYER_INPUT_POSITION``; a layer module's inputs)."""
+        pending, seen = [(node.index, leaf)], set()
+        while pending:
+            src, out = pending.pop()
+            for u in self.nodes[src].consumers[out] if src >= 0 else []:
+                if u == MODEL_OUTPUT or (u, src, out) in seen:
+                    continue
+                seen.add((u, src, out))
+                user = self.nodes[u]
+                if self.transparent(user):
+                    pending.extend((user.index, i) for i in range(len(user.outputs)))
+                    continue
+                positions = [k for k, i in enumerate(user.inputs) if i.node == src and i.output == out]
+                if user.kind == "module" and _is_layer(user):
+                    return True
+                if user.kind == "function" and LAYER_INPUT_POSITION.get(user.op) in positions:
+                    return True
+        return False
+
     def is_attention_mask(self, node: Node, leaf: int) -> bool:
         """``node``'s output ``leaf`` is used only as the ``attn_mask`` of a scaled dot-product
         attention (its 4th tensor argument): it joins the scores inside the attention's softmax."""
@@ -179,14 +213,19 @@ class _Rules:
         return folds
 
 
-def make_plan(graph: CapturedGraph, fold_batchnorm: bool) -> Plan:
-    """The quantizer placement for ``graph`` (see the module docstring)."""
+def make_plan(graph: CapturedGraph, fold_batchnorm: bool, activation_sites: str = "outputs") -> Plan:
+    """The quantizer placement for ``graph`` (see the module docstring); ``activation_sites``: one
+    of ``ACTIVATION_SITES``."""
     rules = _Rules(graph)
     plan = Plan(folds=rules.find_folds() if fold_batchnorm else [])
+    layer_inputs_only = activation_sites == "layer_inputs"
     for node in graph.nodes:
         if node.kind == "input":
             if node.outputs[0].is_float and node.consumers[0]:
-                plan.inputs.append(node.op)
+                if layer_inputs_only and not rules.feeds_layer(node, 0):
+                    plan.float_outputs.append((node.op, NOT_A_LAYER_INPUT))
+                else:
+                    plan.inputs.append(node.op)
             continue
         _collect_free_params(node, plan)
         if node.kind == "function" and node.key == "" and not node.pass_through:
@@ -202,6 +241,8 @@ def make_plan(graph: CapturedGraph, fold_batchnorm: bool) -> Plan:
                 plan.pass_through_count += 1
                 continue
             why = rules.fused_with(node, i)
+            if why is None and layer_inputs_only and not rules.feeds_layer(node, i):
+                why = NOT_A_LAYER_INPUT
             if why is not None:
                 plan.float_outputs.append((node_name(node), why))
                 continue
@@ -214,7 +255,8 @@ def make_plan(graph: CapturedGraph, fold_batchnorm: bool) -> Plan:
                 continue
             plan.module_outputs[node.owner] = leaves
         else:
-            site = FunctionSite(node.key, node.op, leaves, sdpa=node.op == "sdpa")
+            # layer inputs only: the attention runs as written, its output quantized like any op's
+            site = FunctionSite(node.key, node.op, leaves, sdpa=node.op == "sdpa" and not layer_inputs_only)
             plan.functions.setdefault(node.owner, {})[node.key] = site
     return plan
 

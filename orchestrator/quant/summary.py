@@ -97,11 +97,24 @@ def _float_lines(sim: QuantizationSimModel) -> list[str]:
     return lines
 
 
+def _format_text(fmt: str, bits: int) -> str:
+    """``4`` for an integer format of 4 bits, else the format's name (``nvfp4``, ``float8_e4m3fn``)."""
+    return str(bits) if fmt == "int" else fmt
+
+
 def render_summary(sim: QuantizationSimModel) -> str:
     cfg = sim.config
     mode = "range learning" if cfg.range_learning else "static activation encodings"
+    label = f"W{_format_text(cfg.param_format, cfg.param_bw)}" + (
+        f"g{cfg.param_block_size}" if cfg.param_block_size else "")
+    if cfg.quantize_activations:
+        label += f"A{_format_text(cfg.output_format, cfg.output_bw)}" + (
+            " per token" if cfg.output_granularity == "per_token" else "") + (
+            " at layer inputs" if cfg.activation_sites == "layer_inputs" else "")
+    else:
+        label += ", float activations"
     lines = [
-        f"QuantizationSimModel of {sim.original_class.__name__}: W{cfg.param_bw}A{cfg.output_bw}, activations "
+        f"QuantizationSimModel of {sim.original_class.__name__}: {label}; calibration: activations "
         f"{cfg.quant_scheme}, weights {cfg.param_quant_scheme} {'per channel' if cfg.per_channel else 'per tensor'}, "
         f"{mode}" + (", weight encodings learned" if cfg.learn_weight_encodings else ""),
     ]

@@ -139,7 +139,7 @@ class MixedSpec:
 class QuantSpec:
     """Bit widths, formats, granularities and calibration: the fields of ``QuantConfig`` that describe
     the target (``param_format``/``output_format``, ``param_block_size``, ``output_granularity``,
-    ``quantize_activations``, ``param_quant_scheme``; ``overrides`` by quantizer-name pattern, e.g.
+    ``quantize_activations``, ``activation_sites``, ``param_quant_scheme``; ``overrides`` by quantizer-name pattern, e.g.
     ``{"classifier*": {"enabled": false}, "*.attn.*": {"format": "float8_e4m3fn"}}``: see
     ``QuantConfig``); ``mixed``: mixed precision chosen from sensitivity."""
 
@@ -157,6 +157,7 @@ class QuantSpec:
     param_block_size: int = QuantConfig.param_block_size
     output_granularity: str = QuantConfig.output_granularity
     quantize_activations: bool = QuantConfig.quantize_activations
+    activation_sites: str = QuantConfig.activation_sites
     overrides: dict[str, Any] = field(default_factory=dict)
     mixed: MixedSpec = field(default_factory=MixedSpec)
 
@@ -525,6 +526,7 @@ class TrialConfig(TrialSections):
                 per_channel=q.per_channel, fold_batchnorm=q.fold_batchnorm, leaf_modules=tuple(q.leaf_modules),
                 param_format=q.param_format, output_format=q.output_format, param_block_size=q.param_block_size,
                 output_granularity=q.output_granularity, quantize_activations=q.quantize_activations,
+                activation_sites=q.activation_sites,
                 range_learning=t.range_learning, learn_weight_encodings=t.learn_weight_encodings,
                 lsq_grad_scaling=t.lsq_grad_scaling, overrides={**q.overrides, **(overrides or {})},
             )
