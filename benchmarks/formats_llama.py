@@ -11,11 +11,12 @@ forward pass (CPU), as ``step_overhead.py`` reports.
 
 Variants: weight-only int4 per output channel; weight-only int4 in blocks of 32, 64 and 128 along the
 input dim (``quant=w4g128``); int4 g32 weights + int8 dynamic per-token activations
-(``quant=w4g32a8``); FP8 e4m3 weights per channel + activations per tensor (``quant=fp8``); W4 LPBQ
-in blocks of 64 (``quant=w4lpbq``, with its 16-bit activations, and weight-only); MXFP8, MXFP4 and
-NVFP4 weight-only and with their dynamic block activations (``quant=mxfp8``/``mxfp4``/``nvfp4``);
-W8A8. The block/float paths run
-the reference op (ATen), the per-channel int paths the fused C++ op.
+on every op output and at the Linear inputs only (``quant=w4g32a8``); FP8 e4m3 weights per channel
++ activations per tensor, both placements (``quant=fp8``: Linear inputs); W4 LPBQ in blocks of 64
+(``quant=w4lpbq``, with its 16-bit activations, and weight-only); MXFP8, MXFP4 and NVFP4 weight-only
+and with their dynamic block activations on every op output and at the Linear inputs
+(``quant=mxfp8``/``mxfp4``/``nvfp4``); W8A8. The float paths run the reference op (ATen), the
+integer paths the fused C++ op.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ VARIANTS = {
     "W4 per-channel (weight-only)": dict(param_bw=4, quantize_activations=False),
     "W4 g128 (weight-only)": dict(param_bw=4, param_block_size=128, quantize_activations=False),
     "W4 g32 (weight-only)": dict(param_bw=4, param_block_size=32, quantize_activations=False),
-    "W4 g32 A8 per-token": dict(param_bw=4, param_block_size=32, output_granularity="per_token"),
-    "FP8 e4m3 W+A": dict(param_format="float8_e4m3fn", output_format="float8_e4m3fn", quant_scheme="min_max"),
+    "W4 g32 A8 per-token, every op output": dict(param_bw=4, param_block_size=32, output_granularity="per_token"),
+    "FP8 e4m3 W+A, every op output": dict(param_format="float8_e4m3fn", output_format="float8_e4m3fn", quant_scheme="min_max"),
     "W4 g64 (weight-only)": dict(param_bw=4, param_block_size=64, quantize_activations=False),
     "W4 LPBQ g64 A16 (quant=w4lpbq)": dict(param_bw=4, param_format="lpbq", param_block_size=64, output_bw=16),
     "W4 LPBQ g64 (weight-only)": dict(param_bw=4, param_format="lpbq", param_block_size=64,
@@ -45,9 +46,20 @@ VARIANTS = {
     "MXFP8, weight-only": dict(param_format="mxfp8", quantize_activations=False),
     "MXFP4, weight-only": dict(param_format="mxfp4", quantize_activations=False),
     "NVFP4, weight-only": dict(param_format="nvfp4", quantize_activations=False),
-    "MXFP8 W+A (quant=mxfp8)": dict(param_format="mxfp8", output_format="mxfp8"),
-    "MXFP4 W+A (quant=mxfp4)": dict(param_format="mxfp4", output_format="mxfp4"),
-    "NVFP4 W+A (quant=nvfp4)": dict(param_format="nvfp4", output_format="nvfp4"),
+    "MXFP8 W+A, every op output": dict(param_format="mxfp8", output_format="mxfp8"),
+    "MXFP4 W+A, every op output": dict(param_format="mxfp4", output_format="mxfp4"),
+    "NVFP4 W+A, every op output": dict(param_format="nvfp4", output_format="nvfp4"),
+    "W4 g32 A8 per-token at layer inputs (quant=w4g32a8)": dict(param_bw=4, param_block_size=32,
+                                                               output_granularity="per_token",
+                                                               activation_sites="layer_inputs"),
+    "FP8 e4m3 W+A at layer inputs (quant=fp8)": dict(param_format="float8_e4m3fn", output_format="float8_e4m3fn",
+                                                     quant_scheme="min_max", activation_sites="layer_inputs"),
+    "MXFP8 W+A at layer inputs (quant=mxfp8)": dict(param_format="mxfp8", output_format="mxfp8",
+                                                    activation_sites="layer_inputs"),
+    "MXFP4 W+A at layer inputs (quant=mxfp4)": dict(param_format="mxfp4", output_format="mxfp4",
+                                                    activation_sites="layer_inputs"),
+    "NVFP4 W+A at layer inputs (quant=nvfp4)": dict(param_format="nvfp4", output_format="nvfp4",
+                                                    activation_sites="layer_inputs"),
     "W8A8 (per-channel/per-tensor)": dict(),
 }
 VOCAB, SEQ, BATCH = 256, 32, 4

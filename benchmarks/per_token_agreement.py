@@ -46,9 +46,9 @@ def tokens(seed: int, n: int = 2) -> dict[str, torch.Tensor]:
 VARIANTS = {
     "int4 g32 + int8 per token": dict(param_bw=4, param_block_size=32, output_bw=8, output_granularity="per_token"),
     "int4 g32 + int4 per token": dict(param_bw=4, param_block_size=32, output_bw=4, output_granularity="per_token"),
-    "MXFP8 W+A (quant=mxfp8)": dict(param_format="mxfp8", output_format="mxfp8"),
-    "MXFP4 W+A (quant=mxfp4)": dict(param_format="mxfp4", output_format="mxfp4"),
-    "NVFP4 W+A (quant=nvfp4)": dict(param_format="nvfp4", output_format="nvfp4"),
+    "MXFP8 W+A, every op output": dict(param_format="mxfp8", output_format="mxfp8"),
+    "MXFP4 W+A, every op output": dict(param_format="mxfp4", output_format="mxfp4"),
+    "NVFP4 W+A, every op output": dict(param_format="nvfp4", output_format="nvfp4"),
 }
 
 

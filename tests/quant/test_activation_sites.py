@@ -102,3 +102,18 @@ def test_trial_config_carries_activation_sites_into_the_simulation():
     with pytest.raises(TrialConfigError, match=r"^quant\.activation_sites='all' is not allowed; allowed: outputs, "
                                                r"layer_inputs$"):
         TrialConfig.from_dict({"quant": {"activation_sites": "all"}}).validate()
+
+
+@pytest.mark.parametrize("preset,expected", [("w4g32a8", "layer_inputs"), ("w4g32a4", "layer_inputs"),
+                                             ("fp8", "layer_inputs"), ("mxfp8", "layer_inputs"),
+                                             ("mxfp4", "layer_inputs"), ("nvfp4", "layer_inputs"),
+                                             ("w8a8", "outputs"), ("w4a4", "outputs")])
+def test_presets_named_after_torchao_and_modelopt_use_their_placement(preset, expected):
+    from helpers_sweep import hydra_app
+    from omegaconf import OmegaConf
+
+    from orchestrator.train.config import TrialConfig
+
+    with hydra_app("train", (f"quant={preset}",)) as (_, master):
+        quant = OmegaConf.to_container(master.quant, resolve=True)
+    assert TrialConfig.from_dict({"quant": quant}).quant_config().activation_sites == expected
