@@ -11,11 +11,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from numerics_reference import division_differs, float_grid, nearest_float, numpy_qdq, values_with_ties
+from quant_checks import assert_compiles_like_eager
 
 from orchestrator.quant import QuantizeDequantize
 from orchestrator.quant.fake_quant import fake_quantize
 from orchestrator.quant.formats import FORMATS, IntFormat
-from orchestrator.quant.granularity import PerBlock, PerChannel, PerToken, blocks_as_rows, reduce_blocks
+from orchestrator.quant.granularity import PerBlock, PerChannel, PerToken, blocks_as_rows, full_rank_scale, reduce_blocks
 from orchestrator.quant.reference import (
     fake_quantize_general,
     quantize_dequantize_backward,
@@ -287,3 +288,45 @@ def test_learned_op_is_the_chain_rule_through_exp(learn_offset):
     torch.testing.assert_close(log_s.grad, log_s2.grad)
     if learn_offset:
         torch.testing.assert_close(off.grad, off2.grad)
+
+
+COMPILE_CASES = {  # quantizer kwargs, input shape
+    "int8 per tensor, fixed": (dict(bitwidth=8, symmetric=False), (4, 8, 6, 6)),
+    "int8 per channel axis 1, fixed": (dict(bitwidth=8, symmetric=False, channels=8, axis=1), (4, 8, 6, 6)),
+    "int4 blocks of a conv weight's input channels, follow": (
+        dict(bitwidth=4, symmetric=True, granularity=PerBlock(0, 1, 8), shape=(4, 16, 3, 3), follow=True,
+             is_param=True), (4, 16, 3, 3)),
+    "int4 blocks along axis 0 (HF Conv1D), fixed": (
+        dict(bitwidth=4, symmetric=True, granularity=PerBlock(1, 0, 32), shape=(64, 8), is_param=True), (64, 8)),
+    "int8 per token": (dict(bitwidth=8, symmetric=False, granularity=PerToken()), (2, 5, 32)),
+    "fp8 per channel, fixed": (dict(bitwidth=8, symmetric=True, channels=8, axis=1, fmt=FORMATS["float8_e4m3fn"]),
+                               (4, 8, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_CASES))
+def test_every_granularity_compiles_to_one_op_and_new_encodings_never_recompile(name):
+    """``torch.compile``: one quantize op, no graph break, eager's forward and input gradient bit for
+    bit; setting other encodings (fixed quantizers) runs the same graph."""
+    kwargs, shape = COMPILE_CASES[name]
+    q = QuantizeDequantize("q", **kwargs)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if q.needs_calibration and not q.follow:  # the min-max range of each scale element's block
+        full = q.scale_shape if isinstance(q.granularity, PerBlock) else \
+            full_rank_scale(torch.zeros(q.scale_shape), x.dim(), q.axis).shape
+        q.set_range(*reduce_blocks(x, tuple(full)))
+    assert_compiles_like_eager(q, x, quantize_ops=1)
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(q, backend=counting_backend, fullgraph=True)
+    for step in range(3):
+        out = compiled(x)
+        assert torch.equal(out, q(x))
+        if q.needs_calibration and not q.follow:
+            q.set_encoding(q.scale * 1.1, q.offset)
+    assert len(compiles) == 1
+    torch._dynamo.reset()

@@ -26,7 +26,8 @@
 // scale[i / B], B = x.shape / scale.shape per dim (per channel [1, C, 1, 1], per block [C, K / B], per
 // token [..., 1]). offset: one element or the scale's shape. grad_scale/grad_offset come back in their
 // shapes. The layout is computed once per call (Layout): x as rows under one scale element each; every
-// layout runs the kernel (the common ones are one run (outer, C, inner), the others index the scale per row).
+// layout runs the kernel (the common ones are one run (outer, C, inner), the others index the scale per
+// row); a last dim indexed element by element is moved first (moves_last_dim) so rows are not one element.
 // Arithmetic in float32: other dtypes of x are upcast and the result cast back (as the reference does).
 // One pass over x forward, one backward; reductions accumulate in double. Other devices: the reference's
 // ATen ops (registered from kernels/__init__.py) or Triton on CUDA.
@@ -137,8 +138,20 @@ void for_each_run(const Layout& l, F&& f) {
     return;
   }
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(l.inner, 1));
+  const int64_t inner = l.inner;
+  if (l.runs.size() == 1 && l.runs[0][0] == 1) {  // one run, (outer, C, inner): no index arithmetic beyond row % C
+    const int64_t C = l.runs[0][1];
+    at::parallel_for(0, l.rows, grain, [&](int64_t b, int64_t e) {
+      if (l.rows == C) {  // outer = 1: row r is scale element r (blocks along the last dim, per token)
+        for (int64_t row = b; row < e; ++row) f(row * inner, (row + 1) * inner, row);
+      } else {
+        for (int64_t row = b; row < e; ++row) f(row * inner, (row + 1) * inner, row % C);
+      }
+    });
+    return;
+  }
   at::parallel_for(0, l.rows, grain, [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) f(row * l.inner, (row + 1) * l.inner, l.scale_of(row));
+    for (int64_t row = b; row < e; ++row) f(row * inner, (row + 1) * inner, l.scale_of(row));
   });
 }
 
@@ -220,7 +233,6 @@ struct Prepared {
 
 Prepared prepare(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
                  const at::Tensor& grad_in = at::Tensor()) {
-  check_encoding(x_in, scale_in, offset_in);
   Prepared p;
   p.scale = scale_in.to(at::kFloat).contiguous();
   p.offset = offset_in.to(at::kFloat).contiguous();
@@ -233,10 +245,23 @@ Prepared prepare(const at::Tensor& x_in, const at::Tensor& scale_in, const at::T
   return p;
 }
 
-at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
-                       int64_t qmax, double grad_factor) {
+// When x's last dim indexes the scale element by element (per channel on the last axis; a HF Conv1D
+// weight [K, C] with blocks [K / B, C]) every row would be one element: the kernels then run once more
+// with that dim moved first (a transposed copy in, one out) and the results are moved back.
+bool moves_last_dim(const at::Tensor& x, const at::Tensor& scale) {
+  return scale.numel() > 1 && x.dim() > 1 && x.numel() > 0 && x.size(-1) > 1 && scale.size(-1) == x.size(-1);
+}
+
+at::Tensor last_first(const at::Tensor& t) { return t.numel() == 1 ? t : t.movedim(-1, 0); }
+
+at::Tensor forward_impl(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
+                        int64_t qmax, bool may_move) {
+  check_encoding(x_in, scale_in, offset_in);
+  if (may_move && moves_last_dim(x_in, scale_in))
+    return in_layout_of(x_in, forward_impl(last_first(x_in), last_first(scale_in), last_first(offset_in), qmax,
+                                           false).movedim(0, -1));
   if (x_in.scalar_type() != at::kFloat)  // float32 arithmetic, as the reference: upcast, then back to x's dtype
-    return in_layout_of(x_in, forward_cpu(x_in.to(at::kFloat), scale_in, offset_in, qmax, grad_factor)
+    return in_layout_of(x_in, forward_impl(x_in.to(at::kFloat), scale_in, offset_in, qmax, false)
                                   .to(x_in.scalar_type()));
   const Prepared p = prepare(x_in, scale_in, offset_in);
   at::Tensor y = at::empty_like(p.x);
@@ -251,10 +276,20 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const
   return in_layout_of(x_in, y);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_mask_cpu(const at::Tensor& x_in, const at::Tensor& scale_in,
-                                                    const at::Tensor& offset_in, int64_t qmax) {
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
+                       double grad_factor) {
+  return forward_impl(x, scale, offset, qmax, true);
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_mask_impl(const at::Tensor& x_in, const at::Tensor& scale_in,
+                                                     const at::Tensor& offset_in, int64_t qmax, bool may_move) {
+  check_encoding(x_in, scale_in, offset_in);
+  if (may_move && moves_last_dim(x_in, scale_in)) {
+    auto [y, inside] = forward_mask_impl(last_first(x_in), last_first(scale_in), last_first(offset_in), qmax, false);
+    return {in_layout_of(x_in, y.movedim(0, -1)), in_layout_of(x_in, inside.movedim(0, -1))};
+  }
   if (x_in.scalar_type() != at::kFloat) {
-    auto [y, inside] = forward_mask_cpu(x_in.to(at::kFloat), scale_in, offset_in, qmax);
+    auto [y, inside] = forward_mask_impl(x_in.to(at::kFloat), scale_in, offset_in, qmax, false);
     return {in_layout_of(x_in, y.to(x_in.scalar_type())), in_layout_of(x_in, inside)};
   }
   const Prepared p = prepare(x_in, scale_in, offset_in);
@@ -269,6 +304,11 @@ std::tuple<at::Tensor, at::Tensor> forward_mask_cpu(const at::Tensor& x_in, cons
     qdq_forward_run<true>(xp, yp, mp, b, e, sp[c], lo, lo + static_cast<float>(qmax));
   });
   return {in_layout_of(x_in, y), in_layout_of(x_in, mask)};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_mask_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                                    const at::Tensor& offset, int64_t qmax) {
+  return forward_mask_impl(x, scale, offset, qmax, true);
 }
 
 // grad where the mask is set, else +0; the result has grad's layout (the fake kernel's empty_like(grad)).
@@ -292,12 +332,20 @@ at::Tensor mask_gradient_cpu(const at::Tensor& grad, const at::Tensor& mask) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                            const at::Tensor& scale_in, const at::Tensor& offset_in,
-                                                            int64_t qmax, double gf, bool encoding_grads) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                             const at::Tensor& scale_in, const at::Tensor& offset_in,
+                                                             int64_t qmax, double gf, bool encoding_grads,
+                                                             bool may_move) {
+  check_encoding(x_in, scale_in, offset_in);
+  if (may_move && moves_last_dim(x_in, scale_in)) {
+    auto [gx, gs, go] = backward_impl(last_first(grad_in), last_first(x_in), last_first(scale_in),
+                                      last_first(offset_in), qmax, gf, encoding_grads, false);
+    return {in_layout_of(x_in, gx.movedim(0, -1)), gs.movedim(0, -1).contiguous(),
+            offset_in.numel() == 1 ? go : go.movedim(0, -1).contiguous()};
+  }
   if (x_in.scalar_type() != at::kFloat || grad_in.scalar_type() != at::kFloat) {
-    auto [gx, gs, go] = backward_cpu(grad_in.to(at::kFloat), x_in.to(at::kFloat), scale_in, offset_in, qmax, gf,
-                                     encoding_grads);
+    auto [gx, gs, go] = backward_impl(grad_in.to(at::kFloat), x_in.to(at::kFloat), scale_in, offset_in, qmax, gf,
+                                      encoding_grads, false);
     return {in_layout_of(x_in, gx.to(grad_in.scalar_type())), gs, go};
   }
   const Prepared p = prepare(x_in, scale_in, offset_in, grad_in);
@@ -384,6 +432,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
   if (ostep == 0) go = go.sum();  // one offset for every scale element
   return {in_layout_of(x_in, gx), gs.reshape(scale_in.sizes()).to(scale_in.scalar_type()),
           go.reshape(offset_in.sizes()).to(offset_in.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& scale, const at::Tensor& offset,
+                                                            int64_t qmax, double gf, bool encoding_grads) {
+  return backward_impl(grad, x, scale, offset, qmax, gf, encoding_grads, true);
 }
 
 // ------------------------------------------------------------------ autograd
