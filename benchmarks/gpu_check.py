@@ -57,7 +57,8 @@ def check_kernels() -> list[tuple]:
                        and np.array_equal(masked, gx_ref))
             rows.append((name, str(tuple(shape)), str(tuple(scale_shape)), bw, "bit-exact" if fwd_ok else "DIFFERS",
                          "ok" if grad_ok else "DIFFERS", "ok" if mask_ok else "DIFFERS"))
-    for name in ("per channel axis 1", "blocks along the last dim", "per token 3-D"):  # bf16: float32 math, as the reference
+    # bf16: float32 math, as the reference
+    for name in ("per channel axis 1", "blocks along the last dim", "per token 3-D"):
         x, s, o, qmax = case_tensors(*CASES[name], 8)
         xb, g = x.bfloat16(), torch.randn(x.shape).bfloat16()
         fmt = IntFormat(8, True)

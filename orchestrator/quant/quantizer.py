@@ -203,7 +203,8 @@ class QuantizeDequantize(nn.Module):
                     x, self._full(self.log_scale, x), self._full(self.log_floor, x), self._full(self.offset, x),
                     self.format.name, self.format.qmax, self._grad_factor(x), not self.symmetric)
             return fake_quantize_learned(x, self._full(self.log_scale, x), self._full(self.log_floor, x),
-                                         self._full(self.offset, x), self.qmax, self._grad_factor(x), not self.symmetric)
+                                         self._full(self.offset, x), self.qmax, self._grad_factor(x),
+                                         not self.symmetric)
         return self._run(x, self._full(self.scale, x), self._full(self.offset, x))
 
     def _run(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

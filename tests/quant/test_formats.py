@@ -16,7 +16,8 @@ from quant_checks import assert_compiles_like_eager
 from orchestrator.quant import QuantizeDequantize
 from orchestrator.quant.fake_quant import fake_quantize
 from orchestrator.quant.formats import FORMATS, IntFormat
-from orchestrator.quant.granularity import PerBlock, PerChannel, PerToken, blocks_as_rows, full_rank_scale, reduce_blocks
+from orchestrator.quant.granularity import (PerBlock, PerChannel, PerToken, blocks_as_rows, full_rank_scale,
+                                            reduce_blocks)
 from orchestrator.quant.reference import (
     fake_quantize_general,
     quantize_dequantize_backward,

@@ -68,7 +68,8 @@ void check_encoding(const at::Tensor& x, const at::Tensor& scale, const at::Tens
   TORCH_CHECK(ok, "quantize_dequantize: scale of shape ", scale.sizes(), " does not fit x of shape ", x.sizes(),
               "; ", kAllowedScale);
   TORCH_CHECK(offset.numel() == 1 || offset.sizes() == scale.sizes(), "quantize_dequantize: offset of shape ",
-              offset.sizes(), " does not fit scale of shape ", scale.sizes(), "; allowed: one element or the scale's shape");
+              offset.sizes(), " does not fit scale of shape ", scale.sizes(),
+              "; allowed: one element or the scale's shape");
 }
 
 // x (contiguous, C order) as `rows` rows of `inner` elements, each row under one scale element:
