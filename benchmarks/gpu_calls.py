@@ -41,12 +41,12 @@ def main() -> None:
     x = torch.randn(64, 64, 8, 8, device=d)
     g = torch.randn_like(x)
     s, o = torch.tensor([0.05], device=d), torch.tensor([-128.0], device=d)
-    sc, oc = torch.full((64,), 0.05, device=d), torch.full((64,), -128.0, device=d)
+    sc, oc = torch.full((64, 1, 1, 1), 0.05, device=d), torch.full((64, 1, 1, 1), -128.0, device=d)
     n = x.numel()
     xr = x.clone().requires_grad_()
-    log_scale = torch.full((64,), -3.0, device=d, requires_grad=True)
-    log_floor = torch.full((64,), -10.0, device=d)
-    offset = torch.full((64,), -100.0, device=d, requires_grad=True)
+    log_scale = torch.full((64, 1, 1, 1), -3.0, device=d, requires_grad=True)
+    log_floor = torch.full((64, 1, 1, 1), -10.0, device=d)
+    offset = torch.full((64, 1, 1, 1), -100.0, device=d, requires_grad=True)
 
     def fwd_bwd(f: Callable[[], torch.Tensor]) -> Callable[[], None]:
         return lambda: f().backward(g)
@@ -56,18 +56,18 @@ def main() -> None:
         "torch.fake_quantize_per_tensor_affine (ATen)": lambda: torch.fake_quantize_per_tensor_affine(
             x, 0.05, 0, -128, 127),
         "op forward, per tensor": lambda: fake_quantize(x, s, o, 255),
-        "op forward, per channel": lambda: fake_quantize(x, sc, oc, 255, 0),
-        "op forward with mask (fixed encodings)": lambda: torch.ops.qat.quantize_dequantize_with_mask(x, s, o, 255, -1),
-        "  its Python wrapper alone": lambda: tk.forward(x, s, o, 255, -1, 1.0),
+        "op forward, per channel": lambda: fake_quantize(x, sc, oc, 255),
+        "op forward with mask (fixed encodings)": lambda: torch.ops.qat.quantize_dequantize_with_mask(x, s, o, 255),
+        "  its Python wrapper alone": lambda: tk.forward(x, s, o, 255, 1.0),
         "  its Triton launch alone": lambda: tk._forward_kernel[(tk.triton.cdiv(n, tk.BLOCK),)](
             x, g, g, s, o, n, n, 1, 255.0, BLOCK_SIZE=tk.BLOCK, WITH_MASK=False),
         "mask_gradient (C++, at::where)": lambda: torch.ops.qat.mask_gradient(g, x > 0),
         "op backward with encoding gradients": lambda: torch.ops.qat.quantize_dequantize_backward(
-            g, x, sc, oc, 255, 0, 1.0, True),
+            g, x, sc, oc, 255, 1.0, True),
         "autograd x * 1.0, forward + backward": fwd_bwd(lambda: xr * 1.0),
         "autograd op, fixed encodings": fwd_bwd(lambda: fake_quantize(xr, s, o, 255)),
         "autograd op, learned encodings": fwd_bwd(
-            lambda: fake_quantize_learned(xr, log_scale, log_floor, offset, 255, 0, 0.01, True)),
+            lambda: fake_quantize_learned(xr, log_scale, log_floor, offset, 255, 0.01, True)),
     }
     for label, call in calls.items():
         print(f"{label:48s} {issue_us(call):8.1f} us/call")

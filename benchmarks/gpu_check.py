@@ -5,7 +5,8 @@
 
 1. Kernels: ``torch.ops.qat.quantize_dequantize`` and its backward on CUDA tensors (the Triton
    kernels) against the numpy reference of ``tests/quant`` (true division, ties to even, clipped
-   STE, LSQ encoding gradients), per tensor and per channel, 2 / 8 / 16 bits.
+   STE, LSQ encoding gradients) at every granularity of ``test_kernels.CASES`` (per tensor, per
+   channel, per block, per token, layouts that are not one run), 2 / 8 / 16 bits.
 2. Compile: for each model and mode, the graph count and breaks (``torch._dynamo.explain``), the
    compiled forward against eager (max abs difference), the cosine of every parameter's compiled
    gradient with the eager one (weights and encodings; issue 10 asks >= 0.9999; gradients below
@@ -28,36 +29,46 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests" / "quant"))
 from common import machine, table  # noqa: E402
 
-from orchestrator.quant import QuantConfig, QuantizationSimModel, kernels  # noqa: E402
+from orchestrator.quant import QuantConfig, QuantizationSimModel, kernels, reference  # noqa: E402
+from orchestrator.quant.formats import IntFormat  # noqa: E402
 
 COSINE_MIN = 0.9999
 DEVICE = torch.device("cuda")  # --device cpu: a dry run of the harness on a machine without a GPU
 
 
 def check_kernels() -> list[tuple]:
-    from test_kernels import CASES, case_tensors, reference, reference_grads
+    from test_kernels import CASES, case_tensors, close, oracle, oracle_grads
 
     rows = []
-    for shape, axis in CASES:
+    for name, (shape, scale_shape) in CASES.items():
         for bw in (2, 8, 16):
-            x, s, o, qmax = case_tensors(shape, axis, bw)
-            a = -1 if axis is None else axis
+            x, s, o, qmax = case_tensors(shape, scale_shape, bw)
             xc, sc, oc = x.to(DEVICE), s.to(DEVICE), o.to(DEVICE)
-            fwd = torch.ops.qat.quantize_dequantize(xc, sc, oc, qmax, a, 0.5).cpu().numpy()
-            fwd_ok = np.array_equal(fwd, reference(x, s, o, qmax, axis)[0])
+            fwd = torch.ops.qat.quantize_dequantize(xc, sc, oc, qmax, 0.5).cpu().numpy()
+            fwd_ok = np.array_equal(fwd, oracle(x, s, o, qmax)[0])
             g = torch.randn(shape)
-            gx_ref, gs_ref, go_ref = reference_grads(g, x, s, o, qmax, axis, 0.5)
-            gx, gs, go = (t.cpu().numpy() for t in torch.ops.qat.quantize_dequantize_backward(
-                g.to(DEVICE), xc, sc, oc, qmax, a, 0.5, True))
-            grad_ok = (np.array_equal(gx, gx_ref)
-                       and np.allclose(gs, gs_ref, rtol=1e-4, atol=1e-5 * (abs(gs_ref).max() + 1e-12))
-                       and np.allclose(go, go_ref, rtol=1e-4, atol=1e-5 * (abs(go_ref).max() + 1e-12)))
-            y, inside = torch.ops.qat.quantize_dequantize_with_mask(xc, sc, oc, qmax, a)
+            gx_ref, gs_ref, go_ref = oracle_grads(g, x, s, o, qmax, 0.5)
+            gx, gs, go = (t.cpu() for t in torch.ops.qat.quantize_dequantize_backward(
+                g.to(DEVICE), xc, sc, oc, qmax, 0.5, True))
+            grad_ok = np.array_equal(gx.numpy(), gx_ref) and close(gs, gs_ref) and close(go, go_ref)
+            y, inside = torch.ops.qat.quantize_dequantize_with_mask(xc, sc, oc, qmax)
             masked = torch.ops.qat.mask_gradient(g.to(DEVICE), inside).cpu().numpy()
             mask_ok = (inside.dtype == torch.bool and np.array_equal(y.cpu().numpy(), fwd)
                        and np.array_equal(masked, gx_ref))
-            rows.append((str(tuple(shape)), str(axis), bw, "bit-exact" if fwd_ok else "DIFFERS",
+            rows.append((name, str(tuple(shape)), str(tuple(scale_shape)), bw, "bit-exact" if fwd_ok else "DIFFERS",
                          "ok" if grad_ok else "DIFFERS", "ok" if mask_ok else "DIFFERS"))
+    # bf16: float32 math, as the reference
+    for name in ("per channel axis 1", "blocks along the last dim", "per token 3-D"):
+        x, s, o, qmax = case_tensors(*CASES[name], 8)
+        xb, g = x.bfloat16(), torch.randn(x.shape).bfloat16()
+        fmt = IntFormat(8, True)
+        y = torch.ops.qat.quantize_dequantize(xb.to(DEVICE), s.to(DEVICE), o.to(DEVICE), qmax, 1.0).cpu()
+        gx = torch.ops.qat.quantize_dequantize_backward(g.to(DEVICE), xb.to(DEVICE), s.to(DEVICE), o.to(DEVICE), qmax,
+                                                        1.0, False)[0].cpu()
+        fwd_ok = torch.equal(y, reference.quantize_dequantize(xb, s, o, fmt))
+        grad_ok = torch.equal(gx, reference.quantize_dequantize_backward(g, xb, s, o, fmt, 1.0)[0])
+        rows.append((name + ", bfloat16", str(tuple(x.shape)), str(tuple(s.shape)), 8,
+                     "bit-exact" if fwd_ok else "DIFFERS", "ok" if grad_ok else "DIFFERS", "-"))
     return rows
 
 
@@ -183,7 +194,8 @@ def main() -> int:
         return 2
     print(f"gpu_check on {DEVICE}: fake-quant kernel {kernels.backend()}; {machine()}")
     kernel_rows = check_kernels() if "--skip-kernels" not in sys.argv else []
-    print(table(("shape", "axis", "bits", "forward vs contract", "backward vs contract", "masked fwd+bwd"), kernel_rows))
+    print(table(("layout", "shape", "scale shape", "bits", "forward vs contract", "backward vs contract",
+                 "masked fwd+bwd"), kernel_rows))
     compile_rows = check_compile()
     print(table(("model", "numerics", "mode", "graphs", "breaks", "max |compiled - eager| fwd", "grads",
                  "min cosine", f"< {COSINE_MIN}", "worst (its norm)", "verdict"), compile_rows))

@@ -16,10 +16,15 @@ lies in ``[o, o + 2^b - 1]`` and is zero where the output is clamped.
 
 Learned encodings (LSQ / LSQ+): d/ds is ``r - x/s`` inside and the clip bound (``o`` or
 ``o + 2^b - 1``) outside; d/do is 0 inside and ``s`` outside; both times ``grad_factor``,
-summed over every axis but the channel axis.
+summed over each scale element's block.
+
+Encodings in ``reference.py``'s layout (every granularity): one element, or ``x``'s rank with every
+dim dividing ``x``'s (per channel ``[1, C, 1, 1]``, per block ``[C, K / B]``, per token ``[..., 1]``);
+``granularity.full_rank_scale`` turns a 1-D ``[C]`` along an axis into it.
 
 All of it is one op, ``torch.ops.qat.quantize_dequantize`` (``kernels/``): one pass forward,
-one backward, the encoding gradients only when the encodings require them.
+one backward, the encoding gradients only when the encodings require them; bit for bit the
+reference's integer format (``reference.py``).
 """
 
 from __future__ import annotations
@@ -39,36 +44,35 @@ def _op():
     return _OP
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int | None = None,
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, *,
                   grad_factor: float = 1.0) -> torch.Tensor:
     """``s * clamp(round(x / s), o, o + qmax)`` with the clipped STE; LSQ gradients reach ``scale``
     and ``offset`` when they require grad.
 
     Args:
-        x: any float tensor.
-        scale: float32, shape ``[C]`` (``C = 1``: per tensor), positive.
-        offset: float32 integers, shape ``[C]``, in ``[-qmax, 0]``.
+        x: any float tensor (computed in float32; the result has ``x``'s dtype).
+        scale: float32, positive; one element or ``x``'s rank, each dim dividing ``x``'s (module docstring).
+        offset: float32 integers in ``[-qmax, 0]``; one element or the scale's shape.
         qmax: ``2^b - 1``.
-        axis: the channel axis of ``x`` when ``C > 1``.
         grad_factor: multiplies the encodings' gradients (LSQ's ``1/sqrt(N * qmax)``).
     """
-    return _op()(x, scale, offset, qmax, -1 if axis is None else axis, grad_factor)
+    return _op()(x, scale, offset, qmax, grad_factor)
 
 
 _LEARNED = None
 
 
 def fake_quantize_learned(x: torch.Tensor, log_scale: torch.Tensor, log_floor: torch.Tensor, offset: torch.Tensor,
-                          qmax: int, axis: int | None, grad_factor: float, learn_offset: bool) -> torch.Tensor:
+                          qmax: int, grad_factor: float, learn_offset: bool) -> torch.Tensor:
     """``fake_quantize`` with the encoding of range learning, in one op: ``s = exp(log_scale)``
     floored at ``exp(log_floor)`` (straight through) and, with ``learn_offset``, the offset rounded
     and clamped to ``[-qmax, 0]`` (straight through). Gradients reach ``log_scale`` (``s * d/ds``)
-    and ``offset``."""
+    and ``offset``. ``log_scale``/``log_floor``/``offset`` in the scale layout of ``fake_quantize``."""
     global _LEARNED
     if _LEARNED is None:
         kernels.backend()
         _LEARNED = torch.ops.qat.quantize_dequantize_learned
-    return _LEARNED(x, log_scale, log_floor, offset, qmax, -1 if axis is None else axis, grad_factor, learn_offset)
+    return _LEARNED(x, log_scale, log_floor, offset, qmax, grad_factor, learn_offset)
 
 
 class _ClampStraightThrough(torch.autograd.Function):

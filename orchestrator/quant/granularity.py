@@ -243,3 +243,32 @@ def blocks_as_rows(x: torch.Tensor, scale_shape: tuple[int, ...]) -> torch.Tenso
     v = x.reshape(x_view)
     keep = [d for d in range(len(x_view)) if d not in dims]
     return v.permute(*keep, *dims).reshape(int(torch.Size(scale_shape).numel()), -1)
+
+
+def scale_runs(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """``(outer, C, inner)`` such that a C-order ``x`` of ``shape`` viewed as ``[outer, C, inner]`` has
+    element ``[o, c, i]`` under scale element ``c`` (the scale's C order), or None when the scale-indexed
+    dims do not form one run. Every dim is split into ``(k, n / k)`` (``k`` the scale's size there),
+    parts of size 1 dropped and neighbours of one kind merged (``fake_quant.cpp``'s ``layout_of`` does
+    the same). One run: per tensor (``C = 1``), per channel on any axis, blocks along the last dim
+    (``[C, K]`` / ``[C, K / B]``), blocks along axis 1 of a conv weight (``[O, I, kh, kw]`` /
+    ``[O, I / B, 1, 1]``), per token (``[..., T, D]`` / ``[..., T, 1]``)."""
+    numel = int(torch.Size(shape).numel())
+    if int(torch.Size(scale_shape).numel()) == 1 or numel == 0:
+        return 1, 1, numel
+    parts: list[list] = []  # [size, indexes the scale]
+    for n, k in zip(shape, scale_shape):
+        for size, indexed in ((k, True), (n // k, False)):
+            if size == 1:
+                continue
+            if parts and parts[-1][1] == indexed:
+                parts[-1][0] *= size
+            else:
+                parts.append([size, indexed])
+    runs = [i for i, (_, indexed) in enumerate(parts) if indexed]
+    if len(runs) != 1:
+        return None
+    i = runs[0]
+    outer = int(torch.Size([p[0] for p in parts[:i]]).numel())
+    inner = int(torch.Size([p[0] for p in parts[i + 1:]]).numel())
+    return outer, parts[i][0], inner

@@ -87,10 +87,11 @@ class QuantizeDequantize(nn.Module):
             NVFP4 activations: each block of the last dim scaled from its own values at run time).
             Default: per channel when ``axis`` is given, else per tensor.
 
-    Integer per-tensor/per-channel quantizers run the fused op (``fake_quant.py``), and so do
-    fixed or following integer blocks along the last dim (each block a channel of ``x`` viewed as
-    ``[numel / B, B]``) and integer per-token activations in float32 (each token a channel of ``x``
-    viewed as ``[numel / D, D]``); every other format or granularity runs the reference op (``reference.py``).
+    Every integer quantizer runs the fused op (``fake_quant.py``) with its encoding in the reference
+    layout (per tensor, per channel on any axis, per block on any axes, per token; fixed, following
+    or learned per channel), except learned blocks (LPBQ included), which stay on the reference's
+    learned ops: the fused learned op's ``exp`` is traced by torch.compile, whose ``exp`` can differ
+    from eager's in the last bit. Float formats run the reference op (``reference.py``).
     """
 
     def __init__(self, name: str, bitwidth: int, symmetric: bool, channels: int = 1, axis: int | None = None,
@@ -130,7 +131,7 @@ class QuantizeDequantize(nn.Module):
             self.scale_shape = (1,)
         self.axis = axis
         self.channels = int(torch.Size(self.scale_shape).numel())
-        # Reference op: every format/granularity the fused integer op does not serve.
+        # Learned on the reference's learned op: float formats and blocks (class docstring).
         self.general = fmt.is_float or isinstance(granularity, (PerBlock, PerToken, PerTokenBlocks))
         self.learnable = learnable
         self.follow = follow
@@ -147,15 +148,6 @@ class QuantizeDequantize(nn.Module):
             channel[granularity.block_axis] = 1
             self.register_buffer("block_int", torch.ones(n))
             n = tuple(channel)
-        # Integer blocks along the last dim of a contiguous tensor (a Linear weight ``[C, K]``, scales
-        # ``[C, K / B]``) with fixed or following encodings run the fused op as per-channel rows of one
-        # block each (``_as_rows``). Learned ones stay on the reference's learned op: the fused learned
-        # op is traced through by torch.compile, whose exp differs from eager's in the last bit.
-        self.block_rows = 0
-        if isinstance(fmt, IntFormat) and isinstance(granularity, PerBlock) and not learnable:
-            ss, sh = self.scale_shape, tuple(shape)
-            if len(ss) == len(sh) and ss[:-1] == sh[:-1] and sh[-1] % ss[-1] == 0:
-                self.block_rows, self.block_shape = sh[-1] // ss[-1], torch.Size(sh)
         if learnable:
             self.log_scale = nn.Parameter(torch.zeros(n))
             self.register_buffer("log_floor", torch.full(n, -math.inf))
@@ -191,19 +183,11 @@ class QuantizeDequantize(nn.Module):
                 scale, offset = self._dynamic_encoding(xp)
                 out = fake_quantize_general(xp, scale, offset, self.format)
                 return out[..., :x.shape[-1]] if pad else out
-            tokens = self._token_rows(x)
-            scale, offset = self._dynamic_encoding(x if tokens is None else tokens)
-            if tokens is not None:
-                return fake_quantize(tokens, scale.reshape(-1), offset.reshape(-1), self.qmax, 0).view(x.shape)
-            return fake_quantize_general(x, scale, offset, self.format)
-        rows = self._as_rows(x)
+            scale, offset = self._dynamic_encoding(x)
+            return self._run(x, scale, offset)
         if self.follow:
             scale, offset = self._follow_encoding(x)
-            if rows is not None:
-                return fake_quantize(rows, scale.reshape(-1), offset.reshape(-1), self.qmax, 0).view(x.shape)
-            if self.general:
-                return fake_quantize_general(x, self._full(scale, x), self._full(offset, x), self.format)
-            return fake_quantize(x, scale, offset, self.qmax, self.axis)
+            return self._run(x, self._full(scale, x), self._full(offset, x))
         if not self.calibrated:
             raise NotCalibratedError(
                 f"quantizer {self.name!r} has no encoding yet: call sim.compute_encodings(...) "
@@ -218,33 +202,17 @@ class QuantizeDequantize(nn.Module):
                 return torch.ops.qat.quantize_dequantize_general_learned(
                     x, self._full(self.log_scale, x), self._full(self.log_floor, x), self._full(self.offset, x),
                     self.format.name, self.format.qmax, self._grad_factor(x), not self.symmetric)
-            return fake_quantize_learned(x, self.log_scale, self.log_floor, self.offset, self.qmax, self.axis,
-                                         self._grad_factor(x), not self.symmetric)
-        if rows is not None:
-            return fake_quantize(rows, self.scale.reshape(-1), self.offset.reshape(-1), self.qmax, 0).view(x.shape)
-        if self.general:
-            return fake_quantize_general(x, self._full(self.scale, x), self._full(self.offset, x), self.format)
-        return fake_quantize(x, self.scale, self.offset, self.qmax, self.axis)
+            return fake_quantize_learned(x, self._full(self.log_scale, x), self._full(self.log_floor, x),
+                                         self._full(self.offset, x), self.qmax, self._grad_factor(x),
+                                         not self.symmetric)
+        return self._run(x, self._full(self.scale, x), self._full(self.offset, x))
 
-    def _as_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``x`` as ``[numel / B, B]`` (a view: row ``r`` is block ``r`` of the scales in C order) when
-        this quantizer's integer blocks run along the last dim of a contiguous ``x``, else None. The
-        fused op then treats each block as a channel: the same arithmetic as the reference op's
-        per-block path (bit for bit forward, tests/quant/test_formats.py), a 1-byte mask for the
-        backward of fixed encodings, no temporaries of ``x``'s size beyond the output."""
-        if not self.block_rows or x.shape != self.block_shape or not x.is_contiguous():
-            return None
-        return x.view(-1, self.block_rows)  # = granularity.blocks_as_rows for last-dim blocks, without its arithmetic
-
-    def _token_rows(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``x`` as ``[tokens, D]`` (a view when ``x`` is contiguous, else a copy) for an integer
-        per-token quantizer on float32, else None: each token is a channel of the fused op, whose
-        arithmetic is the reference op's (bit for bit, tests/quant/test_formats.py) with a 1-byte
-        mask for the backward. Other dtypes stay on the reference op, which computes in float32."""
-        if not isinstance(self.granularity, PerToken) or not isinstance(self.format, IntFormat) or \
-                x.dtype != torch.float32 or x.dim() == 0 or not x.numel():
-            return None
-        return x.reshape(-1, x.shape[-1])
+    def _run(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Fixed or computed encodings in the reference layout: the fused op for integer formats, the
+        reference op for float formats."""
+        if self.format.is_float:
+            return fake_quantize_general(x, scale, offset, self.format)
+        return fake_quantize(x, scale, offset, self.qmax)
 
     def _full(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A stored encoding tensor in the reference op's layout (full rank, or one element)."""

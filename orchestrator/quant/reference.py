@@ -1,7 +1,8 @@
 """The reference quantize-dequantize: every format and granularity in readable ATen ops.
 
-This is the numerics contract; the fused int op (``kernels/``: C++ CPU, Triton CUDA) is tested
-bit-for-bit against it on the formats it serves (integer per tensor / per channel).
+This is the numerics contract; the fused int op (``kernels/``: C++ CPU, Triton CUDA; elsewhere
+these very functions) takes the same scale layout and is tested bit-for-bit against it on integer
+formats at every granularity (``tests/quant/test_kernels.py``).
 
 Shapes. ``x``: any float tensor. ``scale``/``offset``: one element (per tensor), or the rank of
 ``x`` with every dim dividing ``x``'s (``granularity.py``): element ``x[i]`` uses
@@ -101,6 +102,13 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tens
     """``s * Q(x / s)`` for format ``fmt`` (module docstring); no autograd of its own."""
     _, c, _, s, _, _ = _parts(x, scale, offset, fmt)
     return (c * s).reshape(x.shape).to(x.dtype)
+
+
+def quantize_dequantize_with_mask(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                                  fmt: Format) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_dequantize`` and ``inside`` (bool, ``x``'s shape): where the value was not clipped."""
+    _, c, inside, s, _, _ = _parts(x, scale, offset, fmt)
+    return (c * s).reshape(x.shape).to(x.dtype), inside.reshape(x.shape)
 
 
 def quantize_dequantize_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,

@@ -9,12 +9,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from numerics_reference import division_differs, float_grid, nearest_float, numpy_qdq, values_with_ties
+from quant_checks import assert_compiles_like_eager
 
 from orchestrator.quant import QuantizeDequantize
 from orchestrator.quant.fake_quant import fake_quantize
 from orchestrator.quant.formats import FORMATS, IntFormat
-from orchestrator.quant.granularity import PerBlock, PerChannel, PerToken, blocks_as_rows, reduce_blocks
+from orchestrator.quant.granularity import (PerBlock, PerChannel, PerToken, blocks_as_rows, full_rank_scale,
+                                            reduce_blocks)
 from orchestrator.quant.reference import (
     fake_quantize_general,
     quantize_dequantize_backward,
@@ -129,47 +132,66 @@ def test_reference_equals_the_fused_op_per_channel_forward_and_backward(bitwidth
     x = torch.from_numpy(x[: (x.size // 4) * 4]).reshape(4, -1)
     scale = torch.tensor([0.125, 0.0371, 0.5, 0.01])
     off = torch.full((4,), float(offset))
-    fused = fake_quantize(x, scale, off, qmax, 0)
-    ref = fake_quantize_general(x, scale[:, None], off[:, None], IntFormat(bitwidth, symmetric))
+    scale, off = scale[:, None], off[:, None]  # the reference layout: [C, 1]
+    fused = fake_quantize(x, scale, off, qmax)
+    ref = fake_quantize_general(x, scale, off, IntFormat(bitwidth, symmetric))
     assert torch.equal(fused, ref)
     g = torch.randn_like(x)
-    gx, gs, go = torch.ops.qat.quantize_dequantize_backward(g, x, scale, off, qmax, 0, 0.5, True)
-    rx, rs, ro = quantize_dequantize_backward(g, x, scale[:, None], off[:, None], IntFormat(bitwidth, symmetric), 0.5)
+    gx, gs, go = torch.ops.qat.quantize_dequantize_backward(g, x, scale, off, qmax, 0.5, True)
+    rx, rs, ro = quantize_dequantize_backward(g, x, scale, off, IntFormat(bitwidth, symmetric), 0.5)
     assert torch.equal(gx, rx)
     # the encoding gradients are sums over a channel: another summation order, within the 1e-4 contract
-    torch.testing.assert_close(rs.reshape(-1), gs, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ro.reshape(-1), go, rtol=1e-4, atol=1e-5)
+    # (bit for bit where every sum is exact: tests/quant/test_kernels.py)
+    torch.testing.assert_close(rs, gs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ro, go, rtol=1e-4, atol=1e-5)
+
+
+class OpsCalled(TorchDispatchMode):
+    """The names of the ops that reach the dispatcher below autograd (a quantizer's ops)."""
+
+    def __enter__(self):
+        self.names = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket).removeprefix("qat."))
+        return func(*args, **(kwargs or {}))
+
+
+BLOCK_LAYOUTS = {  # granularity, weight shape
+    "Linear [C, K], blocks along the last dim": (PerBlock(0, 1, 32), (16, 128)),
+    "conv [O, I, kh, kw], blocks along the input channels": (PerBlock(0, 1, 8), (4, 16, 3, 3)),
+    "HF Conv1D [K, C], blocks along axis 0": (PerBlock(1, 0, 32), (64, 8)),
+}
 
 
 @pytest.mark.parametrize("mode", ["follow", "fixed"])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_int_blocks_along_the_last_dim_run_the_fused_op_bit_for_bit(mode, symmetric):
-    """A Linear weight's int4 blocks of 32 with fixed or following encodings run the fused op (each
-    block a channel of the weight viewed as rows): output and input gradient equal to the reference
-    op's bit for bit. (Learned blocks stay on the reference's learned op.)"""
+@pytest.mark.parametrize("layout", list(BLOCK_LAYOUTS))
+def test_int_blocks_on_any_axis_run_the_fused_op_bit_for_bit(mode, symmetric, layout):
+    """Integer blocks with fixed or following encodings run the fused op with their scales in the
+    reference layout: output and input gradient equal to the reference op's on the same encoding,
+    bit for bit. (Learned blocks stay on the reference's learned op.)"""
     torch.manual_seed(0)
-    w = (torch.randn(16, 128) * torch.linspace(0.1, 3.0, 128)).requires_grad_()
-    q = QuantizeDequantize("w", 4, symmetric, granularity=PerBlock(0, 1, 32), shape=(16, 128), is_param=True,
+    granularity, shape = BLOCK_LAYOUTS[layout]
+    w = (torch.randn(shape) * torch.linspace(0.1, 3.0, shape[-1])).requires_grad_()
+    q = QuantizeDequantize("w", 4, symmetric, granularity=granularity, shape=shape, is_param=True,
                            follow=mode == "follow")
     if mode == "fixed":
         lo, hi = reduce_blocks(w.detach(), q.scale_shape)
         q.set_range(lo * 0.8, hi * 0.8)  # some values clipped: the clipped STE matters
-    assert q.block_rows == 32 and q._as_rows(w) is not None
-
-    def run():
+    grad = torch.linspace(-1, 1, w.numel()).reshape(shape)
+    with OpsCalled() as ops:
         out = q(w)
-        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
-        grads = [w.grad.clone()] + [p.grad.clone() for p in q.parameters()]
-        w.grad = None
-        for p in q.parameters():
-            p.grad = None
-        return out.detach(), grads
-
-    fused, fused_grads = run()
-    q.block_rows = 0  # the reference op's per-block path
-    ref, ref_grads = run()
-    assert torch.equal(fused, ref) and torch.equal(fused_grads[0], ref_grads[0])
-    assert len(fused_grads) == 1  # nothing else trains
+    assert "quantize_dequantize_with_mask" in ops.names and "quantize_dequantize_general" not in ops.names, ops.names
+    out.backward(grad)
+    enc = q.encoding(w)
+    fmt = IntFormat(4, symmetric)
+    scale, offset = enc.scale.reshape(q.scale_shape), enc.offset.reshape(q.scale_shape)
+    ref = fake_quantize_general(w.detach(), scale, offset, fmt)
+    assert torch.equal(out, ref) and not torch.equal(out, w)
+    assert torch.equal(w.grad, quantize_dequantize_backward(grad, w.detach(), scale, offset, fmt, 1.0)[0])
+    assert not list(q.parameters())  # nothing else trains
 
 
 @pytest.mark.parametrize("fmt", [IntFormat(4, True), FORMATS["float8_e4m3fn"], FORMATS["float4_e2m1"]])
@@ -212,7 +234,7 @@ def test_dynamic_per_token_matches_a_per_row_numpy_oracle():
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_per_token_fused_rows_equal_the_reference_op_bit_for_bit(bits, layout):
-    """Integer per-token quantizers on float32 run the fused op with one row per token; forward and
+    """Integer per-token quantizers run the fused op with their ``[..., 1]`` scales; forward and
     input gradient equal the reference op's on the same dynamic encoding, ties included (tokens of
     grid values ``(k + 1/2) * s``: a per-token re-quantization of an already quantized tensor)."""
     q = QuantizeDequantize("a", bits, False, granularity=PerToken())
@@ -222,9 +244,10 @@ def test_per_token_fused_rows_equal_the_reference_op_bit_for_bit(bits, layout):
     x[0, 1] = 0.0  # an all-zero token: the scale floor
     if layout == "transposed":
         x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, not contiguous
-    assert q._token_rows(x) is not None and q._token_rows(x.bfloat16()) is None
     xf, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out = q(xf)
+    with OpsCalled() as ops:
+        out = q(xf)
+    assert "quantize_dequantize_with_mask" in ops.names and "quantize_dequantize_general" not in ops.names
     scale, offset = q._dynamic_encoding(x)
     ref = fake_quantize_general(xr, scale, offset, IntFormat(bits, False))
     assert torch.equal(out, ref)
@@ -266,3 +289,45 @@ def test_learned_op_is_the_chain_rule_through_exp(learn_offset):
     torch.testing.assert_close(log_s.grad, log_s2.grad)
     if learn_offset:
         torch.testing.assert_close(off.grad, off2.grad)
+
+
+COMPILE_CASES = {  # quantizer kwargs, input shape
+    "int8 per tensor, fixed": (dict(bitwidth=8, symmetric=False), (4, 8, 6, 6)),
+    "int8 per channel axis 1, fixed": (dict(bitwidth=8, symmetric=False, channels=8, axis=1), (4, 8, 6, 6)),
+    "int4 blocks of a conv weight's input channels, follow": (
+        dict(bitwidth=4, symmetric=True, granularity=PerBlock(0, 1, 8), shape=(4, 16, 3, 3), follow=True,
+             is_param=True), (4, 16, 3, 3)),
+    "int4 blocks along axis 0 (HF Conv1D), fixed": (
+        dict(bitwidth=4, symmetric=True, granularity=PerBlock(1, 0, 32), shape=(64, 8), is_param=True), (64, 8)),
+    "int8 per token": (dict(bitwidth=8, symmetric=False, granularity=PerToken()), (2, 5, 32)),
+    "fp8 per channel, fixed": (dict(bitwidth=8, symmetric=True, channels=8, axis=1, fmt=FORMATS["float8_e4m3fn"]),
+                               (4, 8, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILE_CASES))
+def test_every_granularity_compiles_to_one_op_and_new_encodings_never_recompile(name):
+    """``torch.compile``: one quantize op, no graph break, eager's forward and input gradient bit for
+    bit; setting other encodings (fixed quantizers) runs the same graph."""
+    kwargs, shape = COMPILE_CASES[name]
+    q = QuantizeDequantize("q", **kwargs)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if q.needs_calibration and not q.follow:  # the min-max range of each scale element's block
+        full = q.scale_shape if isinstance(q.granularity, PerBlock) else \
+            full_rank_scale(torch.zeros(q.scale_shape), x.dim(), q.axis).shape
+        q.set_range(*reduce_blocks(x, tuple(full)))
+    assert_compiles_like_eager(q, x, quantize_ops=1)
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(q, backend=counting_backend, fullgraph=True)
+    for step in range(3):
+        out = compiled(x)
+        assert torch.equal(out, q(x))
+        if q.needs_calibration and not q.follow:
+            q.set_encoding(q.scale * 1.1, q.offset)
+    assert len(compiles) == 1
+    torch._dynamo.reset()

@@ -2,14 +2,17 @@
 
 One op per quantizer call, registered with ``torch.library``, so eager and compiled code run
 the same kernel and ``torch.compile`` sees one opaque op per quantizer (no graph break, no
-specialisation on encoding values, no recompile when encodings change):
+specialisation on encoding values, no recompile when encodings change). Integer formats only
+(``qmax = 2^b - 1``); ``scale``/``offset`` in ``reference.py``'s layout: one element (per tensor) or
+``x``'s rank with every dim dividing ``x``'s (per channel ``[1, C, 1, 1]``, per block ``[C, K / B]``,
+per token ``[..., 1]``); ``offset`` one element or the scale's shape:
 
-    quantize_dequantize(x, scale[C], offset[C], qmax, axis, grad_factor) -> x_hat
-    quantize_dequantize_backward(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads)
-        -> (grad_x, grad_scale[C], grad_offset[C])
-    quantize_dequantize_learned(x, log_scale[C], log_floor[C], offset[C], qmax, axis, grad_factor,
-                                learn_offset) -> x_hat     (range learning: the encoding from its parameters)
-    quantize_dequantize_with_mask(x, scale[C], offset[C], qmax, axis) -> (x_hat, inside: bool like x)
+    quantize_dequantize(x, scale, offset, qmax, grad_factor) -> x_hat
+    quantize_dequantize_backward(grad, x, scale, offset, qmax, grad_factor, encoding_grads)
+        -> (grad_x, grad_scale, grad_offset)     (the encoding gradients in scale's / offset's shapes)
+    quantize_dequantize_learned(x, log_scale, log_floor, offset, qmax, grad_factor, learn_offset)
+        -> x_hat     (range learning: the encoding from its parameters)
+    quantize_dequantize_with_mask(x, scale, offset, qmax) -> (x_hat, inside: bool like x)
     mask_gradient(grad, inside) -> grad where inside, else 0
 
 With fixed encodings (nothing asks for the scale's or offset's gradient) the ``cpp`` autograd
@@ -23,9 +26,10 @@ Kernels, chosen once per process (``backend()`` says which):
   ``torch.utils.cpp_extension`` (``$TORCH_EXTENSIONS_DIR``, about 15 s once): vectorized
   (``at::vec``, AVX2/AVX-512 as ``torch.backends.cpu.get_cpu_capability()`` reports) and
   multi-threaded (OpenMP, torch's threads), one pass forward and one backward; the schema, CPU
-  kernels and autograd live in C++, so an eager call costs one dispatch. Other devices get the same math in ATen ops.
-- ``python``: the same op defined from Python in ATen ops, when no compiler is available or
-  ``QAT_FAKE_QUANT_KERNEL=python``.
+  kernels and autograd live in C++, so an eager call costs one dispatch. Other devices get
+  ``aten.py``: the reference's own ATen ops.
+- ``python``: the op defined from Python, its kernels ``aten.py`` (the reference's math), when no
+  compiler is available or ``QAT_FAKE_QUANT_KERNEL=python``.
 - On CUDA, a Triton kernel (``triton_kernels.py``) replaces the ATen-ops path when Triton is
   installed.
 """
@@ -41,16 +45,18 @@ from pathlib import Path
 
 import torch
 
+from . import aten
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fake_quant.cpp")
 SCHEMAS = {
-    "quantize_dequantize": "(Tensor x, Tensor scale, Tensor offset, int qmax, int axis, float grad_factor) -> Tensor",
-    "quantize_dequantize_backward": "(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, int axis, "
+    "quantize_dequantize": "(Tensor x, Tensor scale, Tensor offset, int qmax, float grad_factor) -> Tensor",
+    "quantize_dequantize_backward": "(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, "
                                     "float grad_factor, bool encoding_grads) -> (Tensor, Tensor, Tensor)",
-    "quantize_dequantize_learned": "(Tensor x, Tensor log_scale, Tensor log_floor, Tensor offset, int qmax, int axis, "
+    "quantize_dequantize_learned": "(Tensor x, Tensor log_scale, Tensor log_floor, Tensor offset, int qmax, "
                                    "float grad_factor, bool learn_offset) -> Tensor",
-    "quantize_dequantize_with_mask": "(Tensor x, Tensor scale, Tensor offset, int qmax, int axis) -> (Tensor, Tensor)",
+    "quantize_dequantize_with_mask": "(Tensor x, Tensor scale, Tensor offset, int qmax) -> (Tensor, Tensor)",
     "mask_gradient": "(Tensor grad, Tensor mask) -> Tensor",
 }
 CAPABILITY_FLAGS = {
@@ -102,51 +108,7 @@ def _build_cpp() -> None:
              verbose=False)
 
 
-def _broadcastable(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                   axis: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """``scale``/``offset`` shaped to broadcast against ``x`` (per channel: ``[1, .., C, .., 1]``)
-    in ``x``'s dtype, and whether they are per channel."""
-    if scale.numel() == 1:
-        return scale.to(x.dtype), offset.to(x.dtype), False
-    shape = [1] * x.dim()
-    shape[axis % x.dim()] = -1
-    return scale.reshape(shape).to(x.dtype), offset.reshape(shape).to(x.dtype), True
-
-
-def _forward_aten(x, scale, offset, qmax, axis, grad_factor):
-    s, o, _ = _broadcastable(x, scale, offset, axis)
-    return torch.minimum(torch.maximum(torch.round(x / s), o), o + qmax) * s
-
-
-def _forward_mask_aten(x, scale, offset, qmax, axis):
-    s, o, _ = _broadcastable(x, scale, offset, axis)
-    r = torch.round(x / s)
-    return torch.minimum(torch.maximum(r, o), o + qmax) * s, (r >= o) & (r <= o + qmax)
-
-
-def _mask_gradient_aten(grad, mask):
-    return torch.where(mask, grad, 0.0)
-
-
-def _backward_aten(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads):
-    s, o, per_channel = _broadcastable(x, scale, offset, axis)
-    u = x / s
-    r = torch.round(u)
-    c = torch.minimum(torch.maximum(r, o), o + qmax)
-    gx = grad * (r == c).to(grad.dtype)
-    if not encoding_grads:
-        return gx, torch.zeros_like(scale), torch.zeros_like(offset)
-    dims = [d for d in range(x.dim()) if not per_channel or d != axis % x.dim()]
-
-    def total(t: torch.Tensor) -> torch.Tensor:  # sum(dim=[]) would reduce every dim
-        return t.sum(dims) if dims else t
-
-    gs = total(gx * (c - u) + (grad - gx) * c) * grad_factor  # inside small terms, no cancellation
-    go = (total(grad) - total(gx)) * s.reshape(-1) * grad_factor
-    return gx, gs.reshape(scale.shape).to(scale.dtype), go.reshape(offset.shape).to(offset.dtype)
-
-
-def _learned_aten(x, log_scale, log_floor, offset, qmax, axis, grad_factor, learn_offset):
+def _learned_aten(x, log_scale, log_floor, offset, qmax, grad_factor, learn_offset):
     """Range learning from differentiable pieces: straight-through floor and rounding, then the op."""
     from ..encoding import SCALE_CEIL
     from ..fake_quant import clamp_straight_through, round_clamp_straight_through
@@ -154,50 +116,59 @@ def _learned_aten(x, log_scale, log_floor, offset, qmax, axis, grad_factor, lear
     scale = clamp_straight_through(log_scale, log_floor, math.log(SCALE_CEIL)).exp()
     if learn_offset:
         offset = round_clamp_straight_through(offset, -float(qmax), 0.0)
-    return torch.ops.qat.quantize_dequantize(x, scale, offset, qmax, axis, grad_factor)
+    return torch.ops.qat.quantize_dequantize(x, scale, offset, qmax, grad_factor)
 
 
 def _define_python() -> None:
-    """The op from Python, same schema and math, for machines without a C++ compiler."""
+    """The op from Python, same schema, the reference's math (``aten.py``), for machines without a C++ compiler."""
     lib = torch.library.Library("qat", "DEF")  # noqa: F841 - kept alive in _PY_LIBRARY
     for name, schema in SCHEMAS.items():
         lib.define(f"{name}{schema}", tags=(torch.Tag.flexible_layout,))  # as fake_quant.cpp says why
-    lib.impl("quantize_dequantize", _forward_aten, "CompositeExplicitAutograd")
-    lib.impl("quantize_dequantize_backward", _backward_aten, "CompositeExplicitAutograd")
     lib.impl("quantize_dequantize_learned", _learned_aten, "CompositeImplicitAutograd")
-    lib.impl("quantize_dequantize_with_mask", _forward_mask_aten, "CompositeExplicitAutograd")
-    lib.impl("mask_gradient", _mask_gradient_aten, "CompositeExplicitAutograd")
+    lib.impl("mask_gradient", aten.mask_gradient, "CompositeExplicitAutograd")
 
     def setup(ctx, inputs, output):
-        x, scale, offset, qmax, axis, gf = inputs
+        x, scale, offset, qmax, gf = inputs
         ctx.save_for_backward(x, scale, offset)
-        ctx.args = (qmax, axis, gf)
+        ctx.args = (qmax, gf)
 
     def backward(ctx, grad):
         x, scale, offset = ctx.saved_tensors
         need = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         gx, gs, go = torch.ops.qat.quantize_dequantize_backward(grad, x, scale, offset, *ctx.args, need)
-        return gx, (gs if need else None), (go if need else None), None, None, None
+        return gx, (gs if need else None), (go if need else None), None, None
 
     torch.library.register_autograd("qat::quantize_dequantize", backward, setup_context=setup)
     global _PY_LIBRARY
     _PY_LIBRARY = lib
 
 
+def _register_aten() -> None:
+    """``aten.py`` (the reference's ATen ops) as the kernels of every device without its own (both backends)."""
+    lib = torch.library.Library("qat", "IMPL")
+    lib.impl("quantize_dequantize", aten.forward, "CompositeExplicitAutograd")
+    lib.impl("quantize_dequantize_backward", aten.backward, "CompositeExplicitAutograd")
+    lib.impl("quantize_dequantize_with_mask", aten.forward_with_mask, "CompositeExplicitAutograd")
+    _LIBRARIES.append(lib)
+
+
 _PY_LIBRARY = None
+_LIBRARIES: list = []
 
 
 def _register_fakes() -> None:
     @torch.library.register_fake("qat::quantize_dequantize")
-    def _(x, scale, offset, qmax, axis, grad_factor):
+    def _(x, scale, offset, qmax, grad_factor):
+        aten.check_encoding(x, scale, offset)
         return torch.empty_like(x)
 
     @torch.library.register_fake("qat::quantize_dequantize_backward")
-    def _(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads):
+    def _(grad, x, scale, offset, qmax, grad_factor, encoding_grads):
         return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(offset)
 
     @torch.library.register_fake("qat::quantize_dequantize_with_mask")
-    def _(x, scale, offset, qmax, axis):
+    def _(x, scale, offset, qmax):
+        aten.check_encoding(x, scale, offset)
         return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
     @torch.library.register_fake("qat::mask_gradient")
@@ -206,7 +177,7 @@ def _register_fakes() -> None:
 
     if _BACKEND == "cpp":  # the Python definition is CompositeImplicit: traced through, no fake needed
         @torch.library.register_fake("qat::quantize_dequantize_learned")
-        def _(x, log_scale, log_floor, offset, qmax, axis, grad_factor, learn_offset):
+        def _(x, log_scale, log_floor, offset, qmax, grad_factor, learn_offset):
             return torch.empty_like(x)
 
 
@@ -228,6 +199,7 @@ def backend() -> str:
                         str(exc).splitlines()[0] if str(exc) else "")
     if _BACKEND == "python":
         _define_python()
+    _register_aten()
     _register_fakes()
     from . import triton_kernels
 

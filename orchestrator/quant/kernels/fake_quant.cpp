@@ -1,30 +1,36 @@
-// Fused quantize-dequantize for CPU: the numerics of ONNX QuantizeLinear -> DequantizeLinear
-// (see orchestrator/quant/fake_quant.py for the contract), forward and backward, fixed and
-// learned (LSQ/LSQ+) encodings, per tensor or per channel along one axis.
+// Fused integer quantize-dequantize for CPU: the numerics of reference.py's integer format (ONNX
+// QuantizeLinear -> DequantizeLinear), forward and backward, fixed and learned (LSQ/LSQ+) encodings,
+// in reference.py's scale layout (every granularity: per tensor, per channel, per block, per token).
 //
-//   qat::quantize_dequantize(x, scale, offset, qmax, axis, grad_factor) -> x_hat
+//   qat::quantize_dequantize(x, scale, offset, qmax, grad_factor) -> x_hat
 //       x_hat = s * clamp(round(x / s), o, o + qmax)   (true division, round half to even)
-//   qat::quantize_dequantize_backward(grad, x, scale, offset, qmax, axis, grad_factor, encoding_grads)
+//   qat::quantize_dequantize_backward(grad, x, scale, offset, qmax, grad_factor, encoding_grads)
 //       -> (grad_x, grad_scale, grad_offset)
 //       grad_x = grad where round(x/s) lies in [o, o + qmax], else 0 (clipped STE);
 //       with encoding_grads: grad_scale[c] = gf * sum(grad * (clamp(r) - m * x/s)), summed as
 //                            m*grad*(clamp(r) - x/s) + (1-m)*grad*clamp(r) (no cancellation),
-//                            grad_offset[c] = gf * s * sum(grad * (1 - m))     (sums over channel c)
+//                            grad_offset[c] = gf * s * sum(grad * (1 - m))     (sums over scale element c's block)
 //
-//   qat::quantize_dequantize_with_mask(x, scale, offset, qmax, axis) -> (x_hat, inside)
+//   qat::quantize_dequantize_with_mask(x, scale, offset, qmax) -> (x_hat, inside)
 //       the forward, plus a bool tensor: where round(x/s) lies in [o, o + qmax] (the STE's mask)
 //   qat::mask_gradient(grad, inside) -> grad where inside, else 0
 //       with fixed encodings autograd saves the 1-byte mask instead of x (4 bytes) and the
 //       backward is one select: less memory and no division in the backward pass.
 //
-//   qat::quantize_dequantize_learned(x, log_scale, log_floor, offset, qmax, axis, grad_factor, learn_offset)
+//   qat::quantize_dequantize_learned(x, log_scale, log_floor, offset, qmax, grad_factor, learn_offset)
 //       the same with s = exp(clamp(log_scale, log_floor, log(SCALE_CEIL))) and, when learn_offset,
 //       o = clamp(round(offset), -qmax, 0): range learning in one call. Gradients: d/dlog_scale =
 //       s * d/ds (straight through the floor), d/doffset = d/do (straight through the rounding).
 //
-// scale/offset are float32 tensors of shape [C]; C == 1 means per tensor (axis ignored), else
-// C == x.size(axis). One pass over x forward, one backward; reductions accumulate in double.
-// Other dtypes and devices run the same math in ATen ops (fallback kernels below).
+// scale: one element (per tensor) or x's rank with every dim dividing x's; element x[i] uses
+// scale[i / B], B = x.shape / scale.shape per dim (per channel [1, C, 1, 1], per block [C, K / B], per
+// token [..., 1]). offset: one element or the scale's shape. grad_scale/grad_offset come back in their
+// shapes. The layout is computed once per call (Layout): x as rows under one scale element each; every
+// layout runs the kernel (the common ones are one run (outer, C, inner), the others index the scale per
+// row); a last dim indexed element by element is moved first (moves_last_dim) so rows are not one element.
+// Arithmetic in float32: other dtypes of x are upcast and the result cast back (as the reference does).
+// One pass over x forward, one backward; reductions accumulate in double. Other devices: the reference's
+// ATen ops (registered from kernels/__init__.py) or Triton on CUDA.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -36,6 +42,7 @@
 #include <immintrin.h>
 #endif
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -47,32 +54,105 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kGrain = 32768;
 
-struct Layout {
-  int64_t outer, channels, inner;  // x viewed as [outer, channels, inner]
-};
+constexpr const char* kAllowedScale =
+    "allowed: one element (per tensor), or x's rank with every dim dividing x's (per channel [1, C, 1, 1], "
+    "per block [C, K / B], per token [..., 1])";
 
-Layout layout_of(const at::Tensor& x, int64_t channels, int64_t axis) {
-  if (channels == 1) return {1, 1, x.numel()};
-  axis = axis < 0 ? axis + x.dim() : axis;
-  TORCH_CHECK(axis >= 0 && axis < x.dim() && x.size(axis) == channels, "quantize_dequantize: ", channels,
-              " encodings do not match axis ", axis, " of a tensor of shape ", x.sizes());
-  int64_t outer = 1, inner = 1;
-  for (int64_t d = 0; d < axis; ++d) outer *= x.size(d);
-  for (int64_t d = axis + 1; d < x.dim(); ++d) inner *= x.size(d);
-  return {outer, channels, inner};
+// One clear error for an encoding whose shape does not fit x (reference.py's layout).
+void check_encoding(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset) {
+  bool ok = scale.numel() == 1 || scale.dim() == x.dim();
+  for (int64_t d = 0; ok && scale.numel() != 1 && d < x.dim(); ++d) {
+    const int64_t n = x.size(d), k = scale.size(d);
+    ok = k > 0 ? n % k == 0 : n == 0;
+  }
+  TORCH_CHECK(ok, "quantize_dequantize: scale of shape ", scale.sizes(), " does not fit x of shape ", x.sizes(),
+              "; ", kAllowedScale);
+  TORCH_CHECK(offset.numel() == 1 || offset.sizes() == scale.sizes(), "quantize_dequantize: offset of shape ",
+              offset.sizes(), " does not fit scale of shape ", scale.sizes(),
+              "; allowed: one element or the scale's shape");
 }
 
-// Calls f(begin, end, channel) over contiguous runs of elements that share one channel.
+// x (contiguous, C order) as `rows` rows of `inner` elements, each row under one scale element:
+// every dim d of x is split into (scale.size(d), x.size(d) / scale.size(d)), parts of size 1 are dropped
+// and neighbouring parts of one kind (scale-indexed or inside a block) merged; a trailing block part is
+// `inner`, and row r uses scale element sum over the scale-indexed runs of (r / row_stride) % size * scale_stride.
+// The common layouts have one such run, (outer, C, inner): per channel on any axis, blocks along the last
+// dim, blocks along axis 1 of a conv weight, per token. One encoding (`flat`): x as flat memory, any dense layout.
+struct Layout {
+  bool flat = false;
+  bool row_per_scale = false;  // each scale element's elements are exactly one row: sums need no per-thread copies
+  int64_t rows = 1, inner = 1, scales = 1;
+  std::vector<std::array<int64_t, 3>> runs;  // (row stride, size, scale stride) of each scale-indexed run
+
+  int64_t scale_of(int64_t row) const {
+    int64_t c = 0;
+    for (const auto& r : runs) c += (row / r[0]) % r[1] * r[2];
+    return c;
+  }
+};
+
+Layout layout_of(const at::Tensor& x, const at::Tensor& scale) {
+  Layout l;
+  l.scales = scale.numel();
+  if (l.scales == 1 || x.numel() == 0) {
+    l.flat = true;
+    l.inner = x.numel();
+    return l;
+  }
+  std::vector<std::pair<int64_t, bool>> parts;  // (size, indexes the scale)
+  auto push = [&](int64_t n, bool indexed) {
+    if (n == 1) return;
+    if (!parts.empty() && parts.back().second == indexed)
+      parts.back().first *= n;
+    else
+      parts.push_back({n, indexed});
+  };
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    push(scale.size(d), true);
+    push(x.size(d) / scale.size(d), false);
+  }
+  if (!parts.empty() && !parts.back().second) {
+    l.inner = parts.back().first;
+    parts.pop_back();
+  }
+  int64_t row_stride = 1, scale_stride = 1;
+  bool blocks_above = false;
+  for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
+    if (it->second) {
+      l.runs.push_back({row_stride, it->first, scale_stride});
+      scale_stride *= it->first;
+    } else {
+      blocks_above = true;
+    }
+    row_stride *= it->first;
+  }
+  l.rows = row_stride;
+  l.row_per_scale = !blocks_above;
+  return l;
+}
+
+// Calls f(begin, end, scale_index) over contiguous runs of elements that share one scale element.
 template <typename F>
 void for_each_run(const Layout& l, F&& f) {
-  if (l.channels == 1) {
+  if (l.flat) {
     at::parallel_for(0, l.inner, kGrain, [&](int64_t b, int64_t e) { f(b, e, 0); });
     return;
   }
-  const int64_t rows = l.outer * l.channels;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(l.inner, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) f(row * l.inner, (row + 1) * l.inner, row % l.channels);
+  const int64_t inner = l.inner;
+  if (l.runs.size() == 1 && l.runs[0][0] == 1) {  // one run, (outer, C, inner): no index arithmetic beyond row % C
+    const int64_t C = l.runs[0][1];
+    at::parallel_for(0, l.rows, grain, [&](int64_t b, int64_t e) {
+      if (l.rows == C) {  // outer = 1: row r is scale element r (blocks along the last dim, per token)
+        for (int64_t row = b; row < e; ++row) f(row * inner, (row + 1) * inner, row);
+      } else {
+        for (int64_t row = b; row < e; ++row) f(row * inner, (row + 1) * inner, row % C);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, l.rows, grain, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) f(row * inner, (row + 1) * inner, l.scale_of(row));
   });
 }
 
@@ -134,33 +214,9 @@ void qdq_forward_run(const float* x, float* y, uint8_t* m, int64_t b, int64_t e,
 }
 
 
-at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
-                       int64_t qmax, int64_t axis, double grad_factor);
-
-// scale and offset shaped to broadcast against x (per channel: [1, .., C, .., 1]), in x's dtype.
-std::pair<at::Tensor, at::Tensor> broadcastable(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset,
-                                                int64_t axis) {
-  at::Tensor s = scale, o = offset;
-  if (scale.numel() > 1) {
-    std::vector<int64_t> shape(x.dim(), 1);
-    shape[axis < 0 ? axis + x.dim() : axis] = -1;
-    s = scale.reshape(shape);
-    o = offset.reshape(shape);
-  }
-  return {s.to(x.scalar_type()), o.to(x.scalar_type())};
-}
-
-at::Tensor forward_aten(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
-                        int64_t axis) {
-  auto [s, o] = broadcastable(x, scale, offset, axis);
-  return at::mul(at::minimum(at::maximum(at::round(at::div(x, s)), o), o + qmax), s);
-}
-
 // The output has x's layout (empty_like: what the fake kernel promises torch.compile, channels-last
-// included). One encoding: any dense layout is processed as flat memory. Per channel: computed on a
+// included). One encoding: any dense layout is processed as flat memory. Otherwise: computed on a
 // contiguous copy, then copied into that layout when it differs.
-bool flat_ok(const at::Tensor& t, int64_t channels) { return channels == 1 && t.is_non_overlapping_and_dense(); }
-
 at::Tensor in_layout_of(const at::Tensor& like, const at::Tensor& result) {
   if (result.strides() == like.strides()) return result;
   at::Tensor out = at::empty_like(like, result.options());
@@ -168,49 +224,92 @@ at::Tensor in_layout_of(const at::Tensor& like, const at::Tensor& result) {
   return out;
 }
 
-at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
-                       int64_t qmax, int64_t axis, double grad_factor) {
-  if (x_in.scalar_type() != at::kFloat) return forward_aten(x_in, scale_in, offset_in, qmax, axis);
-  const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
-  const bool flat = flat_ok(x_in, scale.numel());
-  const at::Tensor x = flat ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x);
-  const Layout l = layout_of(x, scale.numel(), axis);
-  const float* xp = x.data_ptr<float>();
+// x (and grad) as the kernels read them: float32, contiguous unless one encoding on dense memory;
+// scale/offset float32 contiguous; the layout; offset index step (0: one offset for every scale element).
+struct Prepared {
+  at::Tensor x, grad, scale, offset;
+  Layout l;
+  int64_t ostep;
+};
+
+Prepared prepare(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
+                 const at::Tensor& grad_in = at::Tensor()) {
+  Prepared p;
+  p.scale = scale_in.to(at::kFloat).contiguous();
+  p.offset = offset_in.to(at::kFloat).contiguous();
+  const bool flat = scale_in.numel() == 1 && x_in.is_non_overlapping_and_dense() &&
+                    (!grad_in.defined() || grad_in.strides() == x_in.strides());
+  p.x = flat ? x_in : x_in.contiguous();
+  if (grad_in.defined()) p.grad = flat ? grad_in : grad_in.contiguous();
+  p.l = layout_of(x_in, scale_in);
+  p.ostep = offset_in.numel() == 1 ? 0 : 1;
+  return p;
+}
+
+// When x's last dim indexes the scale element by element (per channel on the last axis; a HF Conv1D
+// weight [K, C] with blocks [K / B, C]) every row would be one element: the kernels then run once more
+// with that dim moved first (a transposed copy in, one out) and the results are moved back.
+bool moves_last_dim(const at::Tensor& x, const at::Tensor& scale) {
+  return scale.numel() > 1 && x.dim() > 1 && x.numel() > 0 && x.size(-1) > 1 && scale.size(-1) == x.size(-1);
+}
+
+at::Tensor last_first(const at::Tensor& t) { return t.numel() == 1 ? t : t.movedim(-1, 0); }
+
+at::Tensor forward_impl(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
+                        int64_t qmax, bool may_move) {
+  check_encoding(x_in, scale_in, offset_in);
+  if (may_move && moves_last_dim(x_in, scale_in))
+    return in_layout_of(x_in, forward_impl(last_first(x_in), last_first(scale_in), last_first(offset_in), qmax,
+                                           false).movedim(0, -1));
+  if (x_in.scalar_type() != at::kFloat)  // float32 arithmetic, as the reference: upcast, then back to x's dtype
+    return in_layout_of(x_in, forward_impl(x_in.to(at::kFloat), scale_in, offset_in, qmax, false)
+                                  .to(x_in.scalar_type()));
+  const Prepared p = prepare(x_in, scale_in, offset_in);
+  at::Tensor y = at::empty_like(p.x);
+  const float* xp = p.x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  const float* op = offset.data_ptr<float>();
-  for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
-    qdq_forward_run<false>(xp, yp, nullptr, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
+  const float* sp = p.scale.data_ptr<float>();
+  const float* op = p.offset.data_ptr<float>();
+  for_each_run(p.l, [&](int64_t b, int64_t e, int64_t c) {
+    const float lo = op[c * p.ostep];
+    qdq_forward_run<false>(xp, yp, nullptr, b, e, sp[c], lo, lo + static_cast<float>(qmax));
   });
   return in_layout_of(x_in, y);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_mask_aten(const at::Tensor& x, const at::Tensor& scale,
-                                                     const at::Tensor& offset, int64_t qmax, int64_t axis) {
-  auto [s, o] = broadcastable(x, scale, offset, axis);
-  at::Tensor r = at::round(at::div(x, s)), hi = o + qmax;
-  at::Tensor y = at::mul(at::minimum(at::maximum(r, o), hi), s);
-  return {in_layout_of(x, y), in_layout_of(x, at::logical_and(at::ge(r, o), at::le(r, hi)))};
+at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
+                       double grad_factor) {
+  return forward_impl(x, scale, offset, qmax, true);
 }
 
-std::tuple<at::Tensor, at::Tensor> forward_mask_cpu(const at::Tensor& x_in, const at::Tensor& scale_in,
-                                                    const at::Tensor& offset_in, int64_t qmax, int64_t axis) {
-  if (x_in.scalar_type() != at::kFloat) return forward_mask_aten(x_in, scale_in, offset_in, qmax, axis);
-  const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
-  const bool flat = flat_ok(x_in, scale.numel());
-  const at::Tensor x = flat ? x_in : x_in.contiguous();
-  at::Tensor y = at::empty_like(x), mask = at::empty_like(x, x.options().dtype(at::kBool));
-  const Layout l = layout_of(x, scale.numel(), axis);
-  const float* xp = x.data_ptr<float>();
+std::tuple<at::Tensor, at::Tensor> forward_mask_impl(const at::Tensor& x_in, const at::Tensor& scale_in,
+                                                     const at::Tensor& offset_in, int64_t qmax, bool may_move) {
+  check_encoding(x_in, scale_in, offset_in);
+  if (may_move && moves_last_dim(x_in, scale_in)) {
+    auto [y, inside] = forward_mask_impl(last_first(x_in), last_first(scale_in), last_first(offset_in), qmax, false);
+    return {in_layout_of(x_in, y.movedim(0, -1)), in_layout_of(x_in, inside.movedim(0, -1))};
+  }
+  if (x_in.scalar_type() != at::kFloat) {
+    auto [y, inside] = forward_mask_impl(x_in.to(at::kFloat), scale_in, offset_in, qmax, false);
+    return {in_layout_of(x_in, y.to(x_in.scalar_type())), in_layout_of(x_in, inside)};
+  }
+  const Prepared p = prepare(x_in, scale_in, offset_in);
+  at::Tensor y = at::empty_like(p.x), mask = at::empty_like(p.x, p.x.options().dtype(at::kBool));
+  const float* xp = p.x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   uint8_t* mp = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
-  const float* sp = scale.data_ptr<float>();
-  const float* op = offset.data_ptr<float>();
-  for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
-    qdq_forward_run<true>(xp, yp, mp, b, e, sp[c], op[c], op[c] + static_cast<float>(qmax));
+  const float* sp = p.scale.data_ptr<float>();
+  const float* op = p.offset.data_ptr<float>();
+  for_each_run(p.l, [&](int64_t b, int64_t e, int64_t c) {
+    const float lo = op[c * p.ostep];
+    qdq_forward_run<true>(xp, yp, mp, b, e, sp[c], lo, lo + static_cast<float>(qmax));
   });
   return {in_layout_of(x_in, y), in_layout_of(x_in, mask)};
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_mask_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                                    const at::Tensor& offset, int64_t qmax) {
+  return forward_mask_impl(x, scale, offset, qmax, true);
 }
 
 // grad where the mask is set, else +0; the result has grad's layout (the fake kernel's empty_like(grad)).
@@ -234,46 +333,34 @@ at::Tensor mask_gradient_cpu(const at::Tensor& grad, const at::Tensor& mask) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_aten(const at::Tensor& grad, const at::Tensor& x,
-                                                             const at::Tensor& scale, const at::Tensor& offset,
-                                                             int64_t qmax, int64_t axis, double gf,
-                                                             bool encoding_grads) {
-  auto [s, o] = broadcastable(x, scale, offset, axis);
-  std::vector<int64_t> dims;
-  const int64_t ax = axis < 0 ? axis + x.dim() : axis;
-  for (int64_t d = 0; d < x.dim(); ++d)
-    if (scale.numel() == 1 || d != ax) dims.push_back(d);
-  at::Tensor u = at::div(x, s), r = at::round(u);
-  at::Tensor c = at::minimum(at::maximum(r, o), o + qmax);
-  at::Tensor inside = at::eq(r, c).to(grad.scalar_type());
-  at::Tensor gx = grad * inside;
-  if (!encoding_grads) return {gx, at::zeros_like(scale), at::zeros_like(offset)};
-  auto total = [&](const at::Tensor& t) { return dims.empty() ? t : at::sum(t, dims); };  // sum({}) sums all
-  at::Tensor gs = total(gx * (c - u) + (grad - gx) * c) * gf;
-  at::Tensor go = (total(grad) - total(gx)) * s.reshape(-1) * gf;
-  return {gx, gs.reshape(scale.sizes()).to(scale.scalar_type()), go.reshape(offset.sizes()).to(offset.scalar_type())};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
-                                                            const at::Tensor& scale_in, const at::Tensor& offset_in,
-                                                            int64_t qmax, int64_t axis, double gf,
-                                                            bool encoding_grads) {
-  if (x_in.scalar_type() != at::kFloat || grad_in.scalar_type() != at::kFloat)
-    return backward_aten(grad_in, x_in, scale_in, offset_in, qmax, axis, gf, encoding_grads);
-  const at::Tensor scale = scale_in.to(at::kFloat).contiguous(), offset = offset_in.to(at::kFloat).contiguous();
-  const bool flat = flat_ok(x_in, scale.numel()) && grad_in.strides() == x_in.strides();
-  const at::Tensor x = flat ? x_in : x_in.contiguous(), grad = flat ? grad_in : grad_in.contiguous();
-  at::Tensor gx = at::empty_like(x);
-  const Layout l = layout_of(x, scale.numel(), axis);
-  const float* xp = x.data_ptr<float>();
-  const float* gp = grad.data_ptr<float>();
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                             const at::Tensor& scale_in, const at::Tensor& offset_in,
+                                                             int64_t qmax, double gf, bool encoding_grads,
+                                                             bool may_move) {
+  check_encoding(x_in, scale_in, offset_in);
+  if (may_move && moves_last_dim(x_in, scale_in)) {
+    auto [gx, gs, go] = backward_impl(last_first(grad_in), last_first(x_in), last_first(scale_in),
+                                      last_first(offset_in), qmax, gf, encoding_grads, false);
+    return {in_layout_of(x_in, gx.movedim(0, -1)), gs.movedim(0, -1).contiguous(),
+            offset_in.numel() == 1 ? go : go.movedim(0, -1).contiguous()};
+  }
+  if (x_in.scalar_type() != at::kFloat || grad_in.scalar_type() != at::kFloat) {
+    auto [gx, gs, go] = backward_impl(grad_in.to(at::kFloat), x_in.to(at::kFloat), scale_in, offset_in, qmax, gf,
+                                      encoding_grads, false);
+    return {in_layout_of(x_in, gx.to(grad_in.scalar_type())), gs, go};
+  }
+  const Prepared p = prepare(x_in, scale_in, offset_in, grad_in);
+  const Layout& l = p.l;
+  at::Tensor gx = at::empty_like(p.x);
+  const float* xp = p.x.data_ptr<float>();
+  const float* gp = p.grad.data_ptr<float>();
   float* gxp = gx.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  const float* op = offset.data_ptr<float>();
-  const int64_t C = l.channels;
+  const float* sp = p.scale.data_ptr<float>();
+  const float* op = p.offset.data_ptr<float>();
+  const int64_t C = l.scales, ostep = p.ostep;
   if (!encoding_grads) {
     for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
-      const float s = sp[c], lo = op[c], hi = op[c] + static_cast<float>(qmax);
+      const float s = sp[c], lo = op[c * ostep], hi = lo + static_cast<float>(qmax);
       const Vec vs(s), vlo(lo), vhi(hi), zero(0.f);
       int64_t i = b;
       for (; i + Vec::size() <= e; i += Vec::size()) {
@@ -288,12 +375,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
     });
     return {in_layout_of(x_in, gx), at::zeros_like(scale_in), at::zeros_like(offset_in)};
   }
-  // Per-thread partial sums per channel: sum(g*c) - sum(g_x*u) for the scale, sum(g) - sum(g_x) for the offset.
-  const int nthreads = at::get_num_threads();
-  std::vector<double> ds(static_cast<size_t>(nthreads) * C, 0.0), dox(static_cast<size_t>(nthreads) * C, 0.0);
+  // Partial sums per scale element: sum(g*c) - sum(g_x*u) for the scale, sum(g) - sum(g_x) for the offset;
+  // one copy per thread unless each scale element is one row (then each sum has one writer).
+  const int slots = l.row_per_scale ? 1 : at::get_num_threads();
+  std::vector<double> ds(static_cast<size_t>(slots) * C, 0.0), dox(static_cast<size_t>(slots) * C, 0.0);
   for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
-    const int t = at::get_thread_num();
-    const float s = sp[c], lo = op[c], hi = op[c] + static_cast<float>(qmax);
+    const int64_t t = l.row_per_scale ? 0 : at::get_thread_num();
+    const float s = sp[c], lo = op[c * ostep], hi = lo + static_cast<float>(qmax);
     const Vec vs(s), vlo(lo), vhi(hi), zero(0.f);
     Vec acc_s(0.f), acc_o(0.f);
     int64_t i = b;
@@ -327,53 +415,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& gr
       sum_s += lanes_s[k];
       sum_o += lanes_o[k];
     }
-    ds[static_cast<size_t>(t) * C + c] += sum_s;
-    dox[static_cast<size_t>(t) * C + c] += sum_o;
+    ds[static_cast<size_t>(t * C + c)] += sum_s;
+    dox[static_cast<size_t>(t * C + c)] += sum_o;
   });
-  at::Tensor gs = at::zeros({C}, scale.options()), go = at::zeros({C}, offset.options());
+  at::Tensor gs = at::empty({C}, p.scale.options()), go = at::empty({C}, p.scale.options());
   float* gsp = gs.data_ptr<float>();
   float* gop = go.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c) {
     double s_sum = 0.0, o_sum = 0.0;
-    for (int t = 0; t < nthreads; ++t) {
-      s_sum += ds[static_cast<size_t>(t) * C + c];
-      o_sum += dox[static_cast<size_t>(t) * C + c];
+    for (int t = 0; t < slots; ++t) {
+      s_sum += ds[static_cast<size_t>(t * C + c)];
+      o_sum += dox[static_cast<size_t>(t * C + c)];
     }
     gsp[c] = static_cast<float>(s_sum * gf);
     gop[c] = static_cast<float>(o_sum * sp[c] * gf);
   }
+  if (ostep == 0) go = go.sum();  // one offset for every scale element
   return {in_layout_of(x_in, gx), gs.reshape(scale_in.sizes()).to(scale_in.scalar_type()),
           go.reshape(offset_in.sizes()).to(offset_in.scalar_type())};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& scale, const at::Tensor& offset,
+                                                            int64_t qmax, double gf, bool encoding_grads) {
+  return backward_impl(grad, x, scale, offset, qmax, gf, encoding_grads, true);
+}
+
 // ------------------------------------------------------------------ autograd
-at::Tensor call_forward(const at::Tensor& x, const at::Tensor& s, const at::Tensor& o, int64_t qmax, int64_t axis,
+at::Tensor call_forward(const at::Tensor& x, const at::Tensor& s, const at::Tensor& o, int64_t qmax,
                         double gf) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qat::quantize_dequantize", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                         double)>();
-  return op.call(x, s, o, qmax, axis, gf);
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double)>();
+  return op.call(x, s, o, qmax, gf);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& g, const at::Tensor& x,
                                                              const at::Tensor& s, const at::Tensor& o, int64_t qmax,
-                                                             int64_t axis, double gf, bool encoding_grads) {
+                                                             double gf, bool encoding_grads) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qat::quantize_dequantize_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-                           int64_t, double, bool)>();
-  return op.call(g, x, s, o, qmax, axis, gf, encoding_grads);
+                           double, bool)>();
+  return op.call(g, x, s, o, qmax, gf, encoding_grads);
 }
 
 std::tuple<at::Tensor, at::Tensor> call_forward_mask(const at::Tensor& x, const at::Tensor& s, const at::Tensor& o,
-                                                     int64_t qmax, int64_t axis) {
+                                                     int64_t qmax) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("qat::quantize_dequantize_with_mask", "")
                        .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, int64_t, int64_t)>();
-  return op.call(x, s, o, qmax, axis);
+                                                                 const at::Tensor&, int64_t)>();
+  return op.call(x, s, o, qmax);
 }
 
 at::Tensor call_mask_gradient(const at::Tensor& grad, const at::Tensor& mask) {
@@ -387,21 +481,20 @@ at::Tensor call_mask_gradient(const at::Tensor& grad, const at::Tensor& mask) {
 class QuantizeDequantizeFunction : public torch::autograd::Function<QuantizeDequantizeFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
-                            const at::Tensor& offset, int64_t qmax, int64_t axis, double gf, bool grad_mode) {
+                            const at::Tensor& offset, int64_t qmax, double gf, bool grad_mode) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool masked = !(scale.requires_grad() || offset.requires_grad());
     ctx->saved_data["masked"] = masked;
     if (masked) {
-      if (!(grad_mode && x.requires_grad())) return call_forward(x, scale, offset, qmax, axis, gf);
-      auto [y, inside] = call_forward_mask(x, scale, offset, qmax, axis);
+      if (!(grad_mode && x.requires_grad())) return call_forward(x, scale, offset, qmax, gf);
+      auto [y, inside] = call_forward_mask(x, scale, offset, qmax);
       ctx->save_for_backward({inside});
       return y;
     }
     ctx->save_for_backward({x, scale, offset});
     ctx->saved_data["qmax"] = qmax;
-    ctx->saved_data["axis"] = axis;
     ctx->saved_data["gf"] = gf;
-    return call_forward(x, scale, offset, qmax, axis, gf);
+    return call_forward(x, scale, offset, qmax, gf);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -410,24 +503,18 @@ class QuantizeDequantizeFunction : public torch::autograd::Function<QuantizeDequ
     if (ctx->saved_data["masked"].toBool()) {
       // CPU: the vectorized kernel. Elsewhere one at::where, which torch.compile can fuse into its neighbours.
       at::Tensor gx = grads[0].is_cpu() ? call_mask_gradient(grads[0], saved[0]) : mask_gradient_aten(grads[0], saved[0]);
-      return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+      return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     const bool encoding_grads = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
     auto [gx, gs, go] = call_backward(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["qmax"].toInt(),
-                                      ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(),
-                                      encoding_grads);
-    return {gx, gs, go, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+                                      ctx->saved_data["gf"].toDouble(), encoding_grads);
+    return {gx, gs, go, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor forward_autograd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
-                            int64_t axis, double gf) {
-  return QuantizeDequantizeFunction::apply(x, scale, offset, qmax, axis, gf, at::GradMode::is_enabled());
-}
-
-at::Tensor forward_composite(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
-                             int64_t axis, double gf) {
-  return forward_aten(x, scale, offset, qmax, axis);
+                            double gf) {
+  return QuantizeDequantizeFunction::apply(x, scale, offset, qmax, gf, at::GradMode::is_enabled());
 }
 
 // ------------------------------------------------------------------ learned encodings
@@ -442,23 +529,22 @@ std::pair<at::Tensor, at::Tensor> learned_encoding(const at::Tensor& log_scale, 
 }
 
 at::Tensor learned_composite(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& log_floor,
-                             const at::Tensor& offset, int64_t qmax, int64_t axis, double gf, bool learn_offset) {
+                             const at::Tensor& offset, int64_t qmax, double gf, bool learn_offset) {
   auto [s, o] = learned_encoding(log_scale, log_floor, offset, qmax, learn_offset);
-  return call_forward(x, s, o, qmax, axis, gf);
+  return call_forward(x, s, o, qmax, gf);
 }
 
 class LearnedFunction : public torch::autograd::Function<LearnedFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& log_scale,
-                            const at::Tensor& log_floor, const at::Tensor& offset, int64_t qmax, int64_t axis,
+                            const at::Tensor& log_floor, const at::Tensor& offset, int64_t qmax,
                             double gf, bool learn_offset) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [s, o] = learned_encoding(log_scale, log_floor, offset, qmax, learn_offset);
     ctx->save_for_backward({x, s, o});
     ctx->saved_data["qmax"] = qmax;
-    ctx->saved_data["axis"] = axis;
     ctx->saved_data["gf"] = gf;
-    return call_forward(x, s, o, qmax, axis, gf);
+    return call_forward(x, s, o, qmax, gf);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -466,17 +552,16 @@ class LearnedFunction : public torch::autograd::Function<LearnedFunction> {
     auto saved = ctx->get_saved_variables();
     const bool encoding_grads = ctx->needs_input_grad(1) || ctx->needs_input_grad(3);
     auto [gx, gs, go] = call_backward(grads[0], saved[0], saved[1], saved[2], ctx->saved_data["qmax"].toInt(),
-                                      ctx->saved_data["axis"].toInt(), ctx->saved_data["gf"].toDouble(),
-                                      encoding_grads);
+                                      ctx->saved_data["gf"].toDouble(), encoding_grads);
     at::Tensor g_log_scale = encoding_grads ? gs * saved[1] : at::Tensor();
     at::Tensor g_offset = ctx->needs_input_grad(3) ? go : at::Tensor();
-    return {gx, g_log_scale, at::Tensor(), g_offset, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {gx, g_log_scale, at::Tensor(), g_offset, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 at::Tensor learned_autograd(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& log_floor,
-                            const at::Tensor& offset, int64_t qmax, int64_t axis, double gf, bool learn_offset) {
-  return LearnedFunction::apply(x, log_scale, log_floor, offset, qmax, axis, gf, learn_offset);
+                            const at::Tensor& offset, int64_t qmax, double gf, bool learn_offset) {
+  return LearnedFunction::apply(x, log_scale, log_floor, offset, qmax, gf, learn_offset);
 }
 
 }  // namespace
@@ -486,14 +571,14 @@ at::Tensor learned_autograd(const at::Tensor& x, const at::Tensor& log_scale, co
 // each call (it did: a transpose of the input, the output and the mask per quantizer).
 TORCH_LIBRARY(qat, m) {
   const std::vector<at::Tag> flexible = {at::Tag::flexible_layout};
-  m.def("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmax, int axis, float grad_factor) -> Tensor",
+  m.def("quantize_dequantize(Tensor x, Tensor scale, Tensor offset, int qmax, float grad_factor) -> Tensor",
         flexible);
-  m.def("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, int axis, "
+  m.def("quantize_dequantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor offset, int qmax, "
         "float grad_factor, bool encoding_grads) -> (Tensor, Tensor, Tensor)", flexible);
-  m.def("quantize_dequantize_with_mask(Tensor x, Tensor scale, Tensor offset, int qmax, int axis) -> (Tensor, Tensor)",
+  m.def("quantize_dequantize_with_mask(Tensor x, Tensor scale, Tensor offset, int qmax) -> (Tensor, Tensor)",
         flexible);
   m.def("mask_gradient(Tensor grad, Tensor mask) -> Tensor", flexible);
-  m.def("quantize_dequantize_learned(Tensor x, Tensor log_scale, Tensor log_floor, Tensor offset, int qmax, int axis, "
+  m.def("quantize_dequantize_learned(Tensor x, Tensor log_scale, Tensor log_floor, Tensor offset, int qmax, "
         "float grad_factor, bool learn_offset) -> Tensor", flexible);
 }
 
@@ -504,10 +589,9 @@ TORCH_LIBRARY_IMPL(qat, CPU, m) {
   m.impl("mask_gradient", &mask_gradient_cpu);
 }
 
+// Other devices: quantize_dequantize, its backward and with_mask come from kernels/__init__.py (the
+// reference's ATen ops; Triton on CUDA), so the math is written once; the mask's select is this one.
 TORCH_LIBRARY_IMPL(qat, CompositeExplicitAutograd, m) {
-  m.impl("quantize_dequantize", &forward_composite);
-  m.impl("quantize_dequantize_backward", &backward_aten);
-  m.impl("quantize_dequantize_with_mask", &forward_mask_aten);
   m.impl("mask_gradient", &mask_gradient_aten);
   m.impl("quantize_dequantize_learned", &learned_composite);
 }

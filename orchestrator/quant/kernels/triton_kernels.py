@@ -6,8 +6,11 @@ written out exactly (``floor``, then up when the remainder is above 1/2 or exact
 odd floor), so the kernels need no libdevice and also run under ``TRITON_INTERPRET=1`` on CPU
 tensors, which is how the tests check them on machines without a GPU.
 
-Layout: ``x`` contiguous, seen as rows of ``inner`` elements that share one channel
-(``channel = row % C``; per tensor: ``C = 1``). Forward and the plain backward are elementwise.
+Layout: ``scale`` in ``reference.py``'s layout; the wrapper views a contiguous ``x`` as
+``[outer, C, inner]`` (``granularity.scale_runs``: per tensor, per channel on any axis, blocks along
+the last dim or along axis 1 of a conv weight, per token), rows of ``inner`` elements under one scale
+element (``c = row % C``; per tensor: ``C = 1``). Layouts whose scale-indexed dims do not form one run
+go to ``aten.py`` (the reference's ATen ops). Forward and the plain backward are elementwise.
 The forward can also write the STE's mask (``quantize_dequantize_with_mask``). The backward with
 encoding gradients gives each row one program that writes its partial sums, which a second
 kernel reduces per channel in a fixed order: deterministic, no atomics.
@@ -16,6 +19,10 @@ kernel reduces per channel in a fixed order: deterministic, no atomics.
 from __future__ import annotations
 
 import torch
+
+from ..granularity import scale_runs
+from . import aten
+from .aten import in_layout_of
 
 try:  # Triton is optional: without it CUDA tensors run the ATen-ops kernels
     import triton
@@ -109,16 +116,17 @@ if triton is not None:
         tl.store(go_ptr + c, (tl.sum(acc_o, axis=0) * tl.load(s_ptr + c).to(tl.float64) * grad_factor).to(tl.float32))
 
 
-def _rows(x: torch.Tensor, scale: torch.Tensor, axis: int) -> tuple[int, int]:
-    """``(inner, channels)``: elements per run of one channel, and the channel count."""
-    channels = scale.numel()
-    if channels == 1:
-        return x.numel(), 1
-    axis %= x.dim()
-    inner = 1
-    for d in range(axis + 1, x.dim()):
-        inner *= x.shape[d]
-    return inner, channels
+def _encoding(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor):
+    """``(inner, C, scale, offset)`` for the kernels (float32, ``[C]`` each), or None when the layout is
+    not one run (``granularity.scale_runs``)."""
+    aten.check_encoding(x, scale, offset)
+    runs = scale_runs(tuple(x.shape), tuple(scale.shape))
+    if runs is None:
+        return None
+    _, channels, inner = runs
+    s = scale.float().reshape(-1).contiguous()
+    o = offset.float().reshape(-1).expand(s.shape).contiguous()  # one offset for every scale element
+    return max(inner, 1), channels, s, o
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -136,51 +144,52 @@ def _flat(t: torch.Tensor, scale: torch.Tensor) -> bool:
     return scale.numel() == 1 and _dense(t)
 
 
-def _in_layout_of(like: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """``result`` with ``like``'s layout (what the fake kernel promises: ``empty_like``)."""
-    return result if result.stride() == like.stride() else torch.empty_like(like, dtype=result.dtype).copy_(result)
-
-
-def _forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
+def _forward(x_in: torch.Tensor, scale: torch.Tensor, enc, qmax: int,
              with_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = x_in if _flat(x_in, scale) else x_in.contiguous()
     y = torch.empty_like(x)
     inside = torch.empty_like(x, dtype=torch.bool) if with_mask else None
     n = x.numel()
     if n:
-        inner, channels = _rows(x, scale, axis)
-        s, o = scale.float().contiguous(), offset.float().contiguous()
+        inner, channels, s, o = enc
         mask_out = inside.view(torch.int8) if with_mask else y  # not written without the mask
         _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, mask_out, s, o, n, inner, channels, float(qmax),
                                                   BLOCK_SIZE=BLOCK, WITH_MASK=with_mask)
-    return _in_layout_of(x_in, y), (_in_layout_of(x_in, inside) if with_mask else None)
+    return in_layout_of(x_in, y), (in_layout_of(x_in, inside) if with_mask else None)
 
 
-def forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int, axis: int,
+def forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
             grad_factor: float) -> torch.Tensor:
-    return _forward(x_in, scale, offset, qmax, axis, with_mask=False)[0]
+    enc = _encoding(x_in, scale, offset)
+    if enc is None:
+        return aten.forward(x_in, scale, offset, qmax, grad_factor)
+    return _forward(x_in, scale, enc, qmax, with_mask=False)[0]
 
 
-def forward_with_mask(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
-                      axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_with_mask(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                      qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward and the STE's mask (bool, True where ``round(x / s)`` is on the grid)."""
-    return _forward(x_in, scale, offset, qmax, axis, with_mask=True)
+    enc = _encoding(x_in, scale, offset)
+    if enc is None:
+        return aten.forward_with_mask(x_in, scale, offset, qmax)
+    return _forward(x_in, scale, enc, qmax, with_mask=True)
 
 
 def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
-             axis: int, grad_factor: float, encoding_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             grad_factor: float, encoding_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    enc = _encoding(x_in, scale, offset)
+    if enc is None:
+        return aten.backward(grad_in, x_in, scale, offset, qmax, grad_factor, encoding_grads)
     flat = _flat(x_in, scale) and grad_in.stride() == x_in.stride()
     x, grad = (x_in, grad_in) if flat else (x_in.contiguous(), grad_in.contiguous())
-    gx = torch.empty_like(x)
+    gx = torch.empty_like(grad)
     n = x.numel()
-    s, o = scale.float().contiguous(), offset.float().contiguous()
-    inner, channels = _rows(x, scale, axis)
-    if n == 0:
-        return _in_layout_of(x_in, gx), torch.zeros_like(scale), torch.zeros_like(offset)
-    if not encoding_grads:
-        _backward_kernel[(triton.cdiv(n, BLOCK),)](grad, x, gx, s, o, n, inner, channels, float(qmax),
-                                                   BLOCK_SIZE=BLOCK)
-        return _in_layout_of(x_in, gx), torch.zeros_like(scale), torch.zeros_like(offset)
+    inner, channels, s, o = enc
+    if n == 0 or not encoding_grads:
+        if n:
+            _backward_kernel[(triton.cdiv(n, BLOCK),)](grad, x, gx, s, o, n, inner, channels, float(qmax),
+                                                       BLOCK_SIZE=BLOCK)
+        return in_layout_of(x_in, gx), torch.zeros_like(scale), torch.zeros_like(offset)
     row_len = PER_TENSOR_ROW if channels == 1 else inner
     rows = triton.cdiv(n, row_len)
     ps = torch.empty(rows, device=x.device, dtype=torch.float32)
@@ -189,7 +198,9 @@ def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, off
                                        BLOCK_SIZE=BLOCK)
     gs, go = torch.empty_like(s), torch.empty_like(s)
     _finish_kernel[(channels,)](ps, po, s, gs, go, rows, channels, float(grad_factor), BLOCK_SIZE=256)
-    return _in_layout_of(x_in, gx), gs.to(scale.dtype).reshape(scale.shape), go.to(offset.dtype).reshape(offset.shape)
+    if offset.numel() == 1:  # one offset for every scale element
+        go = go.sum()
+    return in_layout_of(x_in, gx), gs.to(scale.dtype).reshape(scale.shape), go.to(offset.dtype).reshape(offset.shape)
 
 
 def register() -> bool:
