@@ -22,12 +22,20 @@ TINY = {"model.name": "llama_tiny", "data.name": "python_text", "task.name": "la
         "qat.calibration_batches": 2, "qat.eval_batch_size": 64, "qat.qdq_check_batches": 1}
 
 
-@pytest.mark.slow  # ~25 s each on 2 shared cores (the first trains the tiny baseline)
+@pytest.mark.slow  # 4-10 s each (the first trains the tiny baseline)
 @pytest.mark.parametrize("preset", [
     {"quant.param_bw": 2, "quant.param_block_size": 32, "quant.quantize_activations": False},  # quant=w2g32
     {"quant.param_bw": 4, "quant.param_block_size": 32, "quant.output_bw": 4,  # quant=w4g32a4
      "quant.output_granularity": "per_token", "quant.activation_sites": "layer_inputs"},
-], ids=["w2g32", "w4g32a4"])
+    {"quant.param_bw": 3, "quant.param_block_size": 32, "quant.quantize_activations": False},  # quant=w3g32
+    {"quant.param_bw": 4, "quant.param_block_size": 128, "quant.quantize_activations": False},  # quant=w4g128
+    {"quant.param_bw": 4, "quant.param_block_size": 32, "quant.output_bw": 8,  # quant=w4g32a8 (8da4w)
+     "quant.output_granularity": "per_token", "quant.activation_sites": "layer_inputs"},
+    {"quant.param_format": "float8_e4m3fn", "quant.output_format": "float8_e4m3fn",  # quant=fp8
+     "quant.quant_scheme": "min_max", "quant.activation_sites": "layer_inputs"},
+    {"quant.param_format": "nvfp4", "quant.output_format": "nvfp4",  # quant=nvfp4
+     "quant.activation_sites": "layer_inputs"},
+], ids=["w2g32", "w4g32a4", "w3g32", "w4g128", "w4g32a8", "fp8", "nvfp4"])
 def test_a_tiny_llm_trial_distills_and_logs_recovered_perplexity(tmp_path, baseline_cache, preset):
     cfg = trial_config(tmp_path, baseline_cache, **TINY, **preset, **{
         "qat.distill.enabled": True, "qat.distill.temperature": 1.0, "qat.distill.weight": 1.0,
