@@ -172,3 +172,25 @@ def test_the_llm_recipe_with_lora_under_fsdp_exports_the_merged_gathered_model(t
     assert m["qdq_agree_top1"] == 1.0 and m["qdq_sqnr_db"] > 60
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.data.tags["qat.strategy"] == "fsdp" and run.info.status == "FINISHED"
+
+
+@pytest.mark.slow  # two 3-epoch trials of the tiny Llama, ~15 s
+def test_a_lora_trial_resumes_from_its_checkpoint_to_the_same_merged_export(tmp_path, baseline_cache):
+    """The adapters, their optimizer state and the learned block scales come back from the epoch-1
+    checkpoint: the resumed trial ends on the uninterrupted one's export bit for bit."""
+    import torch
+
+    cfg = trial_config(tmp_path, baseline_cache, name="lora", **{**TINY, "qat.epochs": 3}, **W2G32, **{
+        "qat.range_learning": True, "qat.learn_weight_encodings": True, "qat.encoding_lr": 1e-3,
+        "qat.lora.rank": 4, "qat.lora.alpha": 8.0})
+    full = run_trial(cfg)
+    a = torch.load(full.metrics["export_pth"], weights_only=True)
+    last = sorted((tmp_path / "lora" / "checkpoints").glob("epoch_*.pt"))[-1]
+    assert last.name == "epoch_0002.pt"
+    last.unlink()  # as if the process died right after the epoch-1 checkpoint
+    resumed = run_trial(cfg)
+    assert resumed.run_id == full.run_id and resumed.metrics["resumed_from_epoch"] == 1
+    assert resumed.metrics["test_ppl"] == full.metrics["test_ppl"]
+    assert resumed.metrics["lora_params"] == full.metrics["lora_params"]
+    b = torch.load(resumed.metrics["export_pth"], weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
