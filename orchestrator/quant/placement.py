@@ -22,7 +22,8 @@ Rules (DESIGN.md, "Default placement"):
 - A BatchNorm whose only input is a conv/linear used nowhere else is folded into it.
 
 ``activation_sites="layer_inputs"`` keeps, of the activation quantizers above, only those whose
-value reaches a weighted layer (conv/linear, ``F.linear``/``F.conv*``, ``addmm``) as its input,
+value reaches a weighted layer (conv/linear, ``F.linear``/``F.conv*``, ``addmm``, and the registered
+layers with weights: ``nn.MultiheadAttention``, RNNs) as its input,
 looking through data movement: the placement of torchao's 8da4w and ModelOpt's W4A4/NVFP4
 (quantizers at the inputs of the matmuls with weights; norms, residual adds, softmax and the
 attention's own matmuls stay float). A quantizer sits on the producer's output, so a value that
@@ -97,6 +98,14 @@ def _is_layer(node: Node) -> bool:
     return node.op in LAYER_FUNCTIONS
 
 
+def _has_weights(node: Node) -> bool:
+    """A module node whose layer multiplies its inputs by quantized weights: conv/linear, and the
+    registered layers with weights (``nn.MultiheadAttention``, RNNs, GPT-2's Conv1D), not embeddings."""
+    m = node.module
+    return isinstance(m, LAYER_MODULES) or (isinstance(m, QuantizedModule) and not m.PASS_THROUGH
+                                            and bool(m.quantized_param_names()))
+
+
 def _is_batchnorm(node: Node) -> bool:
     return node.kind == "module" and isinstance(node.module, BATCHNORMS)
 
@@ -155,7 +164,7 @@ class _Rules:
                     pending.extend((user.index, i) for i in range(len(user.outputs)))
                     continue
                 positions = [k for k, i in enumerate(user.inputs) if i.node == src and i.output == out]
-                if user.kind == "module" and _is_layer(user):
+                if user.kind == "module" and _has_weights(user):
                     return True
                 if user.kind == "function" and LAYER_INPUT_POSITION.get(user.op) in positions:
                     return True

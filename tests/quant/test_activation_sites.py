@@ -117,3 +117,36 @@ def test_presets_named_after_torchao_and_modelopt_use_their_placement(preset, ex
     with hydra_app("train", (f"quant={preset}",)) as (_, master):
         quant = OmegaConf.to_container(master.quant, resolve=True)
     assert TrialConfig.from_dict({"quant": quant}).quant_config().activation_sites == expected
+
+
+class _AttentionRnn(torch.nn.Module):
+    """Linear -> ReLU -> self-attention (its projections run op by op) -> residual + LayerNorm -> LSTM -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = torch.nn.LayerNorm(16)
+        self.rnn = torch.nn.LSTM(16, 16, batch_first=True)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.embed(x))
+        a, _ = self.attn(h, h, h)
+        out, _ = self.rnn(self.norm(a + h))
+        return self.head(out[:, -1])
+
+
+def test_layer_inputs_of_attention_projections_and_recurrent_layers():
+    from orchestrator.quant import QuantizationSimModel
+
+    torch.manual_seed(0)
+    model, x = _AttentionRnn().eval(), torch.randn(2, 5, 8)
+    sim = QuantizationSimModel(model, x, QuantConfig(activation_sites="layer_inputs"))
+    # x -> embed; relu -> the in-projections; the attention's probs @ v -> out_proj; the LayerNorm -> the
+    # LSTM (a layer with weights); the LSTM's output (through the indexing) -> head. Left float: the
+    # projections' own outputs, scores, softmax, the residual add.
+    assert list(sim.activation_quantizers()) == ["x", "relu_0", "attn.matmul_1", "norm", "rnn.output_0"]
+    sim.compute_encodings(lambda m, _: m(x))
+    with torch.no_grad():
+        assert sqnr_db(model(x).numpy(), sim.model(x).numpy()) > 25
