@@ -146,7 +146,9 @@ class _Builder:
         else:
             fmt = format_from_name(st.format, st.bitwidth, False)
             granularity = PerToken() if st.granularity == "per_token" else PerTensor()
-        q = QuantizeDequantize(name, st.bitwidth, symmetric=False, learnable=cfg.range_learning,
+        # A quantizer the config turns off has nothing to learn (no parameter that no loss reaches:
+        # DDP refuses those).
+        q = QuantizeDequantize(name, st.bitwidth, symmetric=False, learnable=cfg.range_learning and st.enabled,
                                grad_scaling=cfg.lsq_grad_scaling, fmt=fmt, granularity=granularity).to(self.device)
         q.enabled = st.enabled
         return q
@@ -171,8 +173,9 @@ class _Builder:
                     granularity.scale_shape(tuple(param.shape))
                 except ValueError as exc:
                     raise QuantConfigError(f"weight {name!r} of shape {list(param.shape)}: {exc}") from None
+        learn = cfg.learn_weight_encodings and st.enabled  # off by config: nothing to learn (as activations)
         q = QuantizeDequantize(name, st.bitwidth, symmetric=True, channels=channels, axis=axis,
-                               learnable=cfg.learn_weight_encodings, follow=not cfg.learn_weight_encodings,
+                               learnable=learn, follow=not learn,
                                grad_scaling=cfg.lsq_grad_scaling, is_param=True, fmt=fmt, granularity=granularity,
                                shape=tuple(param.shape)).to(param.device)
         q.enabled = st.enabled

@@ -125,9 +125,12 @@ class QuantizationSimModel:
         return dict(self._built.params)
 
     def set_quantization_enabled(self, enabled: bool) -> None:
-        """Turn every quantizer on or off (off: ``sim.model`` computes in float)."""
-        for q in self._all_quantizers():
-            q.enabled = enabled
+        """Turn every quantizer on or off (off: ``sim.model`` computes in float); on means on as the
+        config says (``quantize_activations``, ``overrides``' ``enabled``)."""
+        for name, q in self._built.activations.items():
+            q.enabled = enabled and self.config.quantizer_settings(name, is_param=False).enabled
+        for name, e in self._built.params.items():
+            e.quantizer.enabled = enabled and self.config.quantizer_settings(name, is_param=True).enabled
 
     def _all_quantizers(self) -> list[QuantizeDequantize]:
         return list(self._built.activations.values()) + [e.quantizer for e in self._built.params.values()]

@@ -190,3 +190,28 @@ def test_state_dict_restores_exact_encodings(pretrained, calibration_batches, di
     x = digits_data.test.tensors[0]
     with torch.no_grad():
         assert torch.equal(fresh.model.eval()(x), sim.model.eval()(x))
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(quantize_activations=False, range_learning=True, learn_weight_encodings=True),  # weight-only, RL
+    dict(range_learning=True, learn_weight_encodings=True, overrides={"2": {"enabled": False},
+                                                                      "2.weight": {"enabled": False}}),
+], ids=["weight-only", "override-off"])
+def test_quantizers_the_config_turns_off_hold_no_trainable_parameter(cfg):
+    """Every trainable parameter of ``sim.model`` gets a gradient (DistributedDataParallel refuses
+    parameters no loss reaches); turning quantization off and on again restores the config's choice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    sim = QuantizationSimModel(model, x, QuantConfig(**cfg))
+    sim.compute_encodings(lambda m, _: m(x))
+    sim.model(x).square().sum().backward()
+    trainable = [n for n, p in sim.model.named_parameters() if p.requires_grad]
+    assert [n for n, p in sim.model.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert any("log_scale" in n for n in trainable)  # the enabled ones still learn
+    before = {n: q.enabled for n, q in [*sim.activation_quantizers().items(), *sim.param_quantizers().items()]}
+    assert not all(before.values())
+    sim.set_quantization_enabled(False)
+    sim.set_quantization_enabled(True)
+    after = {n: q.enabled for n, q in [*sim.activation_quantizers().items(), *sim.param_quantizers().items()]}
+    assert after == before

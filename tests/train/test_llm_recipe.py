@@ -154,13 +154,16 @@ def test_an_unknown_lora_target_is_one_clear_error_naming_the_key():
         attach_lora(qat, sim)
 
 
-@pytest.mark.slow  # ~40 s: 2 Ray Train gloo workers
-def test_the_llm_recipe_with_lora_under_fsdp_exports_the_merged_gathered_model(tmp_path, baseline_cache, ray_local):
-    """FSDP2 shards the adapters with their decoder layers (frozen base weights beside them); every
-    rank ends with the same encodings; rank 0 gathers the adapters into an unsharded simulation,
-    merges them and exports: the export agrees with it in onnxruntime."""
+@pytest.mark.slow  # ~40 s each: 2 Ray Train gloo workers
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_the_llm_recipe_with_lora_on_two_workers_exports_the_merged_model(tmp_path, baseline_cache, ray_local,
+                                                                          strategy):
+    """DDP all-reduces the adapters' gradients; FSDP2 shards the adapters with their decoder layers
+    (frozen base weights beside them). Either way every rank ends with the same encodings, and rank 0
+    (gathering the shards under FSDP2) merges the adapters and exports: the export agrees with it in
+    onnxruntime."""
     cfg = trial_config(tmp_path, baseline_cache, **{**TINY, **W2G32, "trainer.num_workers": 2,
-                                                    "trainer.strategy": "fsdp", "qat.range_learning": True,
+                                                    "trainer.strategy": strategy, "qat.range_learning": True,
                                                     "qat.learn_weight_encodings": True, "qat.encoding_lr": 1e-3,
                                                     "qat.distill.enabled": True, "qat.lora.rank": 4})
     result = run_trial(cfg)
@@ -171,7 +174,7 @@ def test_the_llm_recipe_with_lora_under_fsdp_exports_the_merged_gathered_model(t
     assert len(digests) == 2 and len(set(digests)) == 1
     assert m["qdq_agree_top1"] == 1.0 and m["qdq_sqnr_db"] > 60
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
-    assert run.data.tags["qat.strategy"] == "fsdp" and run.info.status == "FINISHED"
+    assert run.data.tags["qat.strategy"] == strategy and run.info.status == "FINISHED"
 
 
 @pytest.mark.slow  # two 3-epoch trials of the tiny Llama, ~15 s
