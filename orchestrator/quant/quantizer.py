@@ -132,7 +132,7 @@ class QuantizeDequantize(nn.Module):
         self.axis = axis
         self.channels = int(torch.Size(self.scale_shape).numel())
         # Learned on the reference's learned op: float formats and blocks (class docstring).
-        self.general = fmt.is_float or isinstance(granularity, (PerBlock, PerToken, PerTokenBlocks))
+        self.learned_on_reference = fmt.is_float or isinstance(granularity, PerBlock)
         self.learnable = learnable
         self.follow = follow
         self.grad_scaling = grad_scaling
@@ -198,7 +198,7 @@ class QuantizeDequantize(nn.Module):
                                                                   self.offset, self.format.name, self.format.qmax,
                                                                   self._grad_factor(x))
         if self.learnable:
-            if self.general:
+            if self.learned_on_reference:
                 return torch.ops.qat.quantize_dequantize_general_learned(
                     x, self._full(self.log_scale, x), self._full(self.log_floor, x), self._full(self.offset, x),
                     self.format.name, self.format.qmax, self._grad_factor(x), not self.symmetric)

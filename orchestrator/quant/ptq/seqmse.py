@@ -13,11 +13,9 @@ AdaRound (one forward per candidate, no training): AIMET's choice for large tran
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-
-import dataclasses
 
 from ..granularity import reduce_blocks
 from ..quantizer import encoding_from_range
@@ -59,7 +57,7 @@ def search_layer(layer: Layer, x: torch.Tensor, target: torch.Tensor, candidates
     best_err = best_ratio = best_scale = best_offset = None
     for r in ratios:
         scale, offset = encoding_from_range(lo * r, hi * r, enc.bitwidth, enc.symmetric)
-        cand = dataclasses.replace(enc, scale=scale, offset=offset)
+        cand = replace(enc, scale=scale, offset=offset)
         err = (layer.compute(x, nearest(w, cand)) - target).square()
         err = err.movedim(layer.out_channel_dim, 0).reshape(err.shape[layer.out_channel_dim], -1).sum(1).cpu()
         if enc.axis is None:
