@@ -18,9 +18,11 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+# pip's own failure fails the setup; only grep's "nothing left to print" is forgiven
+quiet_pip() { .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+quiet_pip --upgrade pip
+quiet_pip torch==2.13.0
 # (PYTHONWARNINGS: setuptools warns that an editable install of a namespace package, hydra_plugins,
 # can be shadowed by a same-named folder in the working directory; it is this very folder)
-PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+PYTHONWARNINGS=ignore quiet_pip -e ".[dev]"
 .venv/bin/python -c "import torch, orchestrator; print('setup ok: torch', torch.__version__)"

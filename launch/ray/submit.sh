@@ -42,4 +42,10 @@ printf '%s\n' "$out"
 id=$(grep -o "raysubmit_[A-Za-z0-9]*" <<<"$out" | head -n 1)
 [ "${QAT_SUBMIT_NO_WAIT:-0}" = 1 ] && exit 0
 ray job logs --address "$head" --follow "$id"   # ends with the job's status ("Job '...' succeeded")
-ray job status --address "$head" "$id" 2>&1 | grep -q "Job '$id' succeeded"   # the exit status: 0 on success
+# The exit status: 0 on success. The status is read whole before grep: `ray job status | grep -q` under
+# pipefail fails at random when grep exits on its match while ray still writes (SIGPIPE, status 141).
+status=$(ray job status --address "$head" "$id" 2>&1) || true
+if ! grep -q "Job '$id' succeeded" <<<"$status"; then
+  printf 'submit.sh: job %s did not succeed:\n%s\n' "$id" "$status" >&2
+  exit 1
+fi
