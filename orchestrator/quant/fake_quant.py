@@ -24,7 +24,9 @@ dim dividing ``x``'s (per channel ``[1, C, 1, 1]``, per block ``[C, K / B]``, pe
 
 All of it is one op, ``torch.ops.qat.quantize_dequantize`` (``kernels/``): one pass forward,
 one backward, the encoding gradients only when the encodings require them; bit for bit the
-reference's integer format (``reference.py``).
+reference's integer format (``reference.py``). ``fake_quantize_format`` calls the op for any
+format: the float formats with a fixed scale run the fused float op of the ``cpp`` kernels
+(``quantize_dequantize_float``, bit for bit the reference's float formats), the rest the reference op.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from __future__ import annotations
 import torch
 
 from . import kernels
+from .formats import Format, IntFormat
+from .reference import fake_quantize_general
 
 _OP = None
 
@@ -100,3 +104,15 @@ def clamp_straight_through(x: torch.Tensor, lo: float | torch.Tensor, hi: float 
 def round_clamp_straight_through(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """``clamp(round(x), lo, hi)`` forward; the gradient passes unchanged (STE)."""
     return _ClampStraightThrough.apply(x, lo, hi, True)
+
+
+def fake_quantize_format(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Quantize-dequantize ``x`` on format ``fmt``'s grid with a fixed or computed encoding (no encoding
+    gradients asked for), in the layout of ``fake_quantize``: integer formats and, on the ``cpp``
+    kernels, the scaled float formats run a fused op that saves a 1-byte mask for backward; casts
+    (fp16/bf16), the ``python`` kernels and scales that require grad run the reference op."""
+    if isinstance(fmt, IntFormat):
+        return fake_quantize(x, scale, offset, fmt.qmax)
+    if fmt.scaled and not scale.requires_grad and kernels.backend() == "cpp":
+        return torch.ops.qat.quantize_dequantize_float(x, scale, fmt.mantissa_bits, fmt.min_normal_exponent, fmt.max)
+    return fake_quantize_general(x, scale, offset, fmt)

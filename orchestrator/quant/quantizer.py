@@ -31,12 +31,12 @@ from torch import nn
 from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, symmetric_from_range
 from .errors import CalibrationError, NotCalibratedError
 from . import kernels
-from .fake_quant import clamp_straight_through, fake_quantize, fake_quantize_learned, round_clamp_straight_through
+from .fake_quant import (clamp_straight_through, fake_quantize_format, fake_quantize_learned,
+                         round_clamp_straight_through)
 from .formats import Format, IntFormat
 from .block_scales import BlockScales
 from .granularity import LPBQ, TWO_LEVEL, Granularity, PerBlock, PerChannel, PerTensor, PerToken, PerTokenBlocks, \
     blocks_as_rows, full_rank_scale, reduce_blocks
-from .reference import fake_quantize_general
 
 # A learned scale may shrink to this fraction of its calibrated value (per channel), no further.
 FLOOR_RATIO = 2.0**-10
@@ -181,7 +181,7 @@ class QuantizeDequantize(nn.Module):
                 pad = self.granularity.padding(tuple(x.shape))
                 xp = torch.nn.functional.pad(x, (0, pad)) if pad else x  # a partial last block, zero-padded
                 scale, offset = self._dynamic_encoding(xp)
-                out = fake_quantize_general(xp, scale, offset, self.format)
+                out = fake_quantize_format(xp, scale, offset, self.format)
                 return out[..., :x.shape[-1]] if pad else out
             scale, offset = self._dynamic_encoding(x)
             return self._run(x, scale, offset)
@@ -208,11 +208,8 @@ class QuantizeDequantize(nn.Module):
         return self._run(x, self._full(self.scale, x), self._full(self.offset, x))
 
     def _run(self, x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Fixed or computed encodings in the reference layout: the fused op for integer formats, the
-        reference op for float formats."""
-        if self.format.is_float:
-            return fake_quantize_general(x, scale, offset, self.format)
-        return fake_quantize(x, scale, offset, self.qmax)
+        """Fixed or computed encodings in the reference layout (the fused ops: ``fake_quantize_format``)."""
+        return fake_quantize_format(x, scale, offset, self.format)
 
     def _full(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A stored encoding tensor in the reference op's layout (full rank, or one element)."""

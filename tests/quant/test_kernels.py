@@ -343,14 +343,16 @@ def test_triton_kernels_match_the_contract_under_the_interpreter():
 @pytest.mark.slow
 @pytest.mark.parametrize("capability", ["AVX2", "DEFAULT"])
 def test_the_kernel_built_for_other_instruction_sets_follows_the_contract(capability):
-    """The C++ kernel has AVX-512, AVX2 and portable code paths (the mask bytes above all);
-    ``ATEN_CPU_CAPABILITY`` makes torch, and so the build, target a smaller set on this machine."""
+    """The C++ kernel has AVX-512, AVX2 and portable code paths (the mask bytes and the float formats'
+    exponent bits above all); ``ATEN_CPU_CAPABILITY`` makes torch, and so the build, target a smaller
+    set on this machine."""
     script = textwrap.dedent(f"""
         import sys, numpy as np, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_kernels import CASES, case_tensors, close, oracle, oracle_grads
-        from orchestrator.quant import kernels
+        from orchestrator.quant import kernels, reference
         from orchestrator.quant.fake_quant import fake_quantize
+        from orchestrator.quant.formats import FORMATS
         assert kernels.backend() == "cpp" and torch.backends.cpu.get_cpu_capability() == {capability!r}
         bad = []
         for name, (shape, scale_shape) in CASES.items():
@@ -367,6 +369,15 @@ def test_the_kernel_built_for_other_instruction_sets_follows_the_contract(capabi
                       and close(sr.grad, gs_ref))
                 if not ok:
                     bad.append((name, bw))
+            for fmt in ("float8_e4m3fn", "float8_e5m2", "float4_e2m1"):  # the float op's bit arithmetic
+                f = FORMATS[fmt]
+                x = torch.randn(shape) * torch.exp2(torch.randint(-14, 20, shape).float())
+                s = torch.rand(scale_shape) + 0.01
+                y, inside = torch.ops.qat.quantize_dequantize_float_with_mask(x, s, f.mantissa_bits,
+                                                                              f.min_normal_exponent, f.max)
+                ref, ref_inside = reference.quantize_dequantize_with_mask(x, s, torch.zeros(1), f)
+                if not (torch.equal(y, ref) and torch.equal(inside, ref_inside)):
+                    bad.append((name, fmt))
         print("BAD", bad)
         sys.exit(1 if bad else 0)
     """)

@@ -2,10 +2,11 @@
 
 One op per quantizer call, registered with ``torch.library``, so eager and compiled code run
 the same kernel and ``torch.compile`` sees one opaque op per quantizer (no graph break, no
-specialisation on encoding values, no recompile when encodings change). Integer formats only
-(``qmax = 2^b - 1``); ``scale``/``offset`` in ``reference.py``'s layout: one element (per tensor) or
-``x``'s rank with every dim dividing ``x``'s (per channel ``[1, C, 1, 1]``, per block ``[C, K / B]``,
-per token ``[..., 1]``); ``offset`` one element or the scale's shape:
+specialisation on encoding values, no recompile when encodings change). Integer formats
+(``qmax = 2^b - 1``) and, with fixed scales, the scaled float formats; ``scale``/``offset`` in
+``reference.py``'s layout: one element (per tensor) or ``x``'s rank with every dim dividing ``x``'s
+(per channel ``[1, C, 1, 1]``, per block ``[C, K / B]``, per token ``[..., 1]``); ``offset`` one
+element or the scale's shape:
 
     quantize_dequantize(x, scale, offset, qmax, grad_factor) -> x_hat
     quantize_dequantize_backward(grad, x, scale, offset, qmax, grad_factor, encoding_grads)
@@ -14,6 +15,9 @@ per token ``[..., 1]``); ``offset`` one element or the scale's shape:
         -> x_hat     (range learning: the encoding from its parameters)
     quantize_dequantize_with_mask(x, scale, offset, qmax) -> (x_hat, inside: bool like x)
     mask_gradient(grad, inside) -> grad where inside, else 0
+    quantize_dequantize_float(x, scale, mantissa_bits, min_exponent, max) -> x_hat       (``cpp`` only)
+    quantize_dequantize_float_with_mask(x, scale, mantissa_bits, min_exponent, max) -> (x_hat, inside)
+        the scaled float formats (FP8, FP4 e2m1; MX/NVFP4 elements) with a fixed scale, no offset
 
 With fixed encodings (nothing asks for the scale's or offset's gradient) the ``cpp`` autograd
 saves the 1-byte ``inside`` mask of ``quantize_dequantize_with_mask`` instead of ``x`` and its
@@ -149,6 +153,9 @@ def _register_aten() -> None:
     lib.impl("quantize_dequantize", aten.forward, "CompositeExplicitAutograd")
     lib.impl("quantize_dequantize_backward", aten.backward, "CompositeExplicitAutograd")
     lib.impl("quantize_dequantize_with_mask", aten.forward_with_mask, "CompositeExplicitAutograd")
+    if _BACKEND == "cpp":  # the float ops are defined in C++ only (the python backend runs the reference op)
+        lib.impl("quantize_dequantize_float", aten.float_forward, "CompositeExplicitAutograd")
+        lib.impl("quantize_dequantize_float_with_mask", aten.float_forward_with_mask, "CompositeExplicitAutograd")
     _LIBRARIES.append(lib)
 
 
@@ -179,6 +186,16 @@ def _register_fakes() -> None:
         @torch.library.register_fake("qat::quantize_dequantize_learned")
         def _(x, log_scale, log_floor, offset, qmax, grad_factor, learn_offset):
             return torch.empty_like(x)
+
+        @torch.library.register_fake("qat::quantize_dequantize_float")
+        def _(x, scale, mantissa_bits, min_exponent, max_value):
+            aten.check_encoding(x, scale, scale.new_zeros(1))
+            return torch.empty_like(x)
+
+        @torch.library.register_fake("qat::quantize_dequantize_float_with_mask")
+        def _(x, scale, mantissa_bits, min_exponent, max_value):
+            aten.check_encoding(x, scale, scale.new_zeros(1))
+            return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
 
 def backend() -> str:

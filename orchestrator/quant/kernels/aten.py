@@ -1,5 +1,5 @@
-"""The fused op's kernels in ATen ops, for every device without a faster one: ``reference.py``'s integer
-math itself (no second copy of it), adapted to the op's signatures and output layouts.
+"""The fused ops' kernels in ATen ops, for every device without a faster one: ``reference.py``'s integer
+and float math itself (no second copy of it), adapted to the ops' signatures and output layouts.
 
 The C++ kernel serves CPU tensors and Triton CUDA tensors; these serve the rest (CUDA without Triton,
 other devices), the ``python`` backend, and the layouts the Triton wrapper does not run itself.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from ..formats import FORMATS, FloatFormat
 
 ALLOWED_SCALE = ("allowed: one element (per tensor), or x's rank with every dim dividing x's "
                  "(per channel [1, C, 1, 1], per block [C, K / B], per token [..., 1])")
@@ -62,3 +63,29 @@ def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, offset: t
 def mask_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``grad`` where the mask is set, else +0, in ``grad``'s layout."""
     return in_layout_of(grad, torch.where(mask, grad, 0.0))
+
+
+def float_format(mantissa_bits: int, min_exponent: int, max_value: float) -> FloatFormat:
+    """The scaled ``formats.FORMATS`` entry the float op's arguments name (one clear error for any other)."""
+    for fmt in FORMATS.values():
+        if fmt.scaled and (fmt.mantissa_bits, fmt.min_normal_exponent, fmt.max) == (mantissa_bits, min_exponent,
+                                                                                     max_value):
+            return fmt
+    allowed = ", ".join(f"{f.name} ({f.mantissa_bits}, {f.min_normal_exponent}, {f.max:g})"
+                        for f in FORMATS.values() if f.scaled)
+    raise RuntimeError(f"quantize_dequantize_float: (mantissa_bits, min_exponent, max) = ({mantissa_bits}, "
+                       f"{min_exponent}, {max_value:g}) is no scaled float format; allowed: {allowed}")
+
+
+def float_forward_with_mask(x: torch.Tensor, scale: torch.Tensor, mantissa_bits: int, min_exponent: int,
+                            max_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    fmt = float_format(mantissa_bits, min_exponent, max_value)
+    zero = torch.zeros(1, device=scale.device)
+    check_encoding(x, scale, zero)
+    y, inside = reference.quantize_dequantize_with_mask(x, scale, zero, fmt)
+    return in_layout_of(x, y), in_layout_of(x, inside)
+
+
+def float_forward(x: torch.Tensor, scale: torch.Tensor, mantissa_bits: int, min_exponent: int,
+                  max_value: float) -> torch.Tensor:
+    return float_forward_with_mask(x, scale, mantissa_bits, min_exponent, max_value)[0]

@@ -1,6 +1,7 @@
-// Fused integer quantize-dequantize for CPU: the numerics of reference.py's integer format (ONNX
+// Fused quantize-dequantize for CPU: the numerics of reference.py's integer format (ONNX
 // QuantizeLinear -> DequantizeLinear), forward and backward, fixed and learned (LSQ/LSQ+) encodings,
-// in reference.py's scale layout (every granularity: per tensor, per channel, per block, per token).
+// and of its scaled float formats with fixed encodings, in reference.py's scale layout (every
+// granularity: per tensor, per channel, per block, per token).
 //
 //   qat::quantize_dequantize(x, scale, offset, qmax, grad_factor) -> x_hat
 //       x_hat = s * clamp(round(x / s), o, o + qmax)   (true division, round half to even)
@@ -16,6 +17,12 @@
 //   qat::mask_gradient(grad, inside) -> grad where inside, else 0
 //       with fixed encodings autograd saves the 1-byte mask instead of x (4 bytes) and the
 //       backward is one select: less memory and no division in the backward pass.
+//
+//   qat::quantize_dequantize_float(x, scale, mantissa_bits, min_exponent, max) -> x_hat
+//   qat::quantize_dequantize_float_with_mask(x, scale, mantissa_bits, min_exponent, max) -> (x_hat, inside)
+//       the scaled minifloat formats (FP8 e4m3fn/e5m2, FP4 e2m1; MX and NVFP4 elements under their block
+//       scales): x_hat = s * cast(clamp(x / s, -max, max)), round to nearest even, subnormals kept;
+//       inside = |x / s| <= max. Fixed scales only: autograd saves the mask (grad_x = grad where inside).
 //
 //   qat::quantize_dequantize_learned(x, log_scale, log_floor, offset, qmax, grad_factor, learn_offset)
 //       the same with s = exp(clamp(log_scale, log_floor, log(SCALE_CEIL))) and, when learn_offset,
@@ -196,23 +203,84 @@ inline Vec select_by_mask(const uint8_t* m, const Vec& g) {
 }
 #endif
 
-// The forward over x[b, e) of one channel; with kMask also the STE's mask (1 where round(x/s) is on the grid).
-template <bool kMask>
-void qdq_forward_run(const float* x, float* y, uint8_t* m, int64_t b, int64_t e, float s, float lo, float hi) {
-  const Vec vs(s), vlo(lo), vhi(hi);
+// ------------------------------------------------------------------ grids
+// The integer grid of one scale element (reference.py's IntFormat): c = clamp(round(u), lo, hi);
+// inside (the STE's mask) where round(u) lies in [lo, hi].
+struct IntGrid {
+  float lo, hi;
+  Vec quantize(const Vec& u, Vec& inside) const {
+    const Vec r = u.round(), vlo(lo), vhi(hi);
+    inside = (r >= vlo) & (r <= vhi);
+    return at::vec::clamp(r, vlo, vhi);
+  }
+  float quantize(float u, bool& inside) const {
+    const float r = round_half_even(u);
+    inside = r >= lo && r <= hi;
+    return std::min(std::max(r, lo), hi);
+  }
+};
+
+// A scaled minifloat grid (reference.py's float formats: FP8 e4m3fn/e5m2, FP4 e2m1): c = cast(clamp(u,
+// -max, max)), inside where |u| <= max. The cast rounds to nearest, ties to even, subnormals kept
+// (reference.round_minifloat, equal to torch's float8 casts): with e = max(exponent of u, the smallest
+// normal exponent) the grid step around u is 2^(e - m), read from u's float32 exponent bits, and
+// c = round(u * 2^(m - e)) * 2^(e - m), exact (powers of two; float32 holds every value of the grid).
+struct FloatGrid {
+  float max;
+  int32_t mantissa_bits, min_biased;  // m; the smallest normal exponent + 127 (float32's exponent bias)
+  Vec quantize(const Vec& u, Vec& inside) const {
+    using IVec = at::vec::Vectorized<int32_t>;
+    const Vec vmax(max), vmin(-max);
+    inside = u.abs() <= vmax;
+    const Vec c = at::vec::clamp(u, vmin, vmax);
+    const IVec e = at::vec::maximum((at::vec::cast<int32_t>(c) >> IVec(23)) & IVec(0xff), IVec(min_biased));
+    const Vec up = at::vec::cast<float>((IVec(254 + mantissa_bits) - e) << IVec(23));
+    const Vec step = at::vec::cast<float>((e - IVec(mantissa_bits)) << IVec(23));
+    return (c * up).round() * step;
+  }
+  float quantize(float u, bool& inside) const {
+    inside = std::abs(u) <= max;
+    const float c = std::min(std::max(u, -max), max);
+    int32_t bits;
+    std::memcpy(&bits, &c, 4);
+    const int32_t e = std::max((bits >> 23) & 0xff, min_biased);
+    const int32_t up_bits = (254 + mantissa_bits - e) << 23, step_bits = (e - mantissa_bits) << 23;
+    float up, step;
+    std::memcpy(&up, &up_bits, 4);
+    std::memcpy(&step, &step_bits, 4);
+    return round_half_even(c * up) * step;
+  }
+};
+
+// The forward over x[b, e) under one scale element s and its grid; with kMask also the STE's mask.
+template <bool kMask, typename Grid>
+void qdq_forward_run(const float* x, float* y, uint8_t* m, int64_t b, int64_t e, float s, const Grid& g) {
+  const Vec vs(s);
   int64_t i = b;
   for (; i + Vec::size() <= e; i += Vec::size()) {
-    Vec r = (Vec::loadu(x + i) / vs).round();
-    (at::vec::clamp(r, vlo, vhi) * vs).store(y + i);
-    if constexpr (kMask) store_mask(m + i, (r >= vlo) & (r <= vhi));
+    Vec inside;
+    (g.quantize(Vec::loadu(x + i) / vs, inside) * vs).store(y + i);
+    if constexpr (kMask) store_mask(m + i, inside);
   }
   for (; i < e; ++i) {
-    const float r = round_half_even(x[i] / s);
-    y[i] = std::min(std::max(r, lo), hi) * s;
-    if constexpr (kMask) m[i] = r >= lo && r <= hi;
+    bool inside;
+    y[i] = g.quantize(x[i] / s, inside) * s;
+    if constexpr (kMask) m[i] = inside;
   }
 }
 
+// The grid of scale element c: integer (its offset) or float (one for every element).
+struct IntGrids {
+  int64_t qmax;
+  IntGrid operator()(const float* offset, int64_t ostep, int64_t c) const {
+    const float lo = offset[c * ostep];
+    return {lo, lo + static_cast<float>(qmax)};
+  }
+};
+struct FloatGrids {
+  FloatGrid grid;
+  FloatGrid operator()(const float*, int64_t, int64_t) const { return grid; }
+};
 
 // The output has x's layout (empty_like: what the fake kernel promises torch.compile, channels-last
 // included). One encoding: any dense layout is processed as flat memory. Otherwise: computed on a
@@ -255,61 +323,79 @@ bool moves_last_dim(const at::Tensor& x, const at::Tensor& scale) {
 
 at::Tensor last_first(const at::Tensor& t) { return t.numel() == 1 ? t : t.movedim(-1, 0); }
 
-at::Tensor forward_impl(const at::Tensor& x_in, const at::Tensor& scale_in, const at::Tensor& offset_in,
-                        int64_t qmax, bool may_move) {
+// The forward (with_mask: and the STE's mask) in every layout: a last dim indexed element by element
+// moved first, other dtypes computed in float32, then one pass over x.
+template <typename GridOf>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at::Tensor& scale_in,
+                                                const at::Tensor& offset_in, const GridOf& grid_of, bool with_mask,
+                                                bool may_move) {
   check_encoding(x_in, scale_in, offset_in);
-  if (may_move && moves_last_dim(x_in, scale_in))
-    return in_layout_of(x_in, forward_impl(last_first(x_in), last_first(scale_in), last_first(offset_in), qmax,
-                                           false).movedim(0, -1));
-  if (x_in.scalar_type() != at::kFloat)  // float32 arithmetic, as the reference: upcast, then back to x's dtype
-    return in_layout_of(x_in, forward_impl(x_in.to(at::kFloat), scale_in, offset_in, qmax, false)
-                                  .to(x_in.scalar_type()));
+  if (may_move && moves_last_dim(x_in, scale_in)) {
+    auto [y, inside] = forward_impl(last_first(x_in), last_first(scale_in), last_first(offset_in), grid_of,
+                                    with_mask, false);
+    return {in_layout_of(x_in, y.movedim(0, -1)), with_mask ? in_layout_of(x_in, inside.movedim(0, -1)) : inside};
+  }
+  if (x_in.scalar_type() != at::kFloat) {  // float32 arithmetic, as the reference: upcast, then back to x's dtype
+    auto [y, inside] = forward_impl(x_in.to(at::kFloat), scale_in, offset_in, grid_of, with_mask, false);
+    return {in_layout_of(x_in, y.to(x_in.scalar_type())), with_mask ? in_layout_of(x_in, inside) : inside};
+  }
   const Prepared p = prepare(x_in, scale_in, offset_in);
-  at::Tensor y = at::empty_like(p.x);
+  at::Tensor y = at::empty_like(p.x), mask;
   const float* xp = p.x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float* sp = p.scale.data_ptr<float>();
   const float* op = p.offset.data_ptr<float>();
-  for_each_run(p.l, [&](int64_t b, int64_t e, int64_t c) {
-    const float lo = op[c * p.ostep];
-    qdq_forward_run<false>(xp, yp, nullptr, b, e, sp[c], lo, lo + static_cast<float>(qmax));
-  });
-  return in_layout_of(x_in, y);
+  if (with_mask) {
+    mask = at::empty_like(p.x, p.x.options().dtype(at::kBool));
+    uint8_t* mp = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
+    for_each_run(p.l, [&](int64_t b, int64_t e, int64_t c) {
+      qdq_forward_run<true>(xp, yp, mp, b, e, sp[c], grid_of(op, p.ostep, c));
+    });
+  } else {
+    for_each_run(p.l, [&](int64_t b, int64_t e, int64_t c) {
+      qdq_forward_run<false>(xp, yp, nullptr, b, e, sp[c], grid_of(op, p.ostep, c));
+    });
+  }
+  return {in_layout_of(x_in, y), with_mask ? in_layout_of(x_in, mask) : mask};
 }
 
 at::Tensor forward_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& offset, int64_t qmax,
                        double grad_factor) {
-  return forward_impl(x, scale, offset, qmax, true);
-}
-
-std::tuple<at::Tensor, at::Tensor> forward_mask_impl(const at::Tensor& x_in, const at::Tensor& scale_in,
-                                                     const at::Tensor& offset_in, int64_t qmax, bool may_move) {
-  check_encoding(x_in, scale_in, offset_in);
-  if (may_move && moves_last_dim(x_in, scale_in)) {
-    auto [y, inside] = forward_mask_impl(last_first(x_in), last_first(scale_in), last_first(offset_in), qmax, false);
-    return {in_layout_of(x_in, y.movedim(0, -1)), in_layout_of(x_in, inside.movedim(0, -1))};
-  }
-  if (x_in.scalar_type() != at::kFloat) {
-    auto [y, inside] = forward_mask_impl(x_in.to(at::kFloat), scale_in, offset_in, qmax, false);
-    return {in_layout_of(x_in, y.to(x_in.scalar_type())), in_layout_of(x_in, inside)};
-  }
-  const Prepared p = prepare(x_in, scale_in, offset_in);
-  at::Tensor y = at::empty_like(p.x), mask = at::empty_like(p.x, p.x.options().dtype(at::kBool));
-  const float* xp = p.x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  uint8_t* mp = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
-  const float* sp = p.scale.data_ptr<float>();
-  const float* op = p.offset.data_ptr<float>();
-  for_each_run(p.l, [&](int64_t b, int64_t e, int64_t c) {
-    const float lo = op[c * p.ostep];
-    qdq_forward_run<true>(xp, yp, mp, b, e, sp[c], lo, lo + static_cast<float>(qmax));
-  });
-  return {in_layout_of(x_in, y), in_layout_of(x_in, mask)};
+  return std::get<0>(forward_impl(x, scale, offset, IntGrids{qmax}, false, true));
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_mask_cpu(const at::Tensor& x, const at::Tensor& scale,
                                                     const at::Tensor& offset, int64_t qmax) {
-  return forward_mask_impl(x, scale, offset, qmax, true);
+  return forward_impl(x, scale, offset, IntGrids{qmax}, true, true);
+}
+
+// A minifloat format as the float ops take it: m mantissa bits, the smallest normal exponent, the largest
+// finite value (formats.FloatFormat's mantissa_bits, min_normal_exponent, max).
+FloatGrids float_grids(int64_t mantissa_bits, int64_t min_exponent, double max) {
+  TORCH_CHECK(mantissa_bits >= 0 && mantissa_bits <= 22 && min_exponent - mantissa_bits >= -126 &&
+                  min_exponent <= 0 && std::isfinite(max) && max > 0 && std::ilogb(max) + mantissa_bits <= 126,
+              "quantize_dequantize_float: mantissa_bits=", mantissa_bits, ", min_exponent=", min_exponent,
+              ", max=", max, " is not a scaled minifloat this kernel runs; allowed: 0 <= mantissa_bits <= 22, ",
+              "-126 <= min_exponent - mantissa_bits, min_exponent <= 0, ",
+              "a finite max > 0 below 2^(127 - mantissa_bits)");
+  return {{static_cast<float>(max), static_cast<int32_t>(mantissa_bits), static_cast<int32_t>(min_exponent + 127)}};
+}
+
+// The float formats have no offset (reference.py: zero, never learned).
+const at::Tensor& no_offset() {
+  static const at::Tensor* zero = new at::Tensor(at::zeros({1}));  // leaked: no destructor at exit
+  return *zero;
+}
+
+at::Tensor float_forward_cpu(const at::Tensor& x, const at::Tensor& scale, int64_t mantissa_bits,
+                             int64_t min_exponent, double max) {
+  return std::get<0>(forward_impl(x, scale, no_offset(), float_grids(mantissa_bits, min_exponent, max), false,
+                                  true));
+}
+
+std::tuple<at::Tensor, at::Tensor> float_forward_mask_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                                          int64_t mantissa_bits, int64_t min_exponent, double max) {
+  return forward_impl(x, scale, no_offset(), float_grids(mantissa_bits, min_exponent, max), true, true);
 }
 
 // grad where the mask is set, else +0; the result has grad's layout (the fake kernel's empty_like(grad)).
@@ -360,17 +446,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   const int64_t C = l.scales, ostep = p.ostep;
   if (!encoding_grads) {
     for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
-      const float s = sp[c], lo = op[c * ostep], hi = lo + static_cast<float>(qmax);
-      const Vec vs(s), vlo(lo), vhi(hi), zero(0.f);
+      const float s = sp[c];
+      const IntGrid grid = IntGrids{qmax}(op, ostep, c);
+      const Vec vs(s), zero(0.f);
       int64_t i = b;
       for (; i + Vec::size() <= e; i += Vec::size()) {
-        Vec r = (Vec::loadu(xp + i) / vs).round();
-        Vec keep = (r >= vlo) & (r <= vhi);
+        Vec keep;
+        grid.quantize(Vec::loadu(xp + i) / vs, keep);
         Vec::blendv(zero, Vec::loadu(gp + i), keep).store(gxp + i);
       }
       for (; i < e; ++i) {
-        const float r = round_half_even(xp[i] / s);
-        gxp[i] = (r >= lo && r <= hi) ? gp[i] : 0.f;
+        bool keep;
+        grid.quantize(xp[i] / s, keep);
+        gxp[i] = keep ? gp[i] : 0.f;
       }
     });
     return {in_layout_of(x_in, gx), at::zeros_like(scale_in), at::zeros_like(offset_in)};
@@ -381,29 +469,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   std::vector<double> ds(static_cast<size_t>(slots) * C, 0.0), dox(static_cast<size_t>(slots) * C, 0.0);
   for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
     const int64_t t = l.row_per_scale ? 0 : at::get_thread_num();
-    const float s = sp[c], lo = op[c * ostep], hi = lo + static_cast<float>(qmax);
-    const Vec vs(s), vlo(lo), vhi(hi), zero(0.f);
+    const float s = sp[c];
+    const IntGrid grid = IntGrids{qmax}(op, ostep, c);
+    const Vec vs(s), zero(0.f);
     Vec acc_s(0.f), acc_o(0.f);
     int64_t i = b;
     for (; i + Vec::size() <= e; i += Vec::size()) {
       Vec g = Vec::loadu(gp + i);
       Vec u = Vec::loadu(xp + i) / vs;
-      Vec r = u.round();
-      Vec keep = (r >= vlo) & (r <= vhi);
+      Vec keep;
+      Vec clipped = grid.quantize(u, keep);
       Vec g_in = Vec::blendv(zero, g, keep);
       g_in.store(gxp + i);
-      Vec clipped = at::vec::clamp(r, vlo, vhi);
       // inside the grid g*(r - u) (small), outside g*clip: no cancellation of g*r against g*u
       acc_s = acc_s + g_in * (clipped - u) + (g - g_in) * clipped;
       acc_o = acc_o + (g - g_in);
     }
     float tail_s = 0.f, tail_o = 0.f;
     for (; i < e; ++i) {
-      const float u = xp[i] / s, r = round_half_even(u);
-      const bool in = r >= lo && r <= hi;
+      const float u = xp[i] / s;
+      bool in;
+      const float clipped = grid.quantize(u, in);
       const float g = gp[i], gin = in ? g : 0.f;
       gxp[i] = gin;
-      const float clipped = std::min(std::max(r, lo), hi);
       tail_s += gin * (clipped - u) + (g - gin) * clipped;
       tail_o += g - gin;
     }
@@ -517,6 +605,50 @@ at::Tensor forward_autograd(const at::Tensor& x, const at::Tensor& scale, const 
   return QuantizeDequantizeFunction::apply(x, scale, offset, qmax, gf, at::GradMode::is_enabled());
 }
 
+// ------------------------------------------------------------------ float formats
+at::Tensor call_float_forward(const at::Tensor& x, const at::Tensor& s, int64_t m, int64_t emin, double max) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::quantize_dequantize_float", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, double)>();
+  return op.call(x, s, m, emin, max);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_float_forward_mask(const at::Tensor& x, const at::Tensor& s, int64_t m,
+                                                           int64_t emin, double max) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::quantize_dequantize_float_with_mask", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
+                                                                 int64_t, double)>();
+  return op.call(x, s, m, emin, max);
+}
+
+// Fixed float encodings: the clipped STE from the saved 1-byte mask (the scale gets no gradient: learned
+// float encodings run the reference's learned op).
+class FloatFunction : public torch::autograd::Function<FloatFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
+                            int64_t m, int64_t emin, double max, bool grad_mode) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    if (!(grad_mode && x.requires_grad())) return call_float_forward(x, scale, m, emin, max);
+    auto [y, inside] = call_float_forward_mask(x, scale, m, emin, max);
+    ctx->save_for_backward({inside});
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const at::Tensor inside = ctx->get_saved_variables()[0];
+    at::Tensor gx = grads[0].is_cpu() ? call_mask_gradient(grads[0], inside) : mask_gradient_aten(grads[0], inside);
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor float_autograd(const at::Tensor& x, const at::Tensor& scale, int64_t m, int64_t emin, double max) {
+  TORCH_CHECK(!scale.requires_grad(), "quantize_dequantize_float: the scale requires grad and this op gives it "
+              "none; allowed: a fixed scale (learned float encodings run qat::quantize_dequantize_general_learned)");
+  return FloatFunction::apply(x, scale, m, emin, max, at::GradMode::is_enabled());
+}
+
 // ------------------------------------------------------------------ learned encodings
 // log(SCALE_CEIL) of encoding.py: s * (o + 2^16 - 1) stays finite in float32.
 const double kLogScaleCeil = std::log(static_cast<double>(std::numeric_limits<float>::max()) / 65536.0);
@@ -580,6 +712,10 @@ TORCH_LIBRARY(qat, m) {
   m.def("mask_gradient(Tensor grad, Tensor mask) -> Tensor", flexible);
   m.def("quantize_dequantize_learned(Tensor x, Tensor log_scale, Tensor log_floor, Tensor offset, int qmax, "
         "float grad_factor, bool learn_offset) -> Tensor", flexible);
+  m.def("quantize_dequantize_float(Tensor x, Tensor scale, int mantissa_bits, int min_exponent, float max) -> Tensor",
+        flexible);
+  m.def("quantize_dequantize_float_with_mask(Tensor x, Tensor scale, int mantissa_bits, int min_exponent, "
+        "float max) -> (Tensor, Tensor)", flexible);
 }
 
 TORCH_LIBRARY_IMPL(qat, CPU, m) {
@@ -587,10 +723,13 @@ TORCH_LIBRARY_IMPL(qat, CPU, m) {
   m.impl("quantize_dequantize_backward", &backward_cpu);
   m.impl("quantize_dequantize_with_mask", &forward_mask_cpu);
   m.impl("mask_gradient", &mask_gradient_cpu);
+  m.impl("quantize_dequantize_float", &float_forward_cpu);
+  m.impl("quantize_dequantize_float_with_mask", &float_forward_mask_cpu);
 }
 
-// Other devices: quantize_dequantize, its backward and with_mask come from kernels/__init__.py (the
-// reference's ATen ops; Triton on CUDA), so the math is written once; the mask's select is this one.
+// Other devices: quantize_dequantize, its backward and with_mask, and the float ops come from
+// kernels/__init__.py (the reference's ATen ops; Triton on CUDA), so the math is written once; the
+// mask's select is this one.
 TORCH_LIBRARY_IMPL(qat, CompositeExplicitAutograd, m) {
   m.impl("mask_gradient", &mask_gradient_aten);
   m.impl("quantize_dequantize_learned", &learned_composite);
@@ -599,4 +738,5 @@ TORCH_LIBRARY_IMPL(qat, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(qat, Autograd, m) {
   m.impl("quantize_dequantize", &forward_autograd);
   m.impl("quantize_dequantize_learned", &learned_autograd);
+  m.impl("quantize_dequantize_float", &float_autograd);
 }
