@@ -15,8 +15,8 @@ on every op output and at the Linear inputs only (``quant=w4g32a8``); FP8 e4m3 w
 + activations per tensor, both placements (``quant=fp8``: Linear inputs); W4 LPBQ in blocks of 64
 (``quant=w4lpbq``, with its 16-bit activations, and weight-only); MXFP8, MXFP4 and NVFP4 weight-only
 and with their dynamic block activations on every op output and at the Linear inputs
-(``quant=mxfp8``/``mxfp4``/``nvfp4``); W8A8. The float paths run the reference op (ATen), the
-integer paths the fused C++ op.
+(``quant=mxfp8``/``mxfp4``/``nvfp4``); W8A8. Every path runs a fused C++ op (integer, or the float
+op for FP8/MX/NVFP4 elements) except learned blocks (the reference's learned op).
 """
 
 from __future__ import annotations

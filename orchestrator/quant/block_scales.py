@@ -1,7 +1,7 @@
 """Two-level block scales: the rules that turn each block's range into the scale it quantizes with.
 
 A two-level granularity (``granularity.LPBQ``, ``MX``, ``NVFP4``) quantizes like ``PerBlock``, one
-scale per (output channel, block of input elements), with the reference op (``reference.py``):
+scale per (output channel, block of input elements), with the reference's numerics (``reference.py``):
 only the *scale* is constrained, to what the target stores. These functions compute that
 effective scale (float32, the full-rank block layout ``[.., C, .., K / B, ..]``) and its stored
 parts. All shapes below are of that layout; ``amax`` is the block's largest magnitude.

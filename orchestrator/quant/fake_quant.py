@@ -26,7 +26,8 @@ All of it is one op, ``torch.ops.qat.quantize_dequantize`` (``kernels/``): one p
 one backward, the encoding gradients only when the encodings require them; bit for bit the
 reference's integer format (``reference.py``). ``fake_quantize_format`` calls the op for any
 format: the float formats with a fixed scale run the fused float op of the ``cpp`` kernels
-(``quantize_dequantize_float``, bit for bit the reference's float formats), the rest the reference op.
+(``quantize_dequantize_float``, bit for bit the reference's float formats), the rest the reference op;
+``fake_quantize_float_learned`` is range learning on a float format.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .formats import Format, IntFormat
+from .formats import FloatFormat, Format, IntFormat
 from .reference import fake_quantize_general
 
 _OP = None
@@ -116,3 +117,15 @@ def fake_quantize_format(x: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     if fmt.scaled and not scale.requires_grad and kernels.backend() == "cpp":
         return torch.ops.qat.quantize_dequantize_float(x, scale, fmt.mantissa_bits, fmt.min_normal_exponent, fmt.max)
     return fake_quantize_general(x, scale, offset, fmt)
+
+
+def fake_quantize_float_learned(x: torch.Tensor, log_scale: torch.Tensor, log_floor: torch.Tensor, fmt: FloatFormat,
+                                grad_factor: float) -> torch.Tensor:
+    """Range learning on a scaled float format (``s = exp(log_scale)`` floored at ``exp(log_floor)``,
+    straight through; no offset) in one op: the fused float op on the ``cpp`` kernels, the
+    reference's learned op otherwise. ``log_scale``/``log_floor`` in the layout of ``fake_quantize``."""
+    if kernels.backend() == "cpp":
+        return torch.ops.qat.quantize_dequantize_float_learned(x, log_scale, log_floor, fmt.mantissa_bits,
+                                                               fmt.min_normal_exponent, fmt.max, grad_factor)
+    return torch.ops.qat.quantize_dequantize_general_learned(x, log_scale, log_floor, torch.zeros_like(log_scale),
+                                                             fmt.name, fmt.qmax, grad_factor, False)

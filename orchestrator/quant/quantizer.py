@@ -31,8 +31,8 @@ from torch import nn
 from .encoding import SCALE_CEIL, SCALE_FLOOR, Encoding, asymmetric_from_range, symmetric_from_range
 from .errors import CalibrationError, NotCalibratedError
 from . import kernels
-from .fake_quant import (clamp_straight_through, fake_quantize_format, fake_quantize_learned,
-                         round_clamp_straight_through)
+from .fake_quant import (clamp_straight_through, fake_quantize_float_learned, fake_quantize_format,
+                         fake_quantize_learned, round_clamp_straight_through)
 from .formats import Format, IntFormat
 from .block_scales import BlockScales
 from .granularity import LPBQ, TWO_LEVEL, Granularity, PerBlock, PerChannel, PerTensor, PerToken, PerTokenBlocks, \
@@ -91,7 +91,9 @@ class QuantizeDequantize(nn.Module):
     layout (per tensor, per channel on any axis, per block on any axes, per token; fixed, following
     or learned per channel), except learned blocks (LPBQ included), which stay on the reference's
     learned ops: the fused learned op's ``exp`` is traced by torch.compile, whose ``exp`` can differ
-    from eager's in the last bit. Float formats run the reference op (``reference.py``).
+    from eager's in the last bit. Scaled float formats run the fused float ops on CPU
+    (``fake_quant.fake_quantize_format``, ``fake_quantize_float_learned``: the learned scale's ``exp``
+    inside the op, eager under compile too); learned float blocks the reference's learned op.
     """
 
     def __init__(self, name: str, bitwidth: int, symmetric: bool, channels: int = 1, axis: int | None = None,
@@ -131,8 +133,8 @@ class QuantizeDequantize(nn.Module):
             self.scale_shape = (1,)
         self.axis = axis
         self.channels = int(torch.Size(self.scale_shape).numel())
-        # Learned on the reference's learned op: float formats and blocks (class docstring).
-        self.learned_on_reference = fmt.is_float or isinstance(granularity, PerBlock)
+        # Learned on the reference's learned op: blocks and unscaled casts (class docstring).
+        self.learned_on_reference = isinstance(granularity, PerBlock) or (fmt.is_float and not fmt.scaled)
         self.learnable = learnable
         self.follow = follow
         self.grad_scaling = grad_scaling
@@ -202,6 +204,9 @@ class QuantizeDequantize(nn.Module):
                 return torch.ops.qat.quantize_dequantize_general_learned(
                     x, self._full(self.log_scale, x), self._full(self.log_floor, x), self._full(self.offset, x),
                     self.format.name, self.format.qmax, self._grad_factor(x), not self.symmetric)
+            if self.format.is_float:
+                return fake_quantize_float_learned(x, self._full(self.log_scale, x), self._full(self.log_floor, x),
+                                                   self.format, self._grad_factor(x))
             return fake_quantize_learned(x, self._full(self.log_scale, x), self._full(self.log_floor, x),
                                          self._full(self.offset, x), self.qmax, self._grad_factor(x),
                                          not self.symmetric)

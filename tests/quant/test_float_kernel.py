@@ -147,3 +147,48 @@ def test_float_quantizers_run_the_fused_op_and_compile_to_one_op(name):
         q(x).sum().backward()
     assert "quantize_dequantize_float_with_mask" in ops.names and "quantize_dequantize_general" not in ops.names
     assert_compiles_like_eager(q, x.detach(), quantize_ops=1)
+
+
+@pytest.mark.parametrize("name", SCALED)
+@pytest.mark.parametrize("layout", ["per tensor 4-D", "per channel axis 1", "per channel last axis",
+                                    "blocks along the last dim", "blocks on two axes"])
+def test_range_learning_equals_the_reference_learned_op(name, layout):
+    """Forward and input gradient bit for bit; the log-scale gradient (LSQ, times s) to float32 rounding
+    (the kernel sums ``g * (c - u)`` inside and ``g * c`` outside in double, the reference in float32)."""
+    shape, scale_shape = CASES[layout]
+    x, _ = case(shape, scale_shape)
+    g = torch.Generator().manual_seed(3)
+    log_scale = (torch.randn(scale_shape, generator=g) * 0.5 + 2.0).requires_grad_()
+    log_ref = log_scale.detach().clone().requires_grad_()
+    log_floor = torch.full(scale_shape, -20.0)
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = torch.ops.qat.quantize_dequantize_float_learned(xf, log_scale, log_floor, *op_args(name), 0.5)
+    ref = torch.ops.qat.quantize_dequantize_general_learned(xr, log_ref, log_floor, torch.zeros(scale_shape), name,
+                                                            0, 0.5, False)
+    grad = torch.randn(shape, generator=g)
+    y.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(y, ref) and torch.equal(xf.grad, xr.grad)
+    torch.testing.assert_close(log_scale.grad, log_ref.grad, rtol=1e-4, atol=1e-4 * log_ref.grad.abs().max().item())
+    assert log_ref.grad.abs().max() > 0
+    gx, g_log = aten.float_learned_backward(grad, x, log_scale.detach(), log_floor, *op_args(name), 0.5)
+    assert torch.equal(gx, xr.grad) and torch.equal(g_log, log_ref.grad)  # other devices: the reference itself
+
+
+def test_a_learned_fp8_quantizer_runs_the_fused_op_and_compiles_like_eager():
+    """Range learning on FP8 activations: one fused op; under torch.compile the scale's exp stays inside
+    it, so the output and both gradients equal eager's bit for bit."""
+    q = QuantizeDequantize("a", 8, True, learnable=True, fmt=FORMATS["float8_e4m3fn"])
+    x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(0)) * 3
+    q.set_range(x.min(), x.max() * 0.5)
+    with OpsCalled() as ops:
+        q(x.clone().requires_grad_()).sum().backward()
+    assert "quantize_dequantize_float_learned" in ops.names and "quantize_dequantize_general_learned" not in ops.names
+    assert_compiles_like_eager(q, x, quantize_ops=1)
+    grads = []
+    for module in (q, torch.compile(q, fullgraph=True)):
+        q.zero_grad()
+        module(x).pow(2).sum().backward()
+        grads.append(q.log_scale.grad.clone())
+    torch._dynamo.reset()
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0

@@ -18,6 +18,8 @@ element or the scale's shape:
     quantize_dequantize_float(x, scale, mantissa_bits, min_exponent, max) -> x_hat       (``cpp`` only)
     quantize_dequantize_float_with_mask(x, scale, mantissa_bits, min_exponent, max) -> (x_hat, inside)
         the scaled float formats (FP8, FP4 e2m1; MX/NVFP4 elements) with a fixed scale, no offset
+    quantize_dequantize_float_learned(x, log_scale, log_floor, mantissa_bits, min_exponent, max,
+                                      grad_factor) -> x_hat     (``cpp`` only; range learning)
 
 With fixed encodings (nothing asks for the scale's or offset's gradient) the ``cpp`` autograd
 saves the 1-byte ``inside`` mask of ``quantize_dequantize_with_mask`` instead of ``x`` and its
@@ -156,6 +158,9 @@ def _register_aten() -> None:
     if _BACKEND == "cpp":  # the float ops are defined in C++ only (the python backend runs the reference op)
         lib.impl("quantize_dequantize_float", aten.float_forward, "CompositeExplicitAutograd")
         lib.impl("quantize_dequantize_float_with_mask", aten.float_forward_with_mask, "CompositeExplicitAutograd")
+        lib.impl("quantize_dequantize_float_learned", aten.float_learned_forward, "CompositeExplicitAutograd")
+        lib.impl("quantize_dequantize_float_learned_backward", aten.float_learned_backward,
+                 "CompositeExplicitAutograd")
     _LIBRARIES.append(lib)
 
 
@@ -196,6 +201,15 @@ def _register_fakes() -> None:
         def _(x, scale, mantissa_bits, min_exponent, max_value):
             aten.check_encoding(x, scale, scale.new_zeros(1))
             return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+        @torch.library.register_fake("qat::quantize_dequantize_float_learned")
+        def _(x, log_scale, log_floor, mantissa_bits, min_exponent, max_value, grad_factor):
+            aten.check_encoding(x, log_scale, log_scale.new_zeros(1))
+            return torch.empty_like(x)
+
+        @torch.library.register_fake("qat::quantize_dequantize_float_learned_backward")
+        def _(grad, x, log_scale, log_floor, mantissa_bits, min_exponent, max_value, grad_factor):
+            return torch.empty_like(x), torch.empty_like(log_scale)
 
 
 def backend() -> str:

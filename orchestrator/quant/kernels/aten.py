@@ -89,3 +89,21 @@ def float_forward_with_mask(x: torch.Tensor, scale: torch.Tensor, mantissa_bits:
 def float_forward(x: torch.Tensor, scale: torch.Tensor, mantissa_bits: int, min_exponent: int,
                   max_value: float) -> torch.Tensor:
     return float_forward_with_mask(x, scale, mantissa_bits, min_exponent, max_value)[0]
+
+
+def float_learned_forward(x: torch.Tensor, log_scale: torch.Tensor, log_floor: torch.Tensor, mantissa_bits: int,
+                          min_exponent: int, max_value: float, grad_factor: float) -> torch.Tensor:
+    scale, _ = reference.learned_encoding(log_scale, log_floor, log_scale.new_zeros(1), 0, False)
+    return float_forward(x, scale, mantissa_bits, min_exponent, max_value)
+
+
+def float_learned_backward(grad: torch.Tensor, x: torch.Tensor, log_scale: torch.Tensor, log_floor: torch.Tensor,
+                           mantissa_bits: int, min_exponent: int, max_value: float,
+                           grad_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dx, dL/dlog_scale = s * dL/ds)`` of the reference's learned op."""
+    fmt = float_format(mantissa_bits, min_exponent, max_value)
+    zero = log_scale.new_zeros(1)
+    scale, _ = reference.learned_encoding(log_scale, log_floor, zero, 0, False)
+    check_encoding(x, scale, zero)
+    gx, gs, _ = reference.quantize_dequantize_backward(grad, x, scale, zero, fmt, grad_factor)
+    return in_layout_of(x, gx), gs * scale

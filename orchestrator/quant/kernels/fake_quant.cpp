@@ -23,6 +23,9 @@
 //       the scaled minifloat formats (FP8 e4m3fn/e5m2, FP4 e2m1; MX and NVFP4 elements under their block
 //       scales): x_hat = s * cast(clamp(x / s, -max, max)), round to nearest even, subnormals kept;
 //       inside = |x / s| <= max. Fixed scales only: autograd saves the mask (grad_x = grad where inside).
+//   qat::quantize_dequantize_float_learned(x, log_scale, log_floor, mantissa_bits, min_exponent, max,
+//                                          grad_factor) -> x_hat
+//       range learning on a float format (s from its log inside the kernel; LSQ gradient to log_scale)
 //
 //   qat::quantize_dequantize_learned(x, log_scale, log_floor, offset, qmax, grad_factor, learn_offset)
 //       the same with s = exp(clamp(log_scale, log_floor, log(SCALE_CEIL))) and, when learn_offset,
@@ -419,20 +422,23 @@ at::Tensor mask_gradient_cpu(const at::Tensor& grad, const at::Tensor& mask) {
   return out;
 }
 
+// The backward in every layout (as forward_impl): grad_x by the clipped STE and, with encoding_grads, the
+// LSQ sums per scale element; grid_of(offset, ostep, c) is the grid of scale element c.
+template <typename GridOf>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                              const at::Tensor& scale_in, const at::Tensor& offset_in,
-                                                             int64_t qmax, double gf, bool encoding_grads,
+                                                             const GridOf& grid_of, double gf, bool encoding_grads,
                                                              bool may_move) {
   check_encoding(x_in, scale_in, offset_in);
   if (may_move && moves_last_dim(x_in, scale_in)) {
     auto [gx, gs, go] = backward_impl(last_first(grad_in), last_first(x_in), last_first(scale_in),
-                                      last_first(offset_in), qmax, gf, encoding_grads, false);
+                                      last_first(offset_in), grid_of, gf, encoding_grads, false);
     return {in_layout_of(x_in, gx.movedim(0, -1)), gs.movedim(0, -1).contiguous(),
             offset_in.numel() == 1 ? go : go.movedim(0, -1).contiguous()};
   }
   if (x_in.scalar_type() != at::kFloat || grad_in.scalar_type() != at::kFloat) {
-    auto [gx, gs, go] = backward_impl(grad_in.to(at::kFloat), x_in.to(at::kFloat), scale_in, offset_in, qmax, gf,
-                                      encoding_grads, false);
+    auto [gx, gs, go] = backward_impl(grad_in.to(at::kFloat), x_in.to(at::kFloat), scale_in, offset_in, grid_of,
+                                      gf, encoding_grads, false);
     return {in_layout_of(x_in, gx.to(grad_in.scalar_type())), gs, go};
   }
   const Prepared p = prepare(x_in, scale_in, offset_in, grad_in);
@@ -447,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   if (!encoding_grads) {
     for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
       const float s = sp[c];
-      const IntGrid grid = IntGrids{qmax}(op, ostep, c);
+      const auto grid = grid_of(op, ostep, c);
       const Vec vs(s), zero(0.f);
       int64_t i = b;
       for (; i + Vec::size() <= e; i += Vec::size()) {
@@ -470,7 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
   for_each_run(l, [&](int64_t b, int64_t e, int64_t c) {
     const int64_t t = l.row_per_scale ? 0 : at::get_thread_num();
     const float s = sp[c];
-    const IntGrid grid = IntGrids{qmax}(op, ostep, c);
+    const auto grid = grid_of(op, ostep, c);
     const Vec vs(s), zero(0.f);
     Vec acc_s(0.f), acc_o(0.f);
     int64_t i = b;
@@ -526,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad, const at::Tensor& x,
                                                             const at::Tensor& scale, const at::Tensor& offset,
                                                             int64_t qmax, double gf, bool encoding_grads) {
-  return backward_impl(grad, x, scale, offset, qmax, gf, encoding_grads, true);
+  return backward_impl(grad, x, scale, offset, IntGrids{qmax}, gf, encoding_grads, true);
 }
 
 // ------------------------------------------------------------------ autograd
@@ -696,6 +702,79 @@ at::Tensor learned_autograd(const at::Tensor& x, const at::Tensor& log_scale, co
   return LearnedFunction::apply(x, log_scale, log_floor, offset, qmax, gf, learn_offset);
 }
 
+// ------------------------------------------------------------------ learned float encodings
+// Range learning on a float format: s = exp(clamp(max(log_scale, log_floor), log(SCALE_CEIL))) computed inside
+// the CPU kernels (eager ATen: torch.compile sees one opaque op and never traces the exp, as the reference's
+// learned op), then the float forward; the backward gives grad_x (clipped STE) and grad_log_scale = s * dL/ds,
+// dL/ds = grad_factor * sum over the block of g * (c - inside * x / s) (LSQ; the floor passes it straight).
+at::Tensor learned_float_scale(const at::Tensor& log_scale, const at::Tensor& log_floor) {
+  return learned_encoding(log_scale, log_floor, no_offset(), 0, false).first;
+}
+
+at::Tensor float_learned_cpu(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& log_floor,
+                             int64_t m, int64_t emin, double max, double gf) {
+  return float_forward_cpu(x, learned_float_scale(log_scale, log_floor), m, emin, max);
+}
+
+std::tuple<at::Tensor, at::Tensor> float_learned_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                              const at::Tensor& log_scale,
+                                                              const at::Tensor& log_floor, int64_t m, int64_t emin,
+                                                              double max, double gf) {
+  const at::Tensor s = learned_float_scale(log_scale, log_floor);
+  auto [gx, gs, go] = backward_impl(grad, x, s, no_offset(), float_grids(m, emin, max), gf, true, true);
+  return {gx, gs * s};
+}
+
+at::Tensor call_float_learned(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& log_floor,
+                              int64_t m, int64_t emin, double max, double gf) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::quantize_dequantize_float_learned", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                                         double, double)>();
+  return op.call(x, log_scale, log_floor, m, emin, max, gf);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_float_learned_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                               const at::Tensor& log_scale,
+                                                               const at::Tensor& log_floor, int64_t m, int64_t emin,
+                                                               double max, double gf) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("qat::quantize_dequantize_float_learned_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                 const at::Tensor&, const at::Tensor&, int64_t,
+                                                                 int64_t, double, double)>();
+  return op.call(grad, x, log_scale, log_floor, m, emin, max, gf);
+}
+
+class FloatLearnedFunction : public torch::autograd::Function<FloatLearnedFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& log_scale,
+                            const at::Tensor& log_floor, int64_t m, int64_t emin, double max, double gf) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, log_scale, log_floor});
+    ctx->saved_data["m"] = m;
+    ctx->saved_data["emin"] = emin;
+    ctx->saved_data["max"] = max;
+    ctx->saved_data["gf"] = gf;
+    return call_float_learned(x, log_scale, log_floor, m, emin, max, gf);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto [gx, g_log_scale] = call_float_learned_backward(
+        grads[0], saved[0], saved[1], saved[2], ctx->saved_data["m"].toInt(), ctx->saved_data["emin"].toInt(),
+        ctx->saved_data["max"].toDouble(), ctx->saved_data["gf"].toDouble());
+    return {gx, ctx->needs_input_grad(1) ? g_log_scale : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor float_learned_autograd(const at::Tensor& x, const at::Tensor& log_scale, const at::Tensor& log_floor,
+                                  int64_t m, int64_t emin, double max, double gf) {
+  return FloatLearnedFunction::apply(x, log_scale, log_floor, m, emin, max, gf);
+}
+
 }  // namespace
 
 // flexible_layout: every kernel takes any strides and returns its output in the layout the fake kernel
@@ -716,6 +795,10 @@ TORCH_LIBRARY(qat, m) {
         flexible);
   m.def("quantize_dequantize_float_with_mask(Tensor x, Tensor scale, int mantissa_bits, int min_exponent, "
         "float max) -> (Tensor, Tensor)", flexible);
+  m.def("quantize_dequantize_float_learned(Tensor x, Tensor log_scale, Tensor log_floor, int mantissa_bits, "
+        "int min_exponent, float max, float grad_factor) -> Tensor", flexible);
+  m.def("quantize_dequantize_float_learned_backward(Tensor grad, Tensor x, Tensor log_scale, Tensor log_floor, "
+        "int mantissa_bits, int min_exponent, float max, float grad_factor) -> (Tensor, Tensor)", flexible);
 }
 
 TORCH_LIBRARY_IMPL(qat, CPU, m) {
@@ -725,6 +808,8 @@ TORCH_LIBRARY_IMPL(qat, CPU, m) {
   m.impl("mask_gradient", &mask_gradient_cpu);
   m.impl("quantize_dequantize_float", &float_forward_cpu);
   m.impl("quantize_dequantize_float_with_mask", &float_forward_mask_cpu);
+  m.impl("quantize_dequantize_float_learned", &float_learned_cpu);
+  m.impl("quantize_dequantize_float_learned_backward", &float_learned_backward_cpu);
 }
 
 // Other devices: quantize_dequantize, its backward and with_mask, and the float ops come from
@@ -739,4 +824,5 @@ TORCH_LIBRARY_IMPL(qat, Autograd, m) {
   m.impl("quantize_dequantize", &forward_autograd);
   m.impl("quantize_dequantize_learned", &learned_autograd);
   m.impl("quantize_dequantize_float", &float_autograd);
+  m.impl("quantize_dequantize_float_learned", &float_learned_autograd);
 }
