@@ -12,7 +12,8 @@ forward pass (CPU), as ``step_overhead.py`` reports.
 Variants: weight-only int4 per output channel; weight-only int4 in blocks of 32, 64 and 128 along the
 input dim (``quant=w4g128``); int4 g32 weights + int8 dynamic per-token activations
 on every op output and at the Linear inputs only (``quant=w4g32a8``); FP8 e4m3 weights per channel
-+ activations per tensor, both placements (``quant=fp8``: Linear inputs); W4 LPBQ in blocks of 64
++ activations per tensor, both placements (``quant=fp8``: Linear inputs), and with range learning
+(the LLM sweep's mode: the activation scales train); W4 LPBQ in blocks of 64
 (``quant=w4lpbq``, with its 16-bit activations, and weight-only); MXFP8, MXFP4 and NVFP4 weight-only
 and with their dynamic block activations on every op output and at the Linear inputs
 (``quant=mxfp8``/``mxfp4``/``nvfp4``); W8A8. Every path runs a fused C++ op (integer, or the float
@@ -54,6 +55,9 @@ VARIANTS = {
                                                                activation_sites="layer_inputs"),
     "FP8 e4m3 W+A at layer inputs (quant=fp8)": dict(param_format="float8_e4m3fn", output_format="float8_e4m3fn",
                                                      quant_scheme="min_max", activation_sites="layer_inputs"),
+    "FP8 W+A at layer inputs, range learning (sweep=llm)": dict(
+        param_format="float8_e4m3fn", output_format="float8_e4m3fn", quant_scheme="min_max",
+        activation_sites="layer_inputs", range_learning=True),
     "MXFP8 W+A at layer inputs (quant=mxfp8)": dict(param_format="mxfp8", output_format="mxfp8",
                                                     activation_sites="layer_inputs"),
     "MXFP4 W+A at layer inputs (quant=mxfp4)": dict(param_format="mxfp4", output_format="mxfp4",
