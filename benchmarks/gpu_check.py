@@ -6,7 +6,8 @@
 1. Kernels: ``torch.ops.qat.quantize_dequantize`` and its backward on CUDA tensors (the Triton
    kernels) against the numpy reference of ``tests/quant`` (true division, ties to even, clipped
    STE, LSQ encoding gradients) at every granularity of ``test_kernels.CASES`` (per tensor, per
-   channel, per block, per token, layouts that are not one run), 2 / 8 / 16 bits.
+   channel, per block, per token, layouts that are not one run), 2 / 8 / 16 bits; the float ops
+   (FP8, FP4) against the reference.
 2. Compile: for each model and mode, the graph count and breaks (``torch._dynamo.explain``), the
    compiled forward against eager (max abs difference), the cosine of every parameter's compiled
    gradient with the eager one (weights and encodings; issue 10 asks >= 0.9999; gradients below
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT.parent / "tests" / "quant"))
 from common import machine, table  # noqa: E402
 
 from orchestrator.quant import QuantConfig, QuantizationSimModel, kernels, reference  # noqa: E402
-from orchestrator.quant.formats import IntFormat  # noqa: E402
+from orchestrator.quant.formats import FORMATS, IntFormat  # noqa: E402
 
 COSINE_MIN = 0.9999
 DEVICE = torch.device("cuda")  # --device cpu: a dry run of the harness on a machine without a GPU
@@ -69,6 +70,20 @@ def check_kernels() -> list[tuple]:
         grad_ok = torch.equal(gx, reference.quantize_dequantize_backward(g, xb, s, o, fmt, 1.0)[0])
         rows.append((name + ", bfloat16", str(tuple(x.shape)), str(tuple(s.shape)), 8,
                      "bit-exact" if fwd_ok else "DIFFERS", "ok" if grad_ok else "DIFFERS", "-"))
+    # the float ops (FP8, FP4 elements): the C++ autograd over the reference's ATen ops on CUDA
+    for fmt_name in ("float8_e4m3fn", "float4_e2m1"):
+        f = FORMATS[fmt_name]
+        args = (f.mantissa_bits, f.min_normal_exponent, f.max)
+        for name in ("per tensor", "blocks along the last dim"):
+            x, s, _, _ = case_tensors(*CASES[name], 8)
+            xc = x.to(DEVICE).requires_grad_()
+            y = torch.ops.qat.quantize_dequantize_float(xc, s.to(DEVICE), *args)
+            g = torch.randn(x.shape)
+            y.backward(g.to(DEVICE))
+            ref, inside = reference.quantize_dequantize_with_mask(x, s, torch.zeros(1), f)
+            rows.append((f"{name}, {fmt_name}", str(tuple(x.shape)), str(tuple(s.shape)), f.bitwidth,
+                         "bit-exact" if torch.equal(y.detach().cpu(), ref) else "DIFFERS",
+                         "ok" if torch.equal(xc.grad.cpu(), torch.where(inside, g, 0.0)) else "DIFFERS", "-"))
     return rows
 
 
