@@ -70,7 +70,7 @@ def check_kernels() -> list[tuple]:
         grad_ok = torch.equal(gx, reference.quantize_dequantize_backward(g, xb, s, o, fmt, 1.0)[0])
         rows.append((name + ", bfloat16", str(tuple(x.shape)), str(tuple(s.shape)), 8,
                      "bit-exact" if fwd_ok else "DIFFERS", "ok" if grad_ok else "DIFFERS", "-"))
-    # the float ops (FP8, FP4 elements): the C++ autograd over the reference's ATen ops on CUDA
+    # the float ops (FP8, FP4 elements): the Triton float grid under the C++ autograd
     for fmt_name in ("float8_e4m3fn", "float4_e2m1"):
         f = FORMATS[fmt_name]
         args = (f.mantissa_bits, f.min_normal_exponent, f.max)

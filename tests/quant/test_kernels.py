@@ -295,9 +295,9 @@ def test_encoding_gradients_are_skipped_when_nothing_needs_them():
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.slow
 def test_triton_kernels_match_the_contract_under_the_interpreter():
-    """The CUDA kernels' math, run by Triton's interpreter on CPU tensors (no GPU needed). (bfloat16
-    outputs are checked on a GPU by benchmarks/gpu_check.py: the interpreter's float32 -> bfloat16
-    conversion truncates where a GPU's rounds to nearest even.)"""
+    """The CUDA kernels' math (integer and float grids), run by Triton's interpreter on CPU tensors (no
+    GPU needed). (bfloat16 outputs are checked on a GPU by benchmarks/gpu_check.py: the interpreter's
+    float32 -> bfloat16 conversion truncates where a GPU's rounds to nearest even.)"""
     script = textwrap.dedent(f"""
         import sys, numpy as np, torch
         sys.path.insert(0, {os.path.dirname(__file__)!r})
@@ -332,6 +332,25 @@ def test_triton_kernels_match_the_contract_under_the_interpreter():
         if not (y.stride() == inside.stride() == x.stride() and inside.dtype == torch.bool
                 and torch.equal(y, y_ref) and torch.equal(inside, inside_ref)):
             bad.append(("forward with mask, channels last",))
+        from orchestrator.quant import reference
+        from orchestrator.quant.formats import FORMATS
+        from orchestrator.quant.kernels import aten
+        for name, (shape, scale_shape) in CASES.items():  # the float ops: FP8 and FP4 grids, range learning
+            for fmt in ("float8_e4m3fn", "float8_e5m2", "float4_e2m1"):
+                f = FORMATS[fmt]
+                args = (f.mantissa_bits, f.min_normal_exponent, f.max)
+                x = torch.randn(shape) * torch.exp2(torch.randint(-14, 20, shape).float())
+                s = torch.rand(scale_shape) + 0.01
+                y, inside = tk.float_forward_with_mask(x, s, *args)
+                ref, ref_inside = reference.quantize_dequantize_with_mask(x, s, torch.zeros(1), f)
+                ok = torch.equal(y, ref) and torch.equal(inside, ref_inside)
+                ok = ok and torch.equal(tk.float_forward(x, s, *args), ref)
+                g, log_s, log_floor = torch.randn(shape), s.log(), torch.full(scale_shape, -30.0)
+                gx, g_log = tk.float_learned_backward(g, x, log_s, log_floor, *args, 0.5)
+                gx_ref, g_log_ref = aten.float_learned_backward(g, x, log_s, log_floor, *args, 0.5)
+                ok = ok and torch.equal(gx, gx_ref) and close(g_log, g_log_ref.numpy())
+                if not ok:
+                    bad.append(("float", name, fmt))
         print("BAD", bad)
         sys.exit(1 if bad else 0)
     """)

@@ -1,9 +1,11 @@
-"""Triton kernels of ``qat::quantize_dequantize`` for CUDA tensors (registered when Triton imports).
+"""Triton kernels of ``qat::quantize_dequantize`` and the float ops for CUDA tensors (registered when
+Triton imports).
 
-Same contract as ``fake_quant.cpp``: ``x_hat = s * clamp(round(x / s), o, o + qmax)`` with an
-IEEE division (``tl.div_rn``; Triton's ``/`` may be approximate on GPU) and round half to even
-written out exactly (``floor``, then up when the remainder is above 1/2 or exactly 1/2 with an
-odd floor), so the kernels need no libdevice and also run under ``TRITON_INTERPRET=1`` on CPU
+Same contract as ``fake_quant.cpp``: ``x_hat = s * clamp(round(x / s), o, o + qmax)``, or for the
+scaled float formats ``s * cast(clamp(x / s, -max, max))`` (``_grid``: the float32 exponent bits give
+the grid step, as the C++ ``FloatGrid``), with an IEEE division (``tl.div_rn``; Triton's ``/`` may
+be approximate on GPU) and round half to even written out exactly (``floor``, then up when the
+remainder is above 1/2 or exactly 1/2 with an odd floor), so the kernels need no libdevice and also run under ``TRITON_INTERPRET=1`` on CPU
 tensors, which is how the tests check them on machines without a GPU.
 
 Layout: ``scale`` in ``reference.py``'s layout; the wrapper views a contiguous ``x`` as
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import reference
 from ..granularity import scale_runs
 from . import aten
 from .aten import in_layout_of
@@ -48,22 +51,40 @@ if triton is not None:
         return tl.where(up, f + 1.0, f)
 
     @triton.jit
-    def _forward_kernel(x_ptr, y_ptr, m_ptr, s_ptr, o_ptr, n, inner, channels, qmax, BLOCK_SIZE: tl.constexpr,
-                        WITH_MASK: tl.constexpr):
+    def _grid(u, lo, qmax, fmax, mbits, min_biased, FLOAT: tl.constexpr):
+        """``(c, inside)`` on the format's grid (``fake_quant.cpp``'s ``IntGrid`` / ``FloatGrid``): integer
+        ``clamp(round(u), lo, lo + qmax)``; float ``u`` clamped to ``[-fmax, fmax]`` and rounded to
+        ``mbits`` mantissa bits at its float32 exponent (at least ``min_biased``), ties to even."""
+        if FLOAT:
+            inside = tl.abs(u) <= fmax
+            clipped = tl.minimum(tl.maximum(u, -fmax), fmax)
+            e = tl.maximum((clipped.to(tl.int32, bitcast=True) >> 23) & 0xFF, min_biased)
+            up = ((254 + mbits - e) << 23).to(tl.float32, bitcast=True)
+            step = ((e - mbits) << 23).to(tl.float32, bitcast=True)
+            c = _round_half_even(clipped * up) * step
+        else:
+            r = _round_half_even(u)
+            inside = (r >= lo) & (r <= lo + qmax)
+            c = tl.minimum(tl.maximum(r, lo), lo + qmax)
+        return c, inside
+
+    @triton.jit
+    def _forward_kernel(x_ptr, y_ptr, m_ptr, s_ptr, o_ptr, n, inner, channels, qmax, fmax, mbits, min_biased,
+                        BLOCK_SIZE: tl.constexpr, WITH_MASK: tl.constexpr, FLOAT: tl.constexpr):
         offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
         c = (offs // inner) % channels
         s = tl.load(s_ptr + c, mask=mask, other=1.0)
         lo = tl.load(o_ptr + c, mask=mask, other=0.0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = _round_half_even(tl.div_rn(x, s))
-        y = tl.minimum(tl.maximum(r, lo), lo + qmax) * s
-        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        q, inside = _grid(tl.div_rn(x, s), lo, qmax, fmax, mbits, min_biased, FLOAT)
+        tl.store(y_ptr + offs, (q * s).to(y_ptr.dtype.element_ty), mask=mask)
         if WITH_MASK:
-            tl.store(m_ptr + offs, ((r >= lo) & (r <= lo + qmax)).to(tl.int8), mask=mask)
+            tl.store(m_ptr + offs, inside.to(tl.int8), mask=mask)
 
     @triton.jit
-    def _backward_kernel(g_ptr, x_ptr, gx_ptr, s_ptr, o_ptr, n, inner, channels, qmax, BLOCK_SIZE: tl.constexpr):
+    def _backward_kernel(g_ptr, x_ptr, gx_ptr, s_ptr, o_ptr, n, inner, channels, qmax, fmax, mbits, min_biased,
+                         BLOCK_SIZE: tl.constexpr, FLOAT: tl.constexpr):
         offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
         c = (offs // inner) % channels
@@ -71,13 +92,12 @@ if triton is not None:
         lo = tl.load(o_ptr + c, mask=mask, other=0.0)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        r = _round_half_even(tl.div_rn(x, s))
-        keep = (r >= lo) & (r <= lo + qmax)
+        _, keep = _grid(tl.div_rn(x, s), lo, qmax, fmax, mbits, min_biased, FLOAT)
         tl.store(gx_ptr + offs, tl.where(keep, g, 0.0), mask=mask)
 
     @triton.jit
     def _backward_encoding_kernel(g_ptr, x_ptr, gx_ptr, s_ptr, o_ptr, ps_ptr, po_ptr, row_len, n, channels, qmax,
-                                  BLOCK_SIZE: tl.constexpr):
+                                  fmax, mbits, min_biased, BLOCK_SIZE: tl.constexpr, FLOAT: tl.constexpr):
         row = tl.program_id(0)
         c = row % channels
         s = tl.load(s_ptr + c)
@@ -91,11 +111,9 @@ if triton is not None:
             x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             u = tl.div_rn(x, s)
-            r = _round_half_even(u)
-            keep = (r >= lo) & (r <= lo + qmax)
+            clipped, keep = _grid(u, lo, qmax, fmax, mbits, min_biased, FLOAT)
             g_in = tl.where(keep, g, 0.0)
             tl.store(gx_ptr + offs, g_in, mask=mask)
-            clipped = tl.minimum(tl.maximum(r, lo), lo + qmax)
             acc_s += g_in * (clipped - u) + (g - g_in) * clipped  # no cancellation of g*r against g*u
             acc_o += g - g_in
         tl.store(ps_ptr + row, tl.sum(acc_s, axis=0))
@@ -144,7 +162,17 @@ def _flat(t: torch.Tensor, scale: torch.Tensor) -> bool:
     return scale.numel() == 1 and _dense(t)
 
 
-def _forward(x_in: torch.Tensor, scale: torch.Tensor, enc, qmax: int,
+def int_grid(qmax: int) -> tuple:
+    """The kernels' grid arguments ``(FLOAT, qmax, fmax, mbits, min_biased)`` of an integer grid."""
+    return False, float(qmax), 0.0, 0, 0
+
+
+def float_grid(mantissa_bits: int, min_exponent: int, max_value: float) -> tuple:
+    """... of a scaled float format (the float ops' arguments; ``min_biased``: float32's biased exponent)."""
+    return True, 0.0, float(max_value), int(mantissa_bits), int(min_exponent) + 127
+
+
+def _forward(x_in: torch.Tensor, scale: torch.Tensor, enc, grid: tuple,
              with_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = x_in if _flat(x_in, scale) else x_in.contiguous()
     y = torch.empty_like(x)
@@ -153,8 +181,8 @@ def _forward(x_in: torch.Tensor, scale: torch.Tensor, enc, qmax: int,
     if n:
         inner, channels, s, o = enc
         mask_out = inside.view(torch.int8) if with_mask else y  # not written without the mask
-        _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, mask_out, s, o, n, inner, channels, float(qmax),
-                                                  BLOCK_SIZE=BLOCK, WITH_MASK=with_mask)
+        _forward_kernel[(triton.cdiv(n, BLOCK),)](x, y, mask_out, s, o, n, inner, channels, *grid[1:],
+                                                  BLOCK_SIZE=BLOCK, WITH_MASK=with_mask, FLOAT=grid[0])
     return in_layout_of(x_in, y), (in_layout_of(x_in, inside) if with_mask else None)
 
 
@@ -163,7 +191,7 @@ def forward(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax:
     enc = _encoding(x_in, scale, offset)
     if enc is None:
         return aten.forward(x_in, scale, offset, qmax, grad_factor)
-    return _forward(x_in, scale, enc, qmax, with_mask=False)[0]
+    return _forward(x_in, scale, enc, int_grid(qmax), with_mask=False)[0]
 
 
 def forward_with_mask(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
@@ -172,14 +200,12 @@ def forward_with_mask(x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     enc = _encoding(x_in, scale, offset)
     if enc is None:
         return aten.forward_with_mask(x_in, scale, offset, qmax)
-    return _forward(x_in, scale, enc, qmax, with_mask=True)
+    return _forward(x_in, scale, enc, int_grid(qmax), with_mask=True)
 
 
-def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
-             grad_factor: float, encoding_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    enc = _encoding(x_in, scale, offset)
-    if enc is None:
-        return aten.backward(grad_in, x_in, scale, offset, qmax, grad_factor, encoding_grads)
+def _backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, enc,
+              grid: tuple, grad_factor: float,
+              encoding_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     flat = _flat(x_in, scale) and grad_in.stride() == x_in.stride()
     x, grad = (x_in, grad_in) if flat else (x_in.contiguous(), grad_in.contiguous())
     gx = torch.empty_like(grad)
@@ -187,20 +213,72 @@ def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, off
     inner, channels, s, o = enc
     if n == 0 or not encoding_grads:
         if n:
-            _backward_kernel[(triton.cdiv(n, BLOCK),)](grad, x, gx, s, o, n, inner, channels, float(qmax),
-                                                       BLOCK_SIZE=BLOCK)
+            _backward_kernel[(triton.cdiv(n, BLOCK),)](grad, x, gx, s, o, n, inner, channels, *grid[1:],
+                                                       BLOCK_SIZE=BLOCK, FLOAT=grid[0])
         return in_layout_of(x_in, gx), torch.zeros_like(scale), torch.zeros_like(offset)
     row_len = PER_TENSOR_ROW if channels == 1 else inner
     rows = triton.cdiv(n, row_len)
     ps = torch.empty(rows, device=x.device, dtype=torch.float32)
     po = torch.empty(rows, device=x.device, dtype=torch.float32)
-    _backward_encoding_kernel[(rows,)](grad, x, gx, s, o, ps, po, row_len, n, channels, float(qmax),
-                                       BLOCK_SIZE=BLOCK)
+    _backward_encoding_kernel[(rows,)](grad, x, gx, s, o, ps, po, row_len, n, channels, *grid[1:],
+                                       BLOCK_SIZE=BLOCK, FLOAT=grid[0])
     gs, go = torch.empty_like(s), torch.empty_like(s)
     _finish_kernel[(channels,)](ps, po, s, gs, go, rows, channels, float(grad_factor), BLOCK_SIZE=256)
     if offset.numel() == 1:  # one offset for every scale element
         go = go.sum()
     return in_layout_of(x_in, gx), gs.to(scale.dtype).reshape(scale.shape), go.to(offset.dtype).reshape(offset.shape)
+
+
+def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmax: int,
+             grad_factor: float, encoding_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    enc = _encoding(x_in, scale, offset)
+    if enc is None:
+        return aten.backward(grad_in, x_in, scale, offset, qmax, grad_factor, encoding_grads)
+    return _backward(grad_in, x_in, scale, offset, enc, int_grid(qmax), grad_factor, encoding_grads)
+
+
+# ---------------------------------------------------------------- the float ops (``cpp`` backend)
+def float_forward_with_mask(x_in: torch.Tensor, scale: torch.Tensor, mantissa_bits: int, min_exponent: int,
+                            max_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    aten.float_format(mantissa_bits, min_exponent, max_value)  # one clear error for anything else
+    enc = _encoding(x_in, scale, scale.new_zeros(1))
+    if enc is None:
+        return aten.float_forward_with_mask(x_in, scale, mantissa_bits, min_exponent, max_value)
+    return _forward(x_in, scale, enc, float_grid(mantissa_bits, min_exponent, max_value), with_mask=True)
+
+
+def float_forward(x_in: torch.Tensor, scale: torch.Tensor, mantissa_bits: int, min_exponent: int,
+                  max_value: float) -> torch.Tensor:
+    aten.float_format(mantissa_bits, min_exponent, max_value)
+    enc = _encoding(x_in, scale, scale.new_zeros(1))
+    if enc is None:
+        return aten.float_forward(x_in, scale, mantissa_bits, min_exponent, max_value)
+    return _forward(x_in, scale, enc, float_grid(mantissa_bits, min_exponent, max_value), with_mask=False)[0]
+
+
+def _learned_scale(log_scale: torch.Tensor, log_floor: torch.Tensor) -> torch.Tensor:
+    return reference.learned_encoding(log_scale, log_floor, log_scale.new_zeros(1), 0, False)[0]
+
+
+def float_learned_forward(x_in: torch.Tensor, log_scale: torch.Tensor, log_floor: torch.Tensor, mantissa_bits: int,
+                          min_exponent: int, max_value: float, grad_factor: float) -> torch.Tensor:
+    return float_forward(x_in, _learned_scale(log_scale, log_floor), mantissa_bits, min_exponent, max_value)
+
+
+def float_learned_backward(grad_in: torch.Tensor, x_in: torch.Tensor, log_scale: torch.Tensor,
+                           log_floor: torch.Tensor, mantissa_bits: int, min_exponent: int, max_value: float,
+                           grad_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dL/dx, dL/dlog_scale = s * dL/ds)``, the sums per scale element as the integer backward's."""
+    aten.float_format(mantissa_bits, min_exponent, max_value)
+    scale = _learned_scale(log_scale, log_floor)
+    zero = scale.new_zeros(1)
+    enc = _encoding(x_in, scale, zero)
+    if enc is None:
+        return aten.float_learned_backward(grad_in, x_in, log_scale, log_floor, mantissa_bits, min_exponent,
+                                           max_value, grad_factor)
+    gx, gs, _ = _backward(grad_in, x_in, scale, zero, enc, float_grid(mantissa_bits, min_exponent, max_value),
+                          grad_factor, True)
+    return gx, gs * scale
 
 
 def register() -> bool:
@@ -210,4 +288,10 @@ def register() -> bool:
     torch.library.register_kernel("qat::quantize_dequantize", "cuda", forward)
     torch.library.register_kernel("qat::quantize_dequantize_backward", "cuda", backward)
     torch.library.register_kernel("qat::quantize_dequantize_with_mask", "cuda", forward_with_mask)
+    if hasattr(torch.ops.qat, "quantize_dequantize_float"):  # defined by the cpp backend only
+        torch.library.register_kernel("qat::quantize_dequantize_float", "cuda", float_forward)
+        torch.library.register_kernel("qat::quantize_dequantize_float_with_mask", "cuda", float_forward_with_mask)
+        torch.library.register_kernel("qat::quantize_dequantize_float_learned", "cuda", float_learned_forward)
+        torch.library.register_kernel("qat::quantize_dequantize_float_learned_backward", "cuda",
+                                      float_learned_backward)
     return True
