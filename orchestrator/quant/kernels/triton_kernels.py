@@ -5,8 +5,9 @@ Same contract as ``fake_quant.cpp``: ``x_hat = s * clamp(round(x / s), o, o + qm
 scaled float formats ``s * cast(clamp(x / s, -max, max))`` (``_grid``: the float32 exponent bits give
 the grid step, as the C++ ``FloatGrid``), with an IEEE division (``tl.div_rn``; Triton's ``/`` may
 be approximate on GPU) and round half to even written out exactly (``floor``, then up when the
-remainder is above 1/2 or exactly 1/2 with an odd floor), so the kernels need no libdevice and also run under ``TRITON_INTERPRET=1`` on CPU
-tensors, which is how the tests check them on machines without a GPU.
+remainder is above 1/2 or exactly 1/2 with an odd floor), so the kernels need no libdevice and
+also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the tests check them on machines
+without a GPU.
 
 Layout: ``scale`` in ``reference.py``'s layout; the wrapper views a contiguous ``x`` as
 ``[outer, C, inner]`` (``granularity.scale_runs``: per tensor, per channel on any axis, blocks along
