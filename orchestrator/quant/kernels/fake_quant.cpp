@@ -629,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor> call_float_forward_mask(const at::Tensor& x, 
 }
 
 // Fixed float encodings: the clipped STE from the saved 1-byte mask (the scale gets no gradient: learned
-// float encodings run the reference's learned op).
+// float encodings run quantize_dequantize_float_learned).
 class FloatFunction : public torch::autograd::Function<FloatFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale,
@@ -651,7 +651,7 @@ class FloatFunction : public torch::autograd::Function<FloatFunction> {
 
 at::Tensor float_autograd(const at::Tensor& x, const at::Tensor& scale, int64_t m, int64_t emin, double max) {
   TORCH_CHECK(!scale.requires_grad(), "quantize_dequantize_float: the scale requires grad and this op gives it "
-              "none; allowed: a fixed scale (learned float encodings run qat::quantize_dequantize_general_learned)");
+              "none; allowed: a fixed scale (learned float encodings run qat::quantize_dequantize_float_learned)");
   return FloatFunction::apply(x, scale, m, emin, max, at::GradMode::is_enabled());
 }
 
