@@ -9,6 +9,8 @@ Shapes: ``x`` any float tensor; ``scale`` one element or ``x``'s rank with every
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from .. import reference
@@ -65,8 +67,10 @@ def mask_gradient(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return in_layout_of(grad, torch.where(mask, grad, 0.0))
 
 
+@lru_cache(maxsize=None)
 def float_format(mantissa_bits: int, min_exponent: int, max_value: float) -> FloatFormat:
-    """The scaled ``formats.FORMATS`` entry the float op's arguments name (one clear error for any other)."""
+    """The scaled ``formats.FORMATS`` entry the float op's arguments name (one clear error for any other);
+    cached: the CUDA kernels check it on every call."""
     for fmt in FORMATS.values():
         if fmt.scaled and (fmt.mantissa_bits, fmt.min_normal_exponent, fmt.max) == (mantissa_bits, min_exponent,
                                                                                      max_value):

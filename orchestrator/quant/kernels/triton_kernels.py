@@ -239,10 +239,12 @@ def backward(grad_in: torch.Tensor, x_in: torch.Tensor, scale: torch.Tensor, off
 
 
 # ---------------------------------------------------------------- the float ops (``cpp`` backend)
+# The float grid reads no offset: the scale stands in for the kernels' offset argument (no zeros
+# tensor allocated and filled per call).
 def float_forward_with_mask(x_in: torch.Tensor, scale: torch.Tensor, mantissa_bits: int, min_exponent: int,
                             max_value: float) -> tuple[torch.Tensor, torch.Tensor]:
     aten.float_format(mantissa_bits, min_exponent, max_value)  # one clear error for anything else
-    enc = _encoding(x_in, scale, scale.new_zeros(1))
+    enc = _encoding(x_in, scale, scale)
     if enc is None:
         return aten.float_forward_with_mask(x_in, scale, mantissa_bits, min_exponent, max_value)
     return _forward(x_in, scale, enc, float_grid(mantissa_bits, min_exponent, max_value), with_mask=True)
@@ -251,14 +253,14 @@ def float_forward_with_mask(x_in: torch.Tensor, scale: torch.Tensor, mantissa_bi
 def float_forward(x_in: torch.Tensor, scale: torch.Tensor, mantissa_bits: int, min_exponent: int,
                   max_value: float) -> torch.Tensor:
     aten.float_format(mantissa_bits, min_exponent, max_value)
-    enc = _encoding(x_in, scale, scale.new_zeros(1))
+    enc = _encoding(x_in, scale, scale)
     if enc is None:
         return aten.float_forward(x_in, scale, mantissa_bits, min_exponent, max_value)
     return _forward(x_in, scale, enc, float_grid(mantissa_bits, min_exponent, max_value), with_mask=False)[0]
 
 
 def _learned_scale(log_scale: torch.Tensor, log_floor: torch.Tensor) -> torch.Tensor:
-    return reference.learned_encoding(log_scale, log_floor, log_scale.new_zeros(1), 0, False)[0]
+    return reference.learned_encoding(log_scale, log_floor, log_scale, 0, False)[0]  # (offset unused)
 
 
 def float_learned_forward(x_in: torch.Tensor, log_scale: torch.Tensor, log_floor: torch.Tensor, mantissa_bits: int,
@@ -272,12 +274,11 @@ def float_learned_backward(grad_in: torch.Tensor, x_in: torch.Tensor, log_scale:
     """``(dL/dx, dL/dlog_scale = s * dL/ds)``, the sums per scale element as the integer backward's."""
     aten.float_format(mantissa_bits, min_exponent, max_value)
     scale = _learned_scale(log_scale, log_floor)
-    zero = scale.new_zeros(1)
-    enc = _encoding(x_in, scale, zero)
+    enc = _encoding(x_in, scale, scale)
     if enc is None:
         return aten.float_learned_backward(grad_in, x_in, log_scale, log_floor, mantissa_bits, min_exponent,
                                            max_value, grad_factor)
-    gx, gs, _ = _backward(grad_in, x_in, scale, zero, enc, float_grid(mantissa_bits, min_exponent, max_value),
+    gx, gs, _ = _backward(grad_in, x_in, scale, scale, enc, float_grid(mantissa_bits, min_exponent, max_value),
                           grad_factor, True)
     return gx, gs * scale
 
